@@ -1,0 +1,150 @@
+"""Python twins of ``lua/admit.lua`` and ``lua/settle.lua``, written to read like the Lua.
+
+They are the memory backend and the reference model the Lua scripts are property-tested against.
+Any change to a Lua script changes its twin in the same commit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .memstore import MemoryStore, lua_number
+
+Arg = int | str | bytes
+
+
+def _s(a: Arg) -> str:
+    return a.decode() if isinstance(a, bytes) else str(a)
+
+
+def _i(a: Arg) -> int:
+    return int(_s(a))
+
+
+def _now(store: MemoryStore, arg: Arg) -> int:
+    text = _s(arg)
+    return int(text) if text != "" else store.time_us()
+
+
+def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[int]:
+    now = _now(store, argv[0])
+    rid = _s(argv[1])
+    n = _i(argv[2])
+    out = [1, 0, 0, now]
+    writes: list[tuple[str, str, str, int, int]] = []
+    denied = 0
+    retry = 0
+    for i in range(n):
+        base = 3 + i * 7
+        kind = _s(argv[base])
+        key = keys[_i(argv[base + 1]) - 1]
+        f = _s(argv[base + 2])
+        p1, p2 = _i(argv[base + 3]), _i(argv[base + 4])
+        cost, min_cost = _i(argv[base + 5]), _i(argv[base + 6])
+        remaining = reset = charged = wait = 0
+        if kind == "b":
+            tat = lua_number(store.hget(key, f))
+            tat = now if tat is None or tat < now else tat
+            available = math.floor((p2 - (tat - now)) / p1)
+            if min_cost * p1 > p2:
+                wait = -1
+            elif available < min_cost:
+                wait = tat + min_cost * p1 - p2 - now
+            else:
+                charged = min(cost, available)
+                new_tat = tat + charged * p1
+                writes.append(("b", key, f, new_tat, new_tat - now))
+                tat = new_tat
+            remaining = max(0, math.floor((p2 - (tat - now)) / p1))
+            reset = tat - now
+        elif kind == "c":
+            store.zremrangebyscore(key, float("-inf"), now)
+            held = store.zscore(key, rid)
+            count = store.zcard(key)
+            if held is not None:
+                charged = 1
+                remaining = p1 - count
+            elif count >= p1:
+                wait = 1_000_000
+            else:
+                charged = 1
+                remaining = p1 - count - 1
+                writes.append(("c", key, rid, now + p2, p2))
+        elif kind == "q":
+            used = lua_number(store.hget(key, f)) or 0
+            available = p1 - used
+            if min_cost > p1:
+                wait = -1
+            elif available < min_cost:
+                wait = p2 - now
+            else:
+                charged = min(cost, available)
+                used += charged
+                writes.append(("q", key, f, charged, p2 - now + 3_600_000_000))
+            remaining = max(0, p1 - used)
+            reset = p2 - now
+        else:
+            raise ValueError(f"admit: unknown limit kind {kind}")
+        if wait != 0:
+            if denied == 0:
+                denied = i + 1
+            retry = -1 if wait < 0 or retry < 0 else max(retry, wait)
+        out += [remaining, reset, charged]
+
+    if denied:
+        out[0], out[1], out[2] = 0, denied, retry
+        for i in range(n):
+            out[4 + i * 3 + 2] = 0
+        return out
+
+    ttl: dict[str, int] = {}
+    for kind, key, f, value, life_us in writes:
+        if kind == "b":
+            store.hset(key, {f: value})
+        elif kind == "c":
+            store.zadd(key, value, f)
+        else:
+            store.hincrby(key, f, value)
+        ms = math.ceil(life_us / 1000) + 1000
+        ttl[key] = max(ttl.get(key, 0), ms)
+    for key, ms in ttl.items():
+        if store.pttl(key) < ms:
+            store.pexpire(key, ms)
+    return out
+
+
+def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> int:
+    now = _now(store, argv[0])
+    if not store.set(keys[0], b"1", nx=True, px=_i(argv[2])):
+        return 0
+    rid = _s(argv[1])
+    n = _i(argv[3])
+    for i in range(n):
+        base = 4 + i * 5
+        kind = _s(argv[base])
+        key = keys[_i(argv[base + 1]) - 1]
+        f = _s(argv[base + 2])
+        p1, delta = _i(argv[base + 3]), _i(argv[base + 4])
+        if kind == "c":
+            store.zrem(key, rid)
+        elif kind == "b":
+            tat = lua_number(store.hget(key, f))
+            tat = now if tat is None or tat < now else tat
+            tat += delta * p1
+            if tat <= now:
+                store.hdel(key, f)
+            else:
+                store.hset(key, {f: tat})
+                ms = math.ceil((tat - now) / 1000) + 1000
+                if store.pttl(key) < ms:
+                    store.pexpire(key, ms)
+        elif kind == "q":
+            v = store.hincrby(key, f, delta)
+            if v < 0:
+                store.hset(key, {f: 0})
+            if store.pttl(key) < 0:
+                store.pexpire(key, p1)
+        else:
+            raise ValueError(f"settle: unknown operation {kind}")
+    return 1

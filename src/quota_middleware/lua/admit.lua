@@ -1,0 +1,132 @@
+-- admit: check every limit of one request and charge them all, or charge nothing.
+-- Time is Redis server time (TIME), so app servers with skewed clocks agree; ARGV[1] overrides it
+-- for deterministic tests only. All state is integers: microseconds and units (tokens, requests,
+-- micro-dollars), kept below 2^53.
+--
+-- KEYS[i]  the keys the limits name by index; all carry the caller's hash tag (one cluster slot)
+-- ARGV[1]  now in microseconds, or "" to read TIME
+-- ARGV[2]  request id (member of concurrency sets)
+-- ARGV[3]  n, the number of limits; then 7 values per limit:
+--          kind, key index, field, p1, p2, cost, min_cost
+--   "b"  GCRA token bucket in hash KEYS[k], field f holds the theoretical arrival time (TAT, us).
+--        p1 = interval_us (time to refill one unit), p2 = tau_us (burst * interval).
+--   "c"  concurrency: sorted set KEYS[k] of request ids scored by lease end (us).
+--        p1 = max in flight, p2 = lease_us. cost/min_cost are 1.
+--   "q"  calendar counter: hash KEYS[k] (one key per period), field f holds units used.
+--        p1 = limit, p2 = period end (unix us); the key expires an hour after the period.
+--   A limit charges min(cost, available) and admits when available >= min_cost, so a reservation
+--   never exceeds what is left; for request limits min_cost == cost.
+-- returns {allowed, denied_index (0 if none), retry_us (-1: can never fit), now_us,
+--          then per limit: remaining, reset_us, charged}
+
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local rid = ARGV[2]
+local n = tonumber(ARGV[3])
+
+local out = {1, 0, 0, now}
+local writes = {}
+local denied = 0
+local retry = 0
+
+for i = 1, n do
+  local base = 3 + (i - 1) * 7
+  local kind = ARGV[base + 1]
+  local key = KEYS[tonumber(ARGV[base + 2])]
+  local f = ARGV[base + 3]
+  local p1 = tonumber(ARGV[base + 4])
+  local p2 = tonumber(ARGV[base + 5])
+  local cost = tonumber(ARGV[base + 6])
+  local min_cost = tonumber(ARGV[base + 7])
+  local remaining, reset, charged, wait = 0, 0, 0, 0
+
+  if kind == 'b' then
+    local tat = tonumber(redis.call('HGET', key, f)) or now
+    if tat < now then tat = now end
+    local available = math.floor((p2 - (tat - now)) / p1)
+    if min_cost * p1 > p2 then
+      wait = -1
+    elseif available < min_cost then
+      wait = tat + min_cost * p1 - p2 - now
+    else
+      charged = math.min(cost, available)
+      local new_tat = tat + charged * p1
+      writes[#writes + 1] = {'b', key, f, new_tat, new_tat - now}
+      tat = new_tat
+    end
+    remaining = math.max(0, math.floor((p2 - (tat - now)) / p1))
+    reset = tat - now
+  elseif kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local held = redis.call('ZSCORE', key, rid)
+    local count = redis.call('ZCARD', key)
+    if held then
+      charged = 1
+      remaining = p1 - count
+    elseif count >= p1 then
+      wait = 1000000
+    else
+      charged = 1
+      remaining = p1 - count - 1
+      writes[#writes + 1] = {'c', key, rid, now + p2, p2}
+    end
+  elseif kind == 'q' then
+    local used = tonumber(redis.call('HGET', key, f)) or 0
+    local available = p1 - used
+    if min_cost > p1 then
+      wait = -1
+    elseif available < min_cost then
+      wait = p2 - now
+    else
+      charged = math.min(cost, available)
+      used = used + charged
+      writes[#writes + 1] = {'q', key, f, charged, p2 - now + 3600000000}
+    end
+    remaining = math.max(0, p1 - used)
+    reset = p2 - now
+  else
+    return redis.error_reply('admit: unknown limit kind ' .. tostring(kind))
+  end
+
+  if wait ~= 0 then
+    -- several limits may deny: the caller must wait for the slowest; -1 (never) wins
+    if denied == 0 then denied = i end
+    if wait < 0 or retry < 0 then retry = -1 elseif wait > retry then retry = wait end
+  end
+  out[#out + 1] = remaining
+  out[#out + 1] = reset
+  out[#out + 1] = charged
+end
+
+if denied > 0 then
+  out[1] = 0
+  out[2] = denied
+  out[3] = retry
+  -- a denied request changes nothing: report what it would have been charged as 0
+  for i = 1, n do out[4 + (i - 1) * 3 + 3] = 0 end
+  return out
+end
+
+local ttl = {}
+for _, w in ipairs(writes) do
+  local kind, key = w[1], w[2]
+  if kind == 'b' then
+    redis.call('HSET', key, w[3], w[4])
+  elseif kind == 'c' then
+    redis.call('ZADD', key, w[4], w[3])
+  else
+    redis.call('HINCRBY', key, w[3], w[4])
+  end
+  -- a key lives until its slowest field is back to "full" (+1 s slack); never shorten it
+  local ms = math.ceil(w[5] / 1000) + 1000
+  if (ttl[key] or 0) < ms then ttl[key] = ms end
+end
+for key, ms in pairs(ttl) do
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+return out

@@ -1,0 +1,32 @@
+"""The single registry of Lua scripts, and the plain value that asks a backend to run one.
+
+Each operation is one file in ``lua/`` whose header states its KEYS / ARGV / return contract. The
+memory backend implements the same contract in Python (``backends/memory.py``); the test suite
+checks that both agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+ScriptArg = int | str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """Run script ``name`` with ``keys`` and ``args``: what the sans-IO core hands a backend."""
+
+    name: str
+    keys: tuple[str, ...]
+    args: tuple[ScriptArg, ...]
+
+
+@cache
+def source(name: str) -> str:
+    """The Lua source of script ``name``, read once from the package data."""
+    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+
+
+SCRIPT_NAMES = ("admit", "settle", "key_lookup", "key_put", "key_revoke", "key_list")
