@@ -1,1 +1,50 @@
-"""quota-middleware."""
+"""quota-middleware: per-caller rate limits, token quotas and spend budgets for AI APIs, as
+ASGI and WSGI middleware backed by Redis."""
+
+from __future__ import annotations
+
+from .asgi import QuotaMiddleware
+from .config import (
+    Concurrency,
+    Plan,
+    QuotaConfig,
+    RequestRate,
+    Routes,
+    RouteWeight,
+    StorageConfig,
+)
+from .engine import Decision, LimitStatus
+from .errors import (
+    ConfigurationError,
+    IdentificationError,
+    InvalidCredentials,
+    MissingCredentials,
+    QuotaError,
+    RequestTooLarge,
+    StorageError,
+)
+from .identity import Caller, IdentityConfig
+from .wsgi import WSGIQuotaMiddleware
+
+__all__ = [
+    "Caller",
+    "Concurrency",
+    "ConfigurationError",
+    "Decision",
+    "IdentificationError",
+    "IdentityConfig",
+    "InvalidCredentials",
+    "LimitStatus",
+    "MissingCredentials",
+    "Plan",
+    "QuotaConfig",
+    "QuotaError",
+    "QuotaMiddleware",
+    "RequestRate",
+    "RequestTooLarge",
+    "RouteWeight",
+    "Routes",
+    "StorageConfig",
+    "StorageError",
+    "WSGIQuotaMiddleware",
+]

@@ -33,6 +33,7 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
     n = _i(argv[2])
     out = [1, 0, 0, now]
     writes: list[tuple[str, str, str, int, int]] = []
+    undo: list[tuple[int, int]] = []
     denied = 0
     retry = 0
     for i in range(n):
@@ -47,6 +48,7 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
             tat = lua_number(store.hget(key, f))
             tat = now if tat is None or tat < now else tat
             available = math.floor((p2 - (tat - now)) / p1)
+            before = (max(0, available), tat - now)
             if min_cost * p1 > p2:
                 wait = -1
             elif available < min_cost:
@@ -62,6 +64,7 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
             store.zremrangebyscore(key, float("-inf"), now)
             held = store.zscore(key, rid)
             count = store.zcard(key)
+            before = (max(0, p1 - count), 0)
             if held is not None:
                 charged = 1
                 remaining = p1 - count
@@ -74,6 +77,7 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
         elif kind == "q":
             used = lua_number(store.hget(key, f)) or 0
             available = p1 - used
+            before = (max(0, available), p2 - now)
             if min_cost > p1:
                 wait = -1
             elif available < min_cost:
@@ -91,11 +95,14 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
                 denied = i + 1
             retry = -1 if wait < 0 or retry < 0 else max(retry, wait)
         out += [remaining, reset, charged]
+        undo.append(before)
 
     if denied:
         out[0], out[1], out[2] = 0, denied, retry
         for i in range(n):
-            out[4 + i * 3 + 2] = 0
+            o = 4 + i * 3
+            if out[o + 2] > 0:
+                out[o], out[o + 1], out[o + 2] = undo[i][0], undo[i][1], 0
         return out
 
     ttl: dict[str, int] = {}

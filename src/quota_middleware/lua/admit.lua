@@ -31,6 +31,7 @@ local n = tonumber(ARGV[3])
 
 local out = {1, 0, 0, now}
 local writes = {}
+local undo = {}  -- per limit: {remaining, reset} to report if the request is denied after all
 local denied = 0
 local retry = 0
 
@@ -44,11 +45,13 @@ for i = 1, n do
   local cost = tonumber(ARGV[base + 6])
   local min_cost = tonumber(ARGV[base + 7])
   local remaining, reset, charged, wait = 0, 0, 0, 0
+  local before_remaining, before_reset
 
   if kind == 'b' then
     local tat = tonumber(redis.call('HGET', key, f)) or now
     if tat < now then tat = now end
     local available = math.floor((p2 - (tat - now)) / p1)
+    before_remaining, before_reset = math.max(0, available), tat - now
     if min_cost * p1 > p2 then
       wait = -1
     elseif available < min_cost then
@@ -65,6 +68,7 @@ for i = 1, n do
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     local held = redis.call('ZSCORE', key, rid)
     local count = redis.call('ZCARD', key)
+    before_remaining, before_reset = math.max(0, p1 - count), 0
     if held then
       charged = 1
       remaining = p1 - count
@@ -78,6 +82,7 @@ for i = 1, n do
   elseif kind == 'q' then
     local used = tonumber(redis.call('HGET', key, f)) or 0
     local available = p1 - used
+    before_remaining, before_reset = math.max(0, available), p2 - now
     if min_cost > p1 then
       wait = -1
     elseif available < min_cost then
@@ -101,14 +106,22 @@ for i = 1, n do
   out[#out + 1] = remaining
   out[#out + 1] = reset
   out[#out + 1] = charged
+  undo[i] = {before_remaining, before_reset}
 end
 
 if denied > 0 then
   out[1] = 0
   out[2] = denied
   out[3] = retry
-  -- a denied request changes nothing: report what it would have been charged as 0
-  for i = 1, n do out[4 + (i - 1) * 3 + 3] = 0 end
+  -- a denied request changes nothing: report every limit as it stands, uncharged
+  for i = 1, n do
+    local o = 4 + (i - 1) * 3
+    if out[o + 3] > 0 then
+      out[o + 1] = undo[i][1]
+      out[o + 2] = undo[i][2]
+      out[o + 3] = 0
+    end
+  end
   return out
 end
 

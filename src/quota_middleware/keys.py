@@ -1,0 +1,45 @@
+"""Key names. Every key of one caller carries the hash tag ``{<tenant>:<caller>}``, so every
+script touches one Redis Cluster slot and runs unchanged on a cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+_SAFE = re.compile(r"^[A-Za-z0-9_.@:/=+-]{1,80}$")
+
+
+def _part(value: str) -> str:
+    # Braces would break the hash tag and odd bytes make keys hard to read in redis-cli; long or
+    # unusual ids become a digest (stable, so the caller still maps to one key).
+    if _SAFE.match(value):
+        return value
+    return "h-" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def caller_tag(tenant: str, caller: str) -> str:
+    return "{" + _part(tenant) + ":" + _part(caller) + "}"
+
+
+class CallerKeys:
+    """The keys of one caller under ``prefix``."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, prefix: str, tenant: str, caller: str) -> None:
+        self.base = f"{prefix}:{caller_tag(tenant, caller)}"
+
+    @property
+    def buckets(self) -> str:
+        """One hash: a field per token bucket holding its TAT in microseconds."""
+        return self.base
+
+    def concurrency(self, name: str) -> str:
+        return f"{self.base}:c:{name}"
+
+    def period(self, period_id: str) -> str:
+        """Calendar counters of one period (``d2026-11-28``, ``m2026-11``): no reset job."""
+        return f"{self.base}:q:{period_id}"
+
+    def settled(self, request_id: str) -> str:
+        return f"{self.base}:s:{request_id}"
