@@ -252,6 +252,15 @@ class QuotaConfig:
         default = self.default_plan or plans[0].name
         if default not in names:
             raise ConfigurationError("default_plan", f"no plan named {default!r}")
+        max_weight = max((w.weight for w in self.routes.weights), default=1)
+        for p in plans:
+            for lim in p.limits:
+                if isinstance(lim, RequestRate) and lim.burst is not None and lim.burst < max_weight:
+                    raise ConfigurationError(
+                        f"plans.{p.name}.limits.{lim.name}.burst",
+                        f"burst {lim.burst} is below the largest route weight {max_weight}: "
+                        "such requests could never be admitted",
+                    )
         object.__setattr__(self, "plans", plans)
         object.__setattr__(self, "default_plan", default)
         env_url = os.environ.get("QUOTA_REDIS_URL")
