@@ -97,13 +97,14 @@ class Harness:
         if self.adapter == "asgi":
             self.client._transport.client = (client_ip, 50000)
             r = self.client.request(method, path, headers=headers)
-            status, hdrs, raw = r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content
+            raw = r.content
         else:
             r = self.client.open(
                 path, method=method, headers=headers, buffered=True,
                 environ_base={"REMOTE_ADDR": client_ip},
             )  # fmt: skip
-            status, hdrs, raw = r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.data
+            raw = r.data
+        status, hdrs = r.status_code, {k.lower(): v for k, v in r.headers.items()}
         try:
             body = json.loads(raw)
         except ValueError:

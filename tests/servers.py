@@ -139,6 +139,7 @@ class RedisServer:
         self.binary = binary or redis_server_binary()
         self.dir: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -171,10 +172,15 @@ class RedisServer:
             raise ServerError("redis-server not installed: apt-get install redis-server")
         if self.dir is None:
             self.dir = Path(tempfile.mkdtemp(prefix=f"qm-redis-{self.port}-"))
-        attempts = 1 if self._fixed_port or self.proc is not None else 3
+        # the first start may move to another port if it loses a race for it; a start after a
+        # stop() keeps its port, so that clients reconnect to the "same" server
+        attempts = 1 if self._fixed_port or self._started else 3
+        if self._started:
+            self._wait_port_free()
         for attempt in range(attempts):
             try:
                 self._spawn_and_wait()
+                self._started = True
                 return self
             except ServerError:
                 self._kill()
@@ -201,7 +207,10 @@ class RedisServer:
         log = open(self.dir / "redis.log", "ab")  # noqa: SIM115
         try:
             kwargs: dict[str, Any] = {}
-            if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+            if (
+                sys.platform.startswith("linux")
+                and threading.current_thread() is threading.main_thread()
+            ):
                 kwargs["preexec_fn"] = _pdeathsig
             self.proc = subprocess.Popen(
                 args,
@@ -258,6 +267,9 @@ class RedisServer:
     def restart(self) -> None:
         """Stop and start again on the same port: data and loaded scripts are gone."""
         self.stop(keep_dir=True)
+        if self.dir is None:  # never started
+            self.start()
+            return
         self._wait_port_free()
         self._spawn_and_wait()
 
@@ -373,9 +385,7 @@ class RedisClusterServer:
                 except (OSError, ServerError, ConnectionError):
                     ok = False
                     break
-                info = dict(
-                    line.split(":", 1) for line in str(raw).splitlines() if ":" in line
-                )
+                info = dict(line.split(":", 1) for line in str(raw).splitlines() if ":" in line)
                 if (
                     info.get("cluster_state") != "ok"
                     or info.get("cluster_slots_assigned") != "16384"
@@ -388,7 +398,9 @@ class RedisClusterServer:
                 return
             time.sleep(0.05)
         tails = "\n".join(f"--- node {n.port}:\n{n.log_tail(10)}" for n in self.nodes)
-        raise ServerError(f"cluster not ok after {timeout:.0f}s (last CLUSTER INFO {info}):\n{tails}")
+        raise ServerError(
+            f"cluster not ok after {timeout:.0f}s (last CLUSTER INFO {info}):\n{tails}"
+        )
 
     def stop(self) -> None:
         for node in self.nodes:

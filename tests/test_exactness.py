@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from servers import free_port
 
 APPS = Path(__file__).parent / "apps"
@@ -47,7 +48,8 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited early: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"server exited early: {err[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -71,9 +73,11 @@ def serve(redis_server: Any) -> Iterator[Any]:
             cmd = [sys.executable, "-m", "uvicorn", "exact_app:asgi_app", "--port", str(port),
                    "--host", "127.0.0.1", "--workers", "2", "--log-level", "warning"]  # fmt: skip
         else:
-            cmd = [sys.executable, "-c",
-                   "import exact_app; from werkzeug.serving import run_simple; "
-                   f"run_simple('127.0.0.1', {port}, exact_app.wsgi_app, threaded=True)"]  # fmt: skip
+            code = (
+                "import exact_app; from werkzeug.serving import run_simple; "
+                f"run_simple('127.0.0.1', {port}, exact_app.wsgi_app, threaded=True)"
+            )
+            cmd = [sys.executable, "-c", code]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         procs.append(proc)
         _wait_port(port, proc)
@@ -121,6 +125,7 @@ def test_exactly_burst_admitted_memory_backend_threads() -> None:
     def worker() -> None:
         barrier.wait()
         for _ in range(15):
+
             def sr(status: str, headers: Any, exc_info: Any = None) -> Any:
                 with lock:
                     statuses.append(status[:3])

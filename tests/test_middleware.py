@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from harness import Harness
 
+from harness import Harness
 from quota_middleware import (
     Concurrency,
     ConfigurationError,
@@ -117,9 +117,7 @@ def test_all_or_nothing_across_buckets(make: Any, clock: Clock) -> None:
 
 
 def test_exempt_path_is_never_limited_and_has_no_headers(make: Any) -> None:
-    h = make(
-        one_plan(RequestRate(rate="1/minute", name="rpm"), routes=Routes(exempt=["/health"]))
-    )
+    h = make(one_plan(RequestRate(rate="1/minute", name="rpm"), routes=Routes(exempt=["/health"])))
     for _ in range(5):
         r = h.request("/health")
         assert r.status == 200

@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 import pytest
-from harness import Harness
 
+from harness import Harness
 from quota_middleware import Plan, QuotaConfig, RequestRate, StorageConfig
 
 ADAPTERS = ["asgi", "wsgi"]
@@ -28,8 +28,11 @@ class _URLBackend:
 def _config(url: str, on_error: str) -> QuotaConfig:
     return QuotaConfig(
         plans=[
-            Plan(name="p", on_error=on_error,  # type: ignore[arg-type]
-                 limits=[RequestRate(rate="3/hour", name="rph")]),
+            Plan(
+                name="p",
+                on_error=on_error,  # type: ignore[arg-type]
+                limits=[RequestRate(rate="3/hour", name="rph")],
+            ),
         ],  # fmt: skip
         storage=StorageConfig(url=url, timeout=0.2, breaker_failures=2, breaker_reset=0.3),
     )

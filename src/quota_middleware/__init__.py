@@ -4,15 +4,7 @@ ASGI and WSGI middleware backed by Redis."""
 from __future__ import annotations
 
 from .asgi import QuotaMiddleware
-from .config import (
-    Concurrency,
-    Plan,
-    QuotaConfig,
-    RequestRate,
-    Routes,
-    RouteWeight,
-    StorageConfig,
-)
+from .config import AIRoute, Plan, QuotaConfig, Routes, RouteWeight, StorageConfig
 from .engine import Decision, LimitStatus
 from .errors import (
     ConfigurationError,
@@ -24,9 +16,13 @@ from .errors import (
     StorageError,
 )
 from .identity import Caller, IdentityConfig
+from .limits import Budget, Concurrency, RequestRate, TokenQuota, TokenRate
+from .usage import Usage
 from .wsgi import WSGIQuotaMiddleware
 
 __all__ = [
+    "AIRoute",
+    "Budget",
     "Caller",
     "Concurrency",
     "ConfigurationError",
@@ -46,5 +42,8 @@ __all__ = [
     "Routes",
     "StorageConfig",
     "StorageError",
+    "TokenQuota",
+    "TokenRate",
+    "Usage",
     "WSGIQuotaMiddleware",
 ]

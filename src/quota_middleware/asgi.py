@@ -1,5 +1,5 @@
-"""``QuotaMiddleware``: pure ASGI middleware (it wraps ``receive``/``send``; no BaseHTTPMiddleware,
-so streaming responses pass through chunk by chunk and background tasks are untouched)."""
+"""``QuotaMiddleware``: pure ASGI middleware. It wraps ``receive`` and ``send`` (no
+BaseHTTPMiddleware), so responses, SSE included, pass through chunk by chunk, untouched."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from .config import QuotaConfig
 from .engine import Decision, Engine, drive_async
 from .errors import IdentificationError, StorageError
 from .identity import Identifier
+from .metering import Meter
 from .request import RequestInfo
-from .responses import RawHeaders, Response, denied, rate_limit_headers, unauthorized
+from .responses import RawHeaders, Response, allowed_headers, denied, too_large, unauthorized
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -87,8 +88,17 @@ class QuotaMiddleware:
             await self.app(scope, receive, send)
             return
         backend = self._get_backend()
+        info = RequestInfo.from_scope(scope)
+        route = self.engine.ai_route(info)
+        if route is not None:
+            body = await _read_body(scope, receive, route.max_body)
+            if body is None:
+                await _send_response(send, too_large(route.max_body))
+                return
+            info.body = body
+            receive = _replay(body, receive)
         try:
-            decision = await drive_async(self.engine.admit(RequestInfo.from_scope(scope)), backend)
+            decision = await drive_async(self.engine.admit(info), backend)
         except IdentificationError as e:
             await _send_response(send, unauthorized(e))
             return
@@ -99,31 +109,121 @@ class QuotaMiddleware:
         if not decision.allowed:
             await _send_response(send, denied(decision))
             return
-        extra = rate_limit_headers(decision.statuses)
-        app_send = send if not extra else _with_headers(send, extra)
+        if not decision.needs_settle:
+            extra = allowed_headers(decision)
+            await self.app(scope, receive, _with_headers(send, extra) if extra else send)
+            return
+        responder = _Responder(self, decision, backend, send)
         try:
-            await self.app(scope, receive, app_send)
+            await self.app(scope, receive, responder.send)
         finally:
-            await self._settle(decision, backend)
+            await responder.settle()
 
-    async def _settle(self, decision: Decision, backend: AsyncBackend) -> None:
-        call = self.engine.plan_settle(decision)
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+
+class _Responder:
+    """Per request: adds headers, meters the body as it passes, settles exactly once."""
+
+    __slots__ = ("mw", "decision", "backend", "_send", "meter", "_extra", "_settled")
+
+    def __init__(
+        self, mw: QuotaMiddleware, decision: Decision, backend: AsyncBackend, send: Send
+    ) -> None:
+        self.mw = mw
+        self.decision = decision
+        self.backend = backend
+        self._send = send
+        self.meter = Meter(decision.ai) if decision.ai is not None else None
+        self._extra = allowed_headers(decision)
+        self._settled = False
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            headers = message.get("headers") or ()
+            if self.meter is not None:
+                self.meter.start(
+                    message["status"],
+                    _header(headers, b"content-type"),
+                    _header(headers, b"content-encoding"),
+                )
+            if self._extra:
+                message = dict(message)
+                message["headers"] = [*headers, *self._extra]
+        elif kind == "http.response.body" and self.meter is not None:
+            self.meter.feed(message.get("body", b""))
+        await self._send(message)
+
+    async def settle(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        usage = cost = None
+        if self.meter is not None:
+            usage = self.meter.finish()
+            cost = self.meter.cost(usage)
+        call = self.mw.engine.plan_settle(self.decision, usage, cost or 0)
         if call is None:
             return
+        backend = self.backend
 
         async def run() -> None:
             try:
                 await backend.run_async(call)
             except StorageError as e:
-                # The lease frees what this request held when it ends.
+                # Reservations and slots free themselves when their leases end.
                 log.warning("quota_middleware: settle failed (%s); lease will expire", e)
 
-        # Shielded: a client disconnect cancels the request task, but what it held must still be
-        # given back.
-        task = asyncio.ensure_future(run())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        await asyncio.shield(task)
+        # Shielded: a client disconnect cancels the request task, but what it held must still
+        # be given back and what it used charged.
+        await asyncio.shield(self.mw._spawn(run()))
+
+
+def _header(headers: Any, name: bytes) -> str | None:
+    for k, v in headers:
+        if k.lower() == name:
+            return bytes(v).decode("latin-1")
+    return None
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None when it is over ``limit`` bytes."""
+    declared = _header(scope.get("headers") or (), b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # http.disconnect: the app sees an empty body and the replayed disconnect
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """Hands the app the buffered body byte for byte, then the real ``receive`` (disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _with_headers(send: Send, extra: RawHeaders) -> Send:

@@ -6,7 +6,6 @@ bad policy fails at startup, never at the first request.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import tomllib
@@ -14,121 +13,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ConfigurationError
 from .identity import IdentityConfig
+from .limits import (
+    _NAME_RE,
+    LIMIT_TYPES,
+    Budget,
+    Concurrency,
+    Limit,
+    RequestRate,
+    TokenQuota,
+    TokenRate,
+    _check_patterns,
+    path_matches,
+)
 
-_UNITS = {
-    "ms": 0.001, "millisecond": 0.001, "milliseconds": 0.001,
-    "s": 1, "sec": 1, "second": 1, "seconds": 1,
-    "m": 60, "min": 60, "minute": 60, "minutes": 60,
-    "h": 3600, "hour": 3600, "hours": 3600,
-    "d": 86400, "day": 86400, "days": 86400,
-}  # fmt: skip
-_RATE_RE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$", re.IGNORECASE)
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
-
-
-def parse_rate(text: str, *, where: str = "rate") -> tuple[int, float]:
-    """Parse ``"10/second"``, ``"1000 per hour"`` or ``"5/10s"`` into ``(count, period_seconds)``."""
-    m = _RATE_RE.match(text) if isinstance(text, str) else None
-    if not m:
-        raise ConfigurationError(where, f"cannot parse rate {text!r}; expected e.g. '10/second'")
-    count, mult, unit = int(m.group(1)), float(m.group(2) or 1), m.group(3).lower()
-    if unit not in _UNITS:
-        raise ConfigurationError(where, f"unknown time unit {unit!r} in {text!r}")
-    period = mult * _UNITS[unit]
-    if count <= 0 or period <= 0:
-        raise ConfigurationError(where, f"rate {text!r} must be positive")
-    return count, period
-
-
-def _rate_name(count: int, period: float) -> str:
-    for unit, secs in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if period >= secs and period % secs == 0:
-            n = int(period // secs)
-            return f"{count}-{n if n != 1 else ''}{unit}"
-    return f"{count}-{int(period * 1000)}ms"
-
-
-def _check_patterns(patterns: Sequence[str] | None, where: str) -> tuple[str, ...] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
-        raise ConfigurationError(where, "must be a list of non-empty path patterns")
-    for p in patterns:
-        if not p.startswith("/") and p != "*":
-            raise ConfigurationError(where, f"path pattern {p!r} must start with '/'")
-    return tuple(patterns)
-
-
-def path_matches(patterns: Sequence[str], path: str) -> bool:
-    """Glob match: ``*`` matches within and across segments, ``/v1/*`` matches ``/v1/x/y``."""
-    return any(p == path or fnmatch.fnmatchcase(path, p) for p in patterns)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RequestRate:
-    """A token bucket on requests: ``rate`` per period, holding up to ``burst`` (default: the count).
-
-    ``RequestRate("10/second", burst=20)`` admits 20 at once, then 10 per second.
-    """
-
-    rate: str
-    burst: int | None = None
-    name: str | None = None
-    paths: Sequence[str] | None = None
-
-    def __post_init__(self) -> None:
-        count, period = parse_rate(self.rate, where=f"limit {self.name or self.rate!r}.rate")
-        burst = count if self.burst is None else self.burst
-        if not isinstance(burst, int) or burst < 1:
-            raise ConfigurationError(f"limit {self.rate!r}.burst", "must be an integer >= 1")
-        interval_us = int(period * 1_000_000 // count)
-        if interval_us < 1:
-            raise ConfigurationError(f"limit {self.rate!r}.rate", "more than 1,000,000 per second")
-        name = self.name or _rate_name(count, period)
-        if not _NAME_RE.match(name):
-            raise ConfigurationError(f"limit {self.rate!r}.name", f"invalid name {name!r}")
-        object.__setattr__(self, "burst", burst)
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "paths", _check_patterns(self.paths, f"limit {name}.paths"))
-
-    @property
-    def count(self) -> int:
-        return parse_rate(self.rate)[0]
-
-    @property
-    def period(self) -> float:
-        return parse_rate(self.rate)[1]
-
-    @property
-    def interval_us(self) -> int:
-        count, period = parse_rate(self.rate)
-        return int(period * 1_000_000 // count)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Concurrency:
-    """At most ``max`` requests of one caller in flight. A slot is a lease of ``lease`` seconds, so
-    a worker that dies without releasing it frees the slot when the lease ends."""
-
-    max: int
-    lease: float = 300.0
-    name: str = "inflight"
-    paths: Sequence[str] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max, int) or self.max < 1:
-            raise ConfigurationError(f"limit {self.name}.max", "must be an integer >= 1")
-        if not (0 < self.lease <= 86400):
-            raise ConfigurationError(f"limit {self.name}.lease", "must be in (0, 86400] seconds")
-        if not _NAME_RE.match(self.name):
-            raise ConfigurationError(f"limit {self.name}.name", "invalid name")
-        object.__setattr__(self, "paths", _check_patterns(self.paths, f"limit {self.name}.paths"))
-
-
-Limit = RequestRate | Concurrency
 OnError = Literal["open", "closed"]
 
 
@@ -142,16 +43,21 @@ class Plan:
     limits: Sequence[Limit] = ()
     shadow: bool = False
     on_error: OnError = "open"
+    #: model allow-list on AI routes (glob patterns); None allows every model
+    models: Sequence[str] | None = None
+    #: IANA time zone in which daily and monthly quotas and budgets roll over
+    timezone: str = "UTC"
+    _zone: ZoneInfo | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
             raise ConfigurationError(f"plans.{self.name}", "plan names are 1-32 of [A-Za-z0-9_.-]")
         if self.on_error not in ("open", "closed"):
             raise ConfigurationError(f"plans.{self.name}.on_error", "must be 'open' or 'closed'")
         limits = tuple(self.limits)
         seen: set[str] = set()
         for i, lim in enumerate(limits):
-            if not isinstance(lim, RequestRate | Concurrency):
+            if not isinstance(lim, RequestRate | TokenRate | Concurrency | TokenQuota | Budget):
                 raise ConfigurationError(f"plans.{self.name}.limits[{i}]", f"not a limit: {lim!r}")
             assert lim.name is not None
             if lim.name in seen:
@@ -160,6 +66,21 @@ class Plan:
                 )
             seen.add(lim.name)
         object.__setattr__(self, "limits", limits)
+        if self.models is not None:
+            if isinstance(self.models, str) or not all(isinstance(m, str) for m in self.models):
+                raise ConfigurationError(f"plans.{self.name}.models", "must be a list of patterns")
+            object.__setattr__(self, "models", tuple(self.models))
+        try:
+            object.__setattr__(self, "_zone", ZoneInfo(self.timezone))
+        except (ZoneInfoNotFoundError, ValueError, TypeError):
+            raise ConfigurationError(
+                f"plans.{self.name}.timezone", f"unknown time zone {self.timezone!r}"
+            ) from None
+
+    @property
+    def zone(self) -> ZoneInfo:
+        assert self._zone is not None
+        return self._zone
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,6 +149,54 @@ class StorageConfig:
             raise ConfigurationError("storage.breaker_*", "must be positive")
 
 
+AIFormat = Literal[
+    "openai-chat", "openai-completions", "openai-responses", "openai-embeddings",
+    "anthropic-messages", "gemini", "ollama", "auto",
+]  # fmt: skip
+_AI_FORMATS = AIFormat.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AIRoute:
+    """A route whose requests and responses are AI API calls, metered in tokens and cost.
+
+    :param path: glob pattern, e.g. ``/v1/chat/completions`` or ``/v1beta/models/*``.
+    :param format: the provider API format, or ``"auto"`` to detect it from the path, the request
+        body and the response content type.
+    :param max_body: request bodies over this many bytes are refused with 413.
+    :param default_output_tokens: the output allowance reserved when the request sets no cap.
+    :param max_output_reserve: the most output tokens ever reserved up front, whatever the cap.
+    :param lease: seconds a reservation holds if its worker dies before settling it.
+    """
+
+    path: str
+    format: AIFormat = "auto"
+    methods: Sequence[str] = ("POST",)
+    max_body: int = 1 << 20
+    default_output_tokens: int = 1024
+    max_output_reserve: int = 16384
+    lease: float = 600.0
+
+    def __post_init__(self) -> None:
+        where = f"ai_routes[{self.path}]"
+        _check_patterns([self.path], f"{where}.path")
+        if self.format not in _AI_FORMATS:
+            raise ConfigurationError(f"{where}.format", f"one of {', '.join(_AI_FORMATS)}")
+        for name in ("max_body", "default_output_tokens", "max_output_reserve"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigurationError(f"{where}.{name}", "must be an integer >= 1")
+        if not (1 <= self.lease <= 86400):
+            raise ConfigurationError(f"{where}.lease", "must be in [1, 86400] seconds")
+        object.__setattr__(self, "methods", tuple(m.upper() for m in self.methods))
+
+    def matches(self, method: str, path: str) -> bool:
+        return method in self.methods and path_matches([self.path], path)
+
+
+Unpriced = Literal["refuse", "default", "tokens-only"]
+
+
 def _mask_url(url: str) -> str:
     return re.sub(r"://([^@/]*)@", "://***@", url)
 
@@ -241,6 +210,16 @@ class QuotaConfig:
     routes: Routes = field(default_factory=Routes)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    ai_routes: Sequence[AIRoute] = ()
+    #: price overrides and additions, USD per 1M tokens:
+    #: ``{"my-model": {"input": 1.0, "output": 4.0, "cached_input": 0.1, "cache_write": 1.25}}``
+    prices: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    #: what a budgeted request for a model without a price does: ``"refuse"`` it (403),
+    #: charge ``default_price``, or count ``"tokens-only"`` (cost 0)
+    unpriced: Unpriced = "refuse"
+    default_price: Mapping[str, float] | None = None
+    #: days the per-caller, per-day usage records are kept
+    usage_retention_days: int = 35
 
     def __post_init__(self) -> None:
         plans = tuple(self.plans)
@@ -255,7 +234,7 @@ class QuotaConfig:
         max_weight = max((w.weight for w in self.routes.weights), default=1)
         for p in plans:
             for lim in p.limits:
-                if isinstance(lim, RequestRate) and lim.burst is not None and lim.burst < max_weight:
+                if isinstance(lim, RequestRate) and lim.capacity < max_weight:
                     raise ConfigurationError(
                         f"plans.{p.name}.limits.{lim.name}.burst",
                         f"burst {lim.burst} is below the largest route weight {max_weight}: "
@@ -263,11 +242,18 @@ class QuotaConfig:
                     )
         object.__setattr__(self, "plans", plans)
         object.__setattr__(self, "default_plan", default)
+        object.__setattr__(self, "ai_routes", tuple(self.ai_routes))
+        if self.unpriced not in ("refuse", "default", "tokens-only"):
+            raise ConfigurationError("unpriced", "one of 'refuse', 'default', 'tokens-only'")
+        if self.unpriced == "default" and not self.default_price:
+            raise ConfigurationError("default_price", "required when unpriced = 'default'")
+        if not isinstance(self.usage_retention_days, int) or not (
+            1 <= self.usage_retention_days <= 3660
+        ):
+            raise ConfigurationError("usage_retention_days", "must be 1..3660")
         env_url = os.environ.get("QUOTA_REDIS_URL")
         if env_url and env_url != self.storage.url:
-            object.__setattr__(
-                self, "storage", _replace_storage(self.storage, env_url)
-            )
+            object.__setattr__(self, "storage", _replace_storage(self.storage, env_url))
 
     def plan(self, name: str | None) -> Plan:
         """The plan called ``name``, or the default plan for unknown or missing names."""
@@ -278,6 +264,12 @@ class QuotaConfig:
             if p.name == self.default_plan:
                 return p
         raise AssertionError("unreachable: default plan validated")
+
+    def ai_route(self, method: str, path: str) -> AIRoute | None:
+        for route in self.ai_routes:
+            if route.matches(method, path):
+                return route
+        return None
 
     def has_plan(self, name: str) -> bool:
         return any(p.name == name for p in self.plans)
@@ -296,7 +288,7 @@ class QuotaConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base_dir: Path | None = None) -> QuotaConfig:
-        _known(data, {"plans", "default_plan", "routes", "identity", "storage"}, "")
+        _known(data, set(cls.__dataclass_fields__), "")
         plans_d = data.get("plans")
         if not isinstance(plans_d, Mapping) or not plans_d:
             raise ConfigurationError("plans", "a [plans.NAME] table is required")
@@ -315,12 +307,25 @@ class QuotaConfig:
         storage_d = _table(data, "storage")
         _known(storage_d, set(StorageConfig.__dataclass_fields__), "storage")
         identity = IdentityConfig.from_dict(_table(data, "identity"), base_dir=base_dir)
+        ai_routes = []
+        for i, r in enumerate(data.get("ai_routes", [])):
+            if not isinstance(r, Mapping):
+                raise ConfigurationError(f"ai_routes[{i}]", "must be a table")
+            _known(r, set(AIRoute.__dataclass_fields__), f"ai_routes[{i}]")
+            ai_routes.append(AIRoute(**r))
+        extra = {
+            k: data[k]
+            for k in ("prices", "unpriced", "default_price", "usage_retention_days")
+            if k in data
+        }
         return cls(
             plans=plans,
             default_plan=data.get("default_plan"),
             routes=routes,
             identity=identity,
             storage=StorageConfig(**storage_d),
+            ai_routes=ai_routes,
+            **extra,
         )
 
 
@@ -348,23 +353,17 @@ def _known(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
             raise ConfigurationError(dotted, f"unknown key; expected one of {sorted(allowed)}")
 
 
-_LIMIT_TYPES: dict[str, type[RequestRate] | type[Concurrency]] = {
-    "requests": RequestRate,
-    "concurrency": Concurrency,
-}
-
-
 def _plan_from_dict(name: str, d: Any) -> Plan:
     where = f"plans.{name}"
     if not isinstance(d, Mapping):
         raise ConfigurationError(where, "must be a table")
-    _known(d, {"limits", "shadow", "on_error"}, where)
+    _known(d, {"limits", "shadow", "on_error", "models", "timezone"}, where)
     limits: list[Limit] = []
     for i, lim in enumerate(d.get("limits", [])):
         lw = f"{where}.limits[{i}]"
         if not isinstance(lim, Mapping) or "type" not in lim:
-            raise ConfigurationError(lw, f"needs a 'type' ({', '.join(_LIMIT_TYPES)})")
-        kind = _LIMIT_TYPES.get(lim["type"])
+            raise ConfigurationError(lw, f"needs a 'type' ({', '.join(LIMIT_TYPES)})")
+        kind = LIMIT_TYPES.get(lim["type"])
         if kind is None:
             raise ConfigurationError(f"{lw}.type", f"unknown limit type {lim['type']!r}")
         params = {k: v for k, v in lim.items() if k != "type"}
@@ -372,10 +371,18 @@ def _plan_from_dict(name: str, d: Any) -> Plan:
         try:
             limits.append(kind(**params))
         except ConfigurationError as e:
-            raise ConfigurationError(f"{lw}.{e.field.split('.')[-1]}", str(e).split(": ", 1)[-1])
+            field_name = e.field.split(".")[-1]
+            raise ConfigurationError(f"{lw}.{field_name}", str(e).split(": ", 1)[-1]) from None
         except TypeError as e:
             raise ConfigurationError(lw, str(e)) from None
     shadow = d.get("shadow", False)
     if not isinstance(shadow, bool):
         raise ConfigurationError(f"{where}.shadow", "must be true or false")
-    return Plan(name=name, limits=limits, shadow=shadow, on_error=d.get("on_error", "open"))
+    return Plan(
+        name=name,
+        limits=limits,
+        shadow=shadow,
+        on_error=d.get("on_error", "open"),
+        models=d.get("models"),
+        timezone=d.get("timezone", "UTC"),
+    )

@@ -1,4 +1,5 @@
-"""The sans-IO core: from a request to a :class:`Decision`, and from a decision to a settle call.
+"""The sans-IO core: from a request to a :class:`Decision`, and from a finished response to the
+settle call that charges it.
 
 Nothing here does I/O. A phase that needs the store is a generator that ``yield``\\ s a
 :class:`~quota_middleware.scripts.ScriptCall` and is sent the reply (the httpx auth-flow pattern);
@@ -10,25 +11,39 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .backends.base import AsyncBackend, SyncBackend
-from .config import Concurrency, Plan, QuotaConfig, RequestRate, path_matches
+from .config import AIRoute, Plan, QuotaConfig
 from .errors import IdentificationError, StorageError
 from .identity import Caller, Identifier
 from .keys import CallerKeys
+from .limits import Budget, Concurrency, Limit, RequestRate, TokenQuota, TokenRate
+from .metering import AIRequest, ModelNotAllowed, UnpricedModel, prepare, price_table
+from .periods import day_id, period_of
 from .request import RequestInfo
 from .scripts import ScriptArg, ScriptCall
+from .usage import Usage
 
 log = logging.getLogger("quota_middleware")
 
 Flow = Generator[ScriptCall, Any, "Decision"]
-Reason = Literal["rate", "concurrency", "quota", "budget", "unavailable"]
+Reason = Literal[
+    "rate", "concurrency", "quota", "budget", "unavailable", "model", "unpriced", "too_large"
+]  # fmt: skip
 #: how long a settled request's id is remembered, so a retried settle is a no-op
 SETTLE_MARKER_MS = 15 * 60 * 1000
+_KINDS = {
+    RequestRate: "requests",
+    TokenRate: "tokens",
+    Concurrency: "concurrency",
+    TokenQuota: "token_quota",
+    Budget: "budget",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,16 +51,30 @@ class LimitStatus:
     """One limit as this request left it, for the ``RateLimit`` headers and the app."""
 
     name: str
-    #: ``"requests"`` (token bucket) or ``"concurrency"``
+    #: ``"requests"``, ``"tokens"``, ``"concurrency"``, ``"token_quota"`` or ``"budget"``
     kind: str
-    #: the bucket's capacity (burst) or the concurrency maximum
+    #: capacity (burst), concurrency maximum, or the quota / budget (micro-dollars) per period
     quota: int
-    #: seconds for an empty bucket to refill (the policy's window); 0 for concurrency
+    #: seconds for an empty bucket to refill, or the period's length; 0 for concurrency
     window: int
     remaining: int
-    #: seconds until the limit is fully replenished (for a denying limit: until the request fits)
+    #: seconds until fully replenished (for a denying limit: until the request fits)
     reset: int
     denied: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """What an admitted request holds until it is settled: a concurrency slot (``c``), tokens
+    reserved in a bucket (``b``) or on a calendar counter (``q``, with its ledger)."""
+
+    kind: str
+    key: str
+    name: str
+    charged: int
+    #: bucket refill interval (``b``), or the counter's unit: 0 tokens, 1 micro-dollars (``q``)
+    param: int = 0
+    ledger: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,19 +92,26 @@ class Decision:
     #: the first limit that said no (also set in shadow mode)
     denied_by: str | None = None
     reason: Reason | None = None
-    #: seconds, >= 1, when denied
+    #: seconds, >= 1, when denied for a reason that passes
     retry_after: int | None = None
     #: the limits would have denied, but the plan is in shadow mode
     shadow: bool = False
     #: decided without the store (fail-open admit or fail-closed 503)
     degraded: bool = False
     statuses: tuple[LimitStatus, ...] = ()
-    #: operations to undo or complete after the response (concurrency slots)
-    releases: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    #: the AI request, on AI routes: model, prompt estimate, reservation
+    ai: AIRequest | None = None
+    holds: tuple[Hold, ...] = ()
+    #: the day (plan time zone) the usage record goes to
+    day: str | None = None
 
     @property
     def caller_id(self) -> str | None:
         return self.caller.id if self.caller else None
+
+    @property
+    def needs_settle(self) -> bool:
+        return self.caller is not None and (bool(self.holds) or self.ai is not None)
 
 
 class Stats:
@@ -121,6 +157,17 @@ class Engine:
         self.clock = clock
         self.stats = Stats()
         self._prefix = config.storage.prefix
+        self._prices, self._default_price = price_table(config)
+        self._retention_ms = config.usage_retention_days * 86_400_000
+
+    def ai_route(self, info: RequestInfo) -> AIRoute | None:
+        """The AI route this request is on, if any: the adapter then buffers its body first."""
+        if not self.config.ai_routes or not self.config.routes.is_limited(info.path):
+            return None
+        return self.config.ai_route(info.method, info.path)
+
+    def _now_us(self) -> int:
+        return self.clock() if self.clock is not None else time.time_ns() // 1000
 
     # -- admit ----------------------------------------------------------------------------
     def admit(self, info: RequestInfo) -> Flow:
@@ -132,115 +179,184 @@ class Engine:
         try:
             caller = yield from self.identifier.identify(info)
         except StorageError as e:
-            return self._degraded(rid, None, self.config.plan(None), e)
+            return self._degraded(rid, None, self.config.plan(None), None, e)
         except IdentificationError:
             self.stats.incr("unauthenticated")
             raise
         plan = self.config.plan(caller.plan)
-        limits = [lim for lim in plan.limits if lim.paths is None or path_matches(lim.paths, info.path)]
+        route = self.ai_route(info)
+        model = None
+        ai: AIRequest | None = None
+        limits = [lim for lim in plan.limits if lim.applies(info.path, None)]
+        if route is not None:
+            try:
+                ai = self._prepare(route, info, plan)
+            except ModelNotAllowed as e:
+                return self._refuse(rid, caller, plan, "model", f"model {e.model!r}")
+            except UnpricedModel as e:
+                return self._refuse(rid, caller, plan, "unpriced", f"model {e.model!r}")
+            model = ai.model
+            limits = [lim for lim in plan.limits if lim.applies(info.path, model)]
+        else:
+            limits = [lim for lim in limits if isinstance(lim, RequestRate | Concurrency)]
+        now_us = self._now_us()
+        day = day_id(now_us, plan.zone) if ai is not None else None
         if not limits:
             self.stats.incr("allowed")
-            return Decision(allowed=True, request_id=rid, caller=caller, plan=plan.name)
+            return Decision(
+                allowed=True, request_id=rid, caller=caller, plan=plan.name, ai=ai, day=day
+            )
         weight = self.config.routes.weight(info.method, info.path)
-        call = self.plan_admit(caller, limits, weight, rid)
+        call, holds = self.plan_admit(caller, plan, limits, weight, rid, ai, now_us)
         try:
             reply = yield call
         except StorageError as e:
-            return self._degraded(rid, caller, plan, e)
-        return self.decide(caller, plan, limits, rid, reply)
+            return self._degraded(rid, caller, plan, ai, e, day)
+        return self.decide(caller, plan, limits, rid, reply, holds, ai, day)
+
+    def _prepare(self, route: AIRoute, info: RequestInfo, plan: Plan) -> AIRequest:
+        budgeted = any(isinstance(lim, Budget) for lim in plan.limits)
+        return prepare(
+            route, info.path, info.body or b"", plan, self.config, self._prices,
+            self._default_price, budgeted=budgeted,
+        )  # fmt: skip
 
     def plan_admit(
-        self, caller: Caller, limits: Sequence[RequestRate | Concurrency], weight: int, rid: str
-    ) -> ScriptCall:
+        self,
+        caller: Caller,
+        plan: Plan,
+        limits: Sequence[Limit],
+        weight: int,
+        rid: str,
+        ai: AIRequest | None = None,
+        now_us: int | None = None,
+    ) -> tuple[ScriptCall, tuple[Hold, ...]]:
+        """The admit call, and for each limit what it would hold if admitted (charged amounts
+        come from the reply)."""
         keys = CallerKeys(self._prefix, caller.tenant, caller.id)
         key_list: list[str] = [keys.buckets]
-        args: list[ScriptArg] = [self._now_arg(), rid, len(limits)]
+        index: dict[str, int] = {}
+        lease_us = int(ai.route.lease * 1_000_000) if ai is not None else 0
+        args: list[ScriptArg] = [self._now_arg(), rid, lease_us, len(limits)]
+        holds: list[Hold] = []
+        now = now_us if now_us is not None else self._now_us()
         for lim in limits:
-            if isinstance(lim, RequestRate):
-                assert lim.burst is not None and lim.name is not None
+            if isinstance(lim, RequestRate | TokenRate):
+                assert lim.name is not None
                 interval = lim.interval_us
-                args += ["b", 1, lim.name, interval, interval * lim.burst, weight, weight]
-            else:
+                if isinstance(lim, RequestRate):
+                    cost, least = weight, weight
+                else:
+                    assert ai is not None
+                    cost, least = ai.reserve_tokens, ai.min_tokens
+                args += ["b", 1, lim.name, interval, interval * lim.capacity, cost, least]
+                holds.append(Hold("b", keys.buckets, lim.name, 0, interval))
+            elif isinstance(lim, Concurrency):
+                assert lim.name is not None
                 key_list.append(keys.concurrency(lim.name))
                 args += ["c", len(key_list), "", lim.max, int(lim.lease * 1_000_000), 1, 1]
-        return ScriptCall("admit", tuple(key_list), tuple(args))
+                holds.append(Hold("c", key_list[-1], lim.name, 0))
+            else:
+                assert lim.name is not None and ai is not None
+                pid, end_us = period_of(lim.period, now, plan.zone)
+                pkey = keys.period(pid)
+                if pkey not in index:
+                    key_list += [pkey, keys.ledger(pkey)]
+                    index[pkey] = len(key_list) - 1
+                if isinstance(lim, Budget):
+                    cost, least, unit = ai.reserve_cost, ai.min_cost, 1
+                else:
+                    cost, least, unit = ai.reserve_tokens, ai.min_tokens, 0
+                args += ["q", index[pkey], lim.name, lim.amount, end_us, cost, least]
+                holds.append(Hold("q", pkey, lim.name, 0, unit, keys.ledger(pkey)))
+        return ScriptCall("admit", tuple(key_list), tuple(args)), tuple(holds)
 
     def decide(
         self,
         caller: Caller,
         plan: Plan,
-        limits: Sequence[RequestRate | Concurrency],
+        limits: Sequence[Limit],
         rid: str,
         reply: Sequence[Any],
+        holds: Sequence[Hold] = (),
+        ai: AIRequest | None = None,
+        day: str | None = None,
     ) -> Decision:
         allowed, denied_idx, retry_us = int(reply[0]), int(reply[1]), int(reply[2])
+        now_us = int(reply[3])
         statuses = []
-        releases: list[tuple[str, str]] = []
+        held: list[Hold] = []
         for i, lim in enumerate(limits):
             remaining, reset_us, charged = (int(v) for v in reply[4 + 3 * i : 7 + 3 * i])
             denied = denied_idx == i + 1
-            if isinstance(lim, RequestRate):
-                assert lim.burst is not None and lim.name is not None
-                statuses.append(
-                    LimitStatus(
-                        name=lim.name,
-                        kind="requests",
-                        quota=lim.burst,
-                        window=_ceil_s(lim.interval_us * lim.burst),
-                        remaining=remaining,
-                        reset=_ceil_s(retry_us if denied else reset_us),
-                        denied=denied,
-                    )
-                )
+            assert lim.name is not None
+            if isinstance(lim, RequestRate | TokenRate):
+                quota, window = lim.capacity, _ceil_s(lim.interval_us * lim.capacity)
+                reset = _ceil_s(retry_us if denied and retry_us > 0 else reset_us)
+            elif isinstance(lim, Concurrency):
+                quota, window, reset = lim.max, 0, 1 if denied else 0
             else:
-                if charged:
-                    releases.append(("c", lim.name))
-                statuses.append(
-                    LimitStatus(
-                        name=lim.name,
-                        kind="concurrency",
-                        quota=lim.max,
-                        window=0,
-                        remaining=max(0, remaining),
-                        reset=1 if denied else 0,
-                        denied=denied,
-                    )
-                )
+                quota, reset = lim.amount, _ceil_s(reset_us)
+                window = 86400 if lim.period == "day" else 86400 * 30
+            statuses.append(
+                LimitStatus(lim.name, _KINDS[type(lim)], quota, window, max(0, remaining), reset,
+                            denied)
+            )  # fmt: skip
+            if holds and charged > 0 and not isinstance(lim, RequestRate):
+                h = holds[i]
+                held.append(Hold(h.kind, h.key, h.name, charged, h.param, h.ledger))
+            elif holds and isinstance(lim, TokenQuota | Budget):
+                held.append(holds[i])  # nothing reserved (tokens-only), still charged at settle
+        del now_us
         if allowed:
             self.stats.incr("allowed")
             return Decision(
-                allowed=True,
-                request_id=rid,
-                caller=caller,
-                plan=plan.name,
-                limited=True,
-                statuses=tuple(statuses),
-                releases=tuple(releases),
-            )
+                allowed=True, request_id=rid, caller=caller, plan=plan.name, limited=True,
+                statuses=tuple(statuses), ai=ai, holds=tuple(held), day=day,
+            )  # fmt: skip
         denier = limits[denied_idx - 1]
-        reason: Reason = "concurrency" if isinstance(denier, Concurrency) else "rate"
+        reason: Reason
+        if retry_us < 0:
+            reason = "too_large"
+        elif isinstance(denier, Concurrency):
+            reason = "concurrency"
+        elif isinstance(denier, TokenQuota):
+            reason = "quota"
+        elif isinstance(denier, Budget):
+            reason = "budget"
+        else:
+            reason = "rate"
         retry_after = max(1, _ceil_s(retry_us)) if retry_us >= 0 else None
         self.stats.incr("shadow_denied" if plan.shadow else "denied")
+        self.stats.incr(f"denied_{reason}")
         if plan.shadow:
             log.info(
                 "quota_middleware: shadow plan %s would deny caller %s (%s)",
                 plan.name, caller.id, denier.name,
             )  # fmt: skip
         return Decision(
-            allowed=plan.shadow,
-            request_id=rid,
-            caller=caller,
-            plan=plan.name,
-            limited=True,
-            denied_by=denier.name,
-            reason=reason,
-            retry_after=retry_after,
-            shadow=plan.shadow,
-            statuses=tuple(statuses),
-        )
+            allowed=plan.shadow, request_id=rid, caller=caller, plan=plan.name, limited=True,
+            denied_by=denier.name, reason=reason, retry_after=retry_after, shadow=plan.shadow,
+            statuses=tuple(statuses), ai=ai if plan.shadow else None, day=day,
+        )  # fmt: skip
+
+    def _refuse(self, rid: str, caller: Caller, plan: Plan, reason: Reason, what: str) -> Decision:
+        self.stats.incr(f"denied_{reason}")
+        if plan.shadow:
+            log.info("quota_middleware: shadow plan %s would refuse %s", plan.name, what)
+        return Decision(
+            allowed=plan.shadow, request_id=rid, caller=caller, plan=plan.name,
+            denied_by=what, reason=reason, shadow=plan.shadow,
+        )  # fmt: skip
 
     def _degraded(
-        self, rid: str, caller: Caller | None, plan: Plan, error: StorageError
+        self,
+        rid: str,
+        caller: Caller | None,
+        plan: Plan,
+        ai: AIRequest | None,
+        error: StorageError,
+        day: str | None = None,
     ) -> Decision:
         fail_open = plan.on_error == "open"
         self.stats.incr("degraded_open" if fail_open else "degraded_closed")
@@ -256,23 +372,65 @@ class Engine:
             degraded=True,
             reason=None if fail_open else "unavailable",
             retry_after=None if fail_open else max(1, int(self.config.storage.breaker_reset)),
+            # a fail-open AI request is still metered: if the store is back by the time it
+            # ends, the full usage is charged
+            ai=ai if fail_open else None,
+            day=day,
         )
 
     # -- settle ---------------------------------------------------------------------------
-    def plan_settle(self, decision: Decision) -> ScriptCall | None:
-        """The call that gives back what an admitted request held; None when nothing is held."""
-        if not decision.releases or decision.caller is None:
+    def plan_settle(
+        self, decision: Decision, usage: Usage | None = None, cost: int = 0
+    ) -> ScriptCall | None:
+        """The call that gives back what an admitted request held and charges its usage;
+        None when there is nothing to do."""
+        if not decision.needs_settle:
             return None
         caller = decision.caller
+        assert caller is not None
         keys = CallerKeys(self._prefix, caller.tenant, caller.id)
         key_list = [keys.settled(decision.request_id)]
+        index: dict[str, int] = {}
+
+        def key(name: str, ledger: str | None = None) -> int:
+            if name not in index:
+                key_list.append(name)
+                index[name] = len(key_list)
+                if ledger is not None:
+                    key_list.append(ledger)
+            return index[name]
+
+        ops: list[ScriptArg] = []
+        tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
+        for h in decision.holds:
+            if h.kind == "c":
+                ops += ["c", key(h.key), "", 0, 0]
+            elif h.kind == "b":
+                ops += ["b", key(h.key), h.name, h.param, tokens - h.charged]
+            else:
+                actual = cost if h.param == 1 else tokens
+                ops += ["q", key(h.key, h.ledger), h.name, h.charged, actual]
+        if usage is not None and decision.day is not None:
+            ukey = key(keys.usage(decision.day))
+            model = (usage.model or "unknown").replace("|", "_")[:100]
+            for field, value in (
+                ("requests", 1),
+                ("input", usage.input_tokens),
+                ("cached", usage.cached_tokens),
+                ("cache_write", usage.cache_write_tokens),
+                ("output", usage.output_tokens),
+                ("reasoning", usage.reasoning_tokens),
+                ("cost", cost),
+                ("estimated", int(usage.estimated)),
+            ):
+                if value:
+                    ops += ["u", ukey, f"{model}|{field}", self._retention_ms, value]
+        if not ops:
+            return None
         args: list[ScriptArg] = [
-            self._now_arg(), decision.request_id, SETTLE_MARKER_MS, len(decision.releases)
+            self._now_arg(), decision.request_id, SETTLE_MARKER_MS, len(ops) // 5
         ]  # fmt: skip
-        for kind, name in decision.releases:
-            key_list.append(keys.concurrency(name))
-            args += [kind, len(key_list), "", 0, 0]
-        return ScriptCall("settle", tuple(key_list), tuple(args))
+        return ScriptCall("settle", tuple(key_list), tuple(args + ops))
 
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(self.clock())

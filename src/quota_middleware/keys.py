@@ -41,5 +41,13 @@ class CallerKeys:
         """Calendar counters of one period (``d2026-11-28``, ``m2026-11``): no reset job."""
         return f"{self.base}:q:{period_id}"
 
+    def ledger(self, period_key: str) -> str:
+        """The reservations held against ``period_key``'s counters, scored by lease end."""
+        return f"{period_key}:r"
+
+    def usage(self, day: str) -> str:
+        """Per-day usage records: fields ``<model>|<counter>``."""
+        return f"{self.base}:u:{day}"
+
     def settled(self, request_id: str) -> str:
         return f"{self.base}:s:{request_id}"

@@ -1,8 +1,10 @@
-"""``WSGIQuotaMiddleware``: wraps ``start_response`` and settles in ``close()`` (PEP 3333: the
-server calls it once the response is sent, also when the client went away)."""
+"""``WSGIQuotaMiddleware``: wraps ``start_response`` and the body iterable, and settles in
+``close()`` (PEP 3333: the server calls it once the response is sent, also when the client went
+away mid-stream)."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -14,8 +16,9 @@ from .config import QuotaConfig
 from .engine import Decision, Engine, drive_sync
 from .errors import IdentificationError, StorageError
 from .identity import Identifier
+from .metering import Meter
 from .request import RequestInfo
-from .responses import Response, denied, rate_limit_headers, unauthorized
+from .responses import Response, allowed_headers, denied, too_large, unauthorized
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -54,41 +57,45 @@ class WSGIQuotaMiddleware:
     def stats(self) -> dict[str, int]:
         return self.engine.stats.snapshot()
 
-    def __call__(
-        self, environ: WSGIEnvironment, start_response: StartResponse
-    ) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        info = RequestInfo.from_environ(environ)
+        route = self.engine.ai_route(info)
+        if route is not None:
+            body = _read_body(environ, route.max_body)
+            if body is None:
+                return _respond(start_response, too_large(route.max_body))
+            info.body = body
         try:
-            decision = drive_sync(
-                self.engine.admit(RequestInfo.from_environ(environ)), self.backend
-            )
+            decision = drive_sync(self.engine.admit(info), self.backend)
         except IdentificationError as e:
             return _respond(start_response, unauthorized(e))
         environ[ENVIRON_KEY] = decision
         if not decision.allowed:
             return _respond(start_response, denied(decision))
-        extra = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in rate_limit_headers(decision.statuses)
-        ]
-        app_start_response = start_response
-        if extra:
+        extra = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in allowed_headers(decision)]
+        if not decision.needs_settle:
+            if not extra:
+                return self.app(environ, start_response)
 
-            def app_start_response(
+            def add_headers(
                 status: str, headers: list[tuple[str, str]], exc_info: Any = None
             ) -> Callable[[bytes], object]:
                 return start_response(status, [*headers, *extra], exc_info)
 
-        if self.engine.plan_settle(decision) is None:
-            return self.app(environ, app_start_response)
+            return self.app(environ, add_headers)
+        metered = _Metered(self, decision, start_response, extra)
         try:
-            app_iter = self.app(environ, app_start_response)
+            app_iter = self.app(environ, metered.start_response)
         except BaseException:
-            self._settle(decision)
+            metered.close()
             raise
-        return _ClosingIterable(app_iter, lambda: self._settle(decision))
+        metered.app_iter = app_iter
+        return metered
 
-    def _settle(self, decision: Decision) -> None:
-        call = self.engine.plan_settle(decision)
+    def _settle(self, decision: Decision, meter: Meter | None) -> None:
+        usage = meter.finish() if meter is not None else None
+        cost = meter.cost(usage) if meter is not None and usage is not None else 0
+        call = self.engine.plan_settle(decision, usage, cost)
         if call is None:
             return
         try:
@@ -97,29 +104,84 @@ class WSGIQuotaMiddleware:
             log.warning("quota_middleware: settle failed (%s); lease will expire", e)
 
 
-class _ClosingIterable:
-    """Iterates the app's body; ``close()`` closes it and then runs ``on_close`` exactly once."""
+class _Metered:
+    """The app's body, metered as it is iterated; ``close()`` closes the app's iterable and then
+    settles, exactly once (a ``ClosingIterator`` that also counts)."""
 
-    __slots__ = ("_iterable", "_on_close", "_closed")
+    __slots__ = ("mw", "decision", "_start_response", "_extra", "meter", "app_iter", "_closed")
 
-    def __init__(self, iterable: Iterable[bytes], on_close: Callable[[], None]) -> None:
-        self._iterable = iterable
-        self._on_close = on_close
+    def __init__(
+        self,
+        mw: WSGIQuotaMiddleware,
+        decision: Decision,
+        start_response: StartResponse,
+        extra: list[tuple[str, str]],
+    ) -> None:
+        self.mw = mw
+        self.decision = decision
+        self._start_response = start_response
+        self._extra = extra
+        self.meter = Meter(decision.ai) if decision.ai is not None else None
+        self.app_iter: Iterable[bytes] = ()
         self._closed = False
 
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], object]:
+        if self.meter is not None:
+            code = int(status.split(" ", 1)[0]) if status[:3].isdigit() else 500
+            lower = {k.lower(): v for k, v in headers}
+            self.meter.start(code, lower.get("content-type"), lower.get("content-encoding"))
+        write = self._start_response(status, [*headers, *self._extra], exc_info)
+        if self.meter is None:
+            return write
+        meter = self.meter
+
+        def metered_write(data: bytes) -> object:
+            meter.feed(data)
+            return write(data)
+
+        return metered_write
+
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._iterable)
+        meter = self.meter
+        if meter is None:
+            yield from self.app_iter
+            return
+        for chunk in self.app_iter:
+            meter.feed(chunk)
+            yield chunk
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            close = getattr(self._iterable, "close", None)
+            close = getattr(self.app_iter, "close", None)
             if close is not None:
                 close()
         finally:
-            self._on_close()
+            self.mw._settle(self.decision, self.meter)
+
+
+def _read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
+    """Buffer the request body (None when over ``limit``) and put it back for the app."""
+    stream = environ.get("wsgi.input")
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length.strip().isdigit():
+        size = int(length)
+        if size > limit:
+            return None
+        body = stream.read(size) if stream is not None and size else b""
+    elif stream is not None and environ.get("wsgi.input_terminated"):
+        body = stream.read(limit + 1)
+        if len(body) > limit:
+            return None
+    else:
+        body = b""
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    return body
 
 
 def _respond(start_response: StartResponse, response: Response) -> list[bytes]:

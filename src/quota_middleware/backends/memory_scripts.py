@@ -30,16 +30,37 @@ def _now(store: MemoryStore, arg: Arg) -> int:
 def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[int]:
     now = _now(store, argv[0])
     rid = _s(argv[1])
-    n = _i(argv[2])
+    lease = _i(argv[2])
+    n = _i(argv[3])
+
+    swept: set[int] = set()
+    for i in range(n):
+        base = 4 + i * 7
+        k = _i(argv[base + 1])
+        if _s(argv[base]) == "q" and k not in swept:
+            swept.add(k)
+            key, ledger = keys[k - 1], keys[k]
+            for r, _score in store.zrangebyscore(ledger, float("-inf"), now)[:100]:
+                payload = store.hget(key, "r|" + r)
+                if payload is not None:
+                    for item in payload.decode().split(","):
+                        if "=" in item:
+                            name, amount = item.split("=", 1)
+                            if store.hincrby(key, name, -int(amount)) < 0:
+                                store.hset(key, {name: 0})
+                    store.hdel(key, "r|" + r)
+                store.zrem(ledger, r)
+
     out = [1, 0, 0, now]
-    writes: list[tuple[str, str, str, int, int]] = []
+    writes: list[tuple[str, str, str, int, int, str]] = []
     undo: list[tuple[int, int]] = []
     denied = 0
     retry = 0
     for i in range(n):
-        base = 3 + i * 7
+        base = 4 + i * 7
         kind = _s(argv[base])
-        key = keys[_i(argv[base + 1]) - 1]
+        kidx = _i(argv[base + 1])
+        key = keys[kidx - 1]
         f = _s(argv[base + 2])
         p1, p2 = _i(argv[base + 3]), _i(argv[base + 4])
         cost, min_cost = _i(argv[base + 5]), _i(argv[base + 6])
@@ -56,7 +77,7 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
             else:
                 charged = min(cost, available)
                 new_tat = tat + charged * p1
-                writes.append(("b", key, f, new_tat, new_tat - now))
+                writes.append(("b", key, f, new_tat, new_tat - now, ""))
                 tat = new_tat
             remaining = max(0, math.floor((p2 - (tat - now)) / p1))
             reset = tat - now
@@ -73,7 +94,7 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
             else:
                 charged = 1
                 remaining = p1 - count - 1
-                writes.append(("c", key, rid, now + p2, p2))
+                writes.append(("c", key, rid, now + p2, p2, ""))
         elif kind == "q":
             used = lua_number(store.hget(key, f)) or 0
             available = p1 - used
@@ -85,7 +106,7 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
             else:
                 charged = min(cost, available)
                 used += charged
-                writes.append(("q", key, f, charged, p2 - now + 3_600_000_000))
+                writes.append(("q", key, f, charged, p2 - now + 3_600_000_000, keys[kidx]))
             remaining = max(0, p1 - used)
             reset = p2 - now
         else:
@@ -106,15 +127,24 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
         return out
 
     ttl: dict[str, int] = {}
-    for kind, key, f, value, life_us in writes:
+    reserved: dict[str, list[str]] = {}
+    for kind, key, f, value, life_us, ledger in writes:
         if kind == "b":
             store.hset(key, {f: value})
         elif kind == "c":
             store.zadd(key, value, f)
         else:
             store.hincrby(key, f, value)
+            if lease > 0 and value > 0:
+                if key not in reserved:
+                    reserved[key] = [ledger, ""]
+                    ttl[ledger] = max(ttl.get(ledger, 0), math.ceil(life_us / 1000))
+                reserved[key][1] += f"{f}={value},"
         ms = math.ceil(life_us / 1000) + 1000
         ttl[key] = max(ttl.get(key, 0), ms)
+    for key, (ledger, entries) in reserved.items():
+        store.hset(key, {"r|" + rid: entries.encode()})
+        store.zadd(ledger, now + lease, rid)
     for key, ms in ttl.items():
         if store.pttl(key) < ms:
             store.pexpire(key, ms)
@@ -127,18 +157,20 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> int:
         return 0
     rid = _s(argv[1])
     n = _i(argv[3])
+    live: dict[str, bool] = {}
     for i in range(n):
         base = 4 + i * 5
         kind = _s(argv[base])
-        key = keys[_i(argv[base + 1]) - 1]
+        kidx = _i(argv[base + 1])
+        key = keys[kidx - 1]
         f = _s(argv[base + 2])
-        p1, delta = _i(argv[base + 3]), _i(argv[base + 4])
+        p1, p2 = _i(argv[base + 3]), _i(argv[base + 4])
         if kind == "c":
             store.zrem(key, rid)
         elif kind == "b":
             tat = lua_number(store.hget(key, f))
             tat = now if tat is None or tat < now else tat
-            tat += delta * p1
+            tat += p2 * p1
             if tat <= now:
                 store.hdel(key, f)
             else:
@@ -147,11 +179,19 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> int:
                 if store.pttl(key) < ms:
                     store.pexpire(key, ms)
         elif kind == "q":
-            v = store.hincrby(key, f, delta)
-            if v < 0:
+            if key not in live:
+                live[key] = store.hget(key, "r|" + rid) is not None
+                if live[key]:
+                    store.hdel(key, "r|" + rid)
+                    store.zrem(keys[kidx], rid)
+            delta = p2 - p1 if live[key] else p2
+            if delta != 0 and store.hincrby(key, f, delta) < 0:
                 store.hset(key, {f: 0})
             if store.pttl(key) < 0:
-                store.pexpire(key, p1)
+                store.pexpire(key, 86_400_000)
+        elif kind == "u":
+            store.hincrby(key, f, p2)
+            store.pexpire(key, p1)
         else:
             raise ValueError(f"settle: unknown operation {kind}")
     return 1

@@ -40,7 +40,8 @@ class MemoryStore:
         if key not in self.data:
             return False
         exp = self.expires.get(key)
-        if exp is not None and exp <= (now_ms if now_ms is not None else self.time_us() // 1000):
+        now = now_ms if now_ms is not None else self.time_us() // 1000
+        if exp is not None and exp <= now:
             self.delete(key)
             return False
         return True
@@ -61,7 +62,7 @@ class MemoryStore:
         return v
 
     def sweep(self) -> int:
-        """Drop every expired key; returns how many. Redis does this lazily and in the background."""
+        """Drop every expired key; returns how many."""
         now_ms = self.time_us() // 1000
         dead = [k for k, e in self.expires.items() if e <= now_ms]
         for k in dead:

@@ -16,7 +16,7 @@ import redis as redis_sync
 import redis.asyncio as redis_async
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ..errors import StorageError
 from ..scripts import ScriptCall, source
@@ -36,7 +36,7 @@ def is_cluster_url(url: str) -> bool:
 
 
 def client_from_url(url: str, *, timeout: float, asyncio: bool) -> Any:
-    """A redis-py client for ``url`` with short timeouts; ``+cluster`` schemes give a cluster client."""
+    """A redis-py client for ``url`` with short timeouts (``+cluster``: a cluster client)."""
     opts: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -86,7 +86,7 @@ class SyncRedisBackend:
         start = time.perf_counter()
         try:
             reply = self._scripts.get(call.name)(keys=call.keys, args=call.args)
-        except (RedisError, OSError) as e:
+        except (RedisError, RedisClusterException, OSError) as e:
             self.breaker.failure()
             self._observe(call.name, start, False)
             raise StorageError(f"redis {call.name} failed: {type(e).__name__}", e) from None
@@ -120,7 +120,7 @@ class AsyncRedisBackend:
         start = time.perf_counter()
         try:
             reply = await self._scripts.get(call.name)(keys=call.keys, args=call.args)
-        except (RedisError, OSError) as e:
+        except (RedisError, RedisClusterException, OSError) as e:
             self.breaker.failure()
             self._observe(call.name, start, False)
             raise StorageError(f"redis {call.name} failed: {type(e).__name__}", e) from None

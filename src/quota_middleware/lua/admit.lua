@@ -5,15 +5,19 @@
 --
 -- KEYS[i]  the keys the limits name by index; all carry the caller's hash tag (one cluster slot)
 -- ARGV[1]  now in microseconds, or "" to read TIME
--- ARGV[2]  request id (member of concurrency sets)
--- ARGV[3]  n, the number of limits; then 7 values per limit:
+-- ARGV[2]  request id (member of concurrency sets and reservation ledgers)
+-- ARGV[3]  lease_us: how long a reservation on "q" counters holds if it is never settled
+-- ARGV[4]  n, the number of limits; then 7 values per limit:
 --          kind, key index, field, p1, p2, cost, min_cost
 --   "b"  GCRA token bucket in hash KEYS[k], field f holds the theoretical arrival time (TAT, us).
 --        p1 = interval_us (time to refill one unit), p2 = tau_us (burst * interval).
 --   "c"  concurrency: sorted set KEYS[k] of request ids scored by lease end (us).
 --        p1 = max in flight, p2 = lease_us. cost/min_cost are 1.
---   "q"  calendar counter: hash KEYS[k] (one key per period), field f holds units used.
---        p1 = limit, p2 = period end (unix us); the key expires an hour after the period.
+--   "q"  calendar counter: hash KEYS[k] (one key per period), field f holds units used or
+--        reserved. p1 = limit, p2 = period end (unix us); the key expires an hour after it.
+--        KEYS[k+1] is the period's reservation ledger (request id scored by lease end); the
+--        hash keeps each reservation as field "r|<id>" = "name=amount,...". Expired
+--        reservations are given back here, so a dead worker's reservation frees itself.
 --   A limit charges min(cost, available) and admits when available >= min_cost, so a reservation
 --   never exceeds what is left; for request limits min_cost == cost.
 -- returns {allowed, denied_index (0 if none), retry_us (-1: can never fit), now_us,
@@ -27,7 +31,31 @@ else
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local rid = ARGV[2]
-local n = tonumber(ARGV[3])
+local lease = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+
+-- give back reservations whose lease ended without a settle (their worker died)
+local swept = {}
+for i = 1, n do
+  local base = 4 + (i - 1) * 7
+  local k = tonumber(ARGV[base + 2])
+  if ARGV[base + 1] == 'q' and not swept[k] then
+    swept[k] = true
+    local key, ledger = KEYS[k], KEYS[k + 1]
+    for _, r in ipairs(redis.call('ZRANGEBYSCORE', ledger, '-inf', now, 'LIMIT', 0, 100)) do
+      local payload = redis.call('HGET', key, 'r|' .. r)
+      if payload then
+        for name, amount in string.gmatch(payload, '([^=,]+)=(%d+)') do
+          if redis.call('HINCRBY', key, name, '-' .. amount) < 0 then
+            redis.call('HSET', key, name, 0)
+          end
+        end
+        redis.call('HDEL', key, 'r|' .. r)
+      end
+      redis.call('ZREM', ledger, r)
+    end
+  end
+end
 
 local out = {1, 0, 0, now}
 local writes = {}
@@ -36,9 +64,10 @@ local denied = 0
 local retry = 0
 
 for i = 1, n do
-  local base = 3 + (i - 1) * 7
+  local base = 4 + (i - 1) * 7
   local kind = ARGV[base + 1]
-  local key = KEYS[tonumber(ARGV[base + 2])]
+  local kidx = tonumber(ARGV[base + 2])
+  local key = KEYS[kidx]
   local f = ARGV[base + 3]
   local p1 = tonumber(ARGV[base + 4])
   local p2 = tonumber(ARGV[base + 5])
@@ -90,7 +119,7 @@ for i = 1, n do
     else
       charged = math.min(cost, available)
       used = used + charged
-      writes[#writes + 1] = {'q', key, f, charged, p2 - now + 3600000000}
+      writes[#writes + 1] = {'q', key, f, charged, p2 - now + 3600000000, KEYS[kidx + 1]}
     end
     remaining = math.max(0, p1 - used)
     reset = p2 - now
@@ -126,6 +155,7 @@ if denied > 0 then
 end
 
 local ttl = {}
+local held = {}
 for _, w in ipairs(writes) do
   local kind, key = w[1], w[2]
   if kind == 'b' then
@@ -134,10 +164,21 @@ for _, w in ipairs(writes) do
     redis.call('ZADD', key, w[4], w[3])
   else
     redis.call('HINCRBY', key, w[3], w[4])
+    if lease > 0 and w[4] > 0 then
+      if not held[key] then
+        held[key] = {w[6], ''}
+        ttl[w[6]] = math.max(ttl[w[6]] or 0, math.ceil(w[5] / 1000))
+      end
+      held[key][2] = held[key][2] .. w[3] .. '=' .. string.format('%d', w[4]) .. ','
+    end
   end
   -- a key lives until its slowest field is back to "full" (+1 s slack); never shorten it
   local ms = math.ceil(w[5] / 1000) + 1000
   if (ttl[key] or 0) < ms then ttl[key] = ms end
+end
+for key, h in pairs(held) do
+  redis.call('HSET', key, 'r|' .. rid, h[2])
+  redis.call('ZADD', h[1], now + lease, rid)
 end
 for key, ms in pairs(ttl) do
   if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end

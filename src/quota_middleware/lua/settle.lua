@@ -7,11 +7,15 @@
 -- ARGV[2]  request id
 -- ARGV[3]  how long the done marker is kept (ms)
 -- ARGV[4]  n, the number of operations; then 5 values per operation:
---          kind, key index, field, p1, delta
+--          kind, key index, field, p1, p2
 --   "c"  release the concurrency slot: ZREM KEYS[k] request id
---   "b"  move the GCRA bucket in hash KEYS[k] field f by delta units: p1 = interval_us. A refund
---        never fills the bucket beyond full; a surcharge may run it into debt.
---   "q"  add delta to the calendar counter hash KEYS[k] field f (never below 0); p1 = TTL ms
+--   "b"  move the GCRA bucket in hash KEYS[k] field f by p2 units (actual - reserved);
+--        p1 = interval_us. A refund never fills the bucket beyond full; a surcharge may run it
+--        into debt, which later requests wait out.
+--   "q"  calendar counter hash KEYS[k] field f, ledger KEYS[k+1]: p1 = reserved, p2 = actual.
+--        While the reservation is live the counter moves by actual - reserved; if its lease
+--        already ran out (and admit gave it back), the whole actual is charged.
+--   "u"  usage record: HINCRBY KEYS[k] f by p2 and keep the key p1 ms
 -- returns 1 when applied, 0 when this request was already settled
 
 local now
@@ -26,19 +30,21 @@ if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', tonumber(ARGV[3])) then
 end
 local rid = ARGV[2]
 local n = tonumber(ARGV[4])
+local live = {}
 for i = 1, n do
   local base = 4 + (i - 1) * 5
   local kind = ARGV[base + 1]
-  local key = KEYS[tonumber(ARGV[base + 2])]
+  local kidx = tonumber(ARGV[base + 2])
+  local key = KEYS[kidx]
   local f = ARGV[base + 3]
   local p1 = tonumber(ARGV[base + 4])
-  local delta = tonumber(ARGV[base + 5])
+  local p2 = tonumber(ARGV[base + 5])
   if kind == 'c' then
     redis.call('ZREM', key, rid)
   elseif kind == 'b' then
     local tat = tonumber(redis.call('HGET', key, f)) or now
     if tat < now then tat = now end
-    tat = tat + delta * p1
+    tat = tat + p2 * p1
     if tat <= now then
       redis.call('HDEL', key, f)
     else
@@ -47,9 +53,24 @@ for i = 1, n do
       if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
     end
   elseif kind == 'q' then
-    local v = redis.call('HINCRBY', key, f, delta)
-    if v < 0 then redis.call('HSET', key, f, 0) end
-    if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, p1) end
+    if live[key] == nil then
+      live[key] = redis.call('HEXISTS', key, 'r|' .. rid) == 1
+      if live[key] then
+        redis.call('HDEL', key, 'r|' .. rid)
+        redis.call('ZREM', KEYS[kidx + 1], rid)
+      end
+    end
+    local delta = p2
+    if live[key] then delta = p2 - p1 end
+    if delta ~= 0 then
+      if redis.call('HINCRBY', key, f, string.format('%d', delta)) < 0 then
+        redis.call('HSET', key, f, 0)
+      end
+    end
+    if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, 86400000) end
+  elseif kind == 'u' then
+    redis.call('HINCRBY', key, f, string.format('%d', p2))
+    redis.call('PEXPIRE', key, p1)
   else
     return redis.error_reply('settle: unknown operation ' .. tostring(kind))
   end

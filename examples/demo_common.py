@@ -1,0 +1,77 @@
+"""What the FastAPI and Flask examples share: demo credentials and the choice of upstream.
+
+Everything named ``DEMO_*`` is public and for local demos only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import jwt
+
+#: Used only when ``DEMO_JWT_SECRET`` is unset. Public: never use it outside a local demo.
+DEMO_JWT_SECRET = "demo-only-jwt-secret-not-for-production-use"
+#: The demo API keys whose digests are in policy.toml (public, demo-only).
+DEMO_KEYS = {
+    "svc-reports": "qm_DemoReports0_demoOnlyNotARealSecret00000000012s7AJH",
+    "svc-batch": "qm_DemoBatchJob_demoOnlyNotARealSecret00000000021TdN3C",
+}
+#: Request headers of the caller that are never forwarded upstream (their credentials for us).
+_HOP_BY_HOP = frozenset(
+    {"host", "connection", "content-length", "transfer-encoding", "authorization", "x-api-key",
+     "cookie", "accept-encoding", "keep-alive", "upgrade", "te", "trailer"}
+)  # fmt: skip
+
+
+def ensure_demo_secret() -> None:
+    """Set ``DEMO_JWT_SECRET`` to the public demo default unless the environment has one."""
+    os.environ.setdefault("DEMO_JWT_SECRET", DEMO_JWT_SECRET)
+
+
+def make_token(sub: str, plan: str | None = "pro", *, secret: str | None = None) -> str:
+    """An HS256 demo JWT for ``sub`` with a ``plan`` claim, valid for one hour."""
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": sub, "iat": now, "exp": now + 3600}
+    if plan is not None:
+        claims["plan"] = plan
+    key = secret or os.environ.get("DEMO_JWT_SECRET") or DEMO_JWT_SECRET
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where a route forwards to. ``base_url`` None means the built-in fake, in-process."""
+
+    base_url: str | None
+    headers: dict[str, str]
+
+    @property
+    def is_fake(self) -> bool:
+        return self.base_url is None
+
+    def url(self, suffix: str) -> str:
+        return (self.base_url or "http://fake-upstream/v1").rstrip("/") + suffix
+
+
+def upstream_for(kind: str) -> Upstream:
+    """``kind`` is ``"openai"`` (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``) or ``"anthropic"``
+    (``ANTHROPIC_BASE_URL``, ``ANTHROPIC_API_KEY``). The server-side key goes only into the
+    upstream request headers; it is never logged or returned."""
+    if kind == "openai":
+        base, key = os.environ.get("OPENAI_BASE_URL"), os.environ.get("OPENAI_API_KEY", "")
+        auth = {"authorization": f"Bearer {key}"} if key else {}
+    else:
+        base, key = os.environ.get("ANTHROPIC_BASE_URL"), os.environ.get("ANTHROPIC_API_KEY", "")
+        auth = {"x-api-key": key, "anthropic-version": "2023-06-01"} if key else {}
+    return Upstream(base_url=base or None, headers=auth)
+
+
+def forward_headers(incoming: list[tuple[str, str]], upstream: Upstream) -> dict[str, str]:
+    """The caller's headers minus its credentials and hop-by-hop ones, plus the server's key.
+    ``accept-encoding: identity`` keeps the relayed bytes exactly what the upstream sent."""
+    headers = {k.lower(): v for k, v in incoming if k.lower() not in _HOP_BY_HOP}
+    headers["accept-encoding"] = "identity"
+    headers.update(upstream.headers)
+    return headers

@@ -1,0 +1,132 @@
+"""FastAPI example: an AI gateway with per-caller limits in one line.
+
+Run from the repository root (see README.md next to this file)::
+
+    uvicorn --app-dir examples fastapi_app.app:app --port 8000
+
+Without ``OPENAI_BASE_URL`` the AI routes answer from the built-in fake upstream, in-process.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from quota_middleware import Decision, QuotaConfig, QuotaMiddleware
+
+_EXAMPLES = str(Path(__file__).resolve().parents[1])  # examples/, for the shared modules
+if _EXAMPLES not in sys.path:
+    sys.path.insert(0, _EXAMPLES)
+from demo_common import ensure_demo_secret, forward_headers, upstream_for  # noqa: E402
+from fake_upstream import FakeUpstreamTransport  # noqa: E402
+
+POLICY_FILE = Path(__file__).with_name("policy.toml")
+
+
+def load_policy() -> QuotaConfig:
+    ensure_demo_secret()  # demo-only default for DEMO_JWT_SECRET; set your own in production
+    return QuotaConfig.from_toml(POLICY_FILE)
+
+
+def create_app(config: QuotaConfig | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5)) as client:
+            app.state.http = client
+            yield
+
+    app = FastAPI(title="quota-middleware FastAPI example", lifespan=lifespan)
+    app.add_middleware(QuotaMiddleware, config=config or load_policy())
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/me")
+    async def me(request: Request) -> dict[str, Any]:
+        return describe(request.state.quota)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await forward(request, "openai", "/chat/completions")
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return await forward(request, "anthropic", "/messages")
+
+    return app
+
+
+def describe(decision: Decision) -> dict[str, Any]:
+    """The caller, its plan and what is left of each limit, as the middleware decided them."""
+    caller = decision.caller
+    return {
+        "caller": caller.id if caller else None,
+        "source": caller.source if caller else None,
+        "plan": decision.plan,
+        "limits": [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "quota": s.quota,
+                "remaining": s.remaining,
+                "reset": s.reset,
+            }  # fmt: skip
+            for s in decision.statuses
+        ],
+    }
+
+
+_fake = FakeUpstreamTransport()
+
+
+async def forward(request: Request, kind: str, suffix: str) -> Response:
+    """Relay the raw body to the upstream with the server-side key, and stream the answer back
+    chunk by chunk with the upstream's status and content type."""
+    upstream = upstream_for(kind)
+    if upstream.is_fake:
+        client = httpx.AsyncClient(transport=_fake)
+        owned = True
+    elif getattr(request.app.state, "http", None) is not None:
+        client, owned = request.app.state.http, False
+    else:  # lifespan did not run (some test clients): one client for this request
+        client, owned = httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5)), True
+    req = client.build_request(
+        "POST",
+        upstream.url(suffix),
+        content=await request.body(),
+        headers=forward_headers(list(request.headers.items()), upstream),
+    )
+    try:
+        resp = await client.send(req, stream=True)
+    except httpx.HTTPError as e:
+        if owned:
+            await client.aclose()
+        body = {"error": {"message": f"upstream unreachable ({type(e).__name__})",
+                          "type": "upstream_error", "code": "bad_gateway"}}  # fmt: skip
+        return JSONResponse(body, status_code=502)
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+        finally:  # also when the client went away mid-stream
+            await resp.aclose()
+            if owned:
+                await client.aclose()
+
+    return StreamingResponse(
+        relay(),
+        status_code=resp.status_code,
+        media_type=resp.headers.get("content-type", "application/json"),
+    )
+
+
+app = create_app()

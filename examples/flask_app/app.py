@@ -1,0 +1,113 @@
+"""Flask example: the same gateway as the FastAPI one, on WSGI.
+
+Run from the repository root (see README.md next to this file)::
+
+    flask --app examples/flask_app/app.py run --port 8001
+
+Without ``OPENAI_BASE_URL`` the AI routes answer from the built-in fake upstream, in-process.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from flask import Flask, Response, jsonify, request, stream_with_context
+
+from quota_middleware import Decision, QuotaConfig, WSGIQuotaMiddleware
+from quota_middleware.wsgi import ENVIRON_KEY
+
+_EXAMPLES = str(Path(__file__).resolve().parents[1])  # examples/, for the shared modules
+if _EXAMPLES not in sys.path:
+    sys.path.insert(0, _EXAMPLES)
+from demo_common import ensure_demo_secret, forward_headers, upstream_for  # noqa: E402
+from fake_upstream import FakeUpstreamTransport  # noqa: E402
+
+POLICY_FILE = Path(__file__).with_name("policy.toml")
+_fake = FakeUpstreamTransport()
+
+
+def load_policy() -> QuotaConfig:
+    ensure_demo_secret()  # demo-only default for DEMO_JWT_SECRET; set your own in production
+    return QuotaConfig.from_toml(POLICY_FILE)
+
+
+def create_app(config: QuotaConfig | None = None) -> Flask:
+    app = Flask(__name__)
+    app.wsgi_app = WSGIQuotaMiddleware(app.wsgi_app, config=config or load_policy())  # type: ignore[method-assign]
+
+    @app.get("/health")
+    def health() -> Any:
+        return {"status": "ok"}
+
+    @app.get("/v1/me")
+    def me() -> Any:
+        return jsonify(describe(request.environ[ENVIRON_KEY]))
+
+    @app.post("/v1/chat/completions")
+    def chat_completions() -> Response:
+        return forward("openai", "/chat/completions")
+
+    @app.post("/v1/messages")
+    def messages() -> Response:
+        return forward("anthropic", "/messages")
+
+    return app
+
+
+def describe(decision: Decision) -> dict[str, Any]:
+    caller = decision.caller
+    return {
+        "caller": caller.id if caller else None,
+        "source": caller.source if caller else None,
+        "plan": decision.plan,
+        "limits": [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "quota": s.quota,
+                "remaining": s.remaining,
+                "reset": s.reset,
+            }  # fmt: skip
+            for s in decision.statuses
+        ],
+    }
+
+
+def forward(kind: str, suffix: str) -> Response:
+    """Relay the raw body with the server-side key; stream the answer back chunk by chunk."""
+    upstream = upstream_for(kind)
+    transport = _fake if upstream.is_fake else None
+    client = httpx.Client(transport=transport, timeout=httpx.Timeout(60, connect=5))
+    req = client.build_request(
+        "POST",
+        upstream.url(suffix),
+        content=request.get_data(),
+        headers=forward_headers(list(request.headers.items()), upstream),
+    )
+    try:
+        resp = client.send(req, stream=True)
+    except httpx.HTTPError as e:
+        client.close()
+        body = {"error": {"message": f"upstream unreachable ({type(e).__name__})",
+                          "type": "upstream_error", "code": "bad_gateway"}}  # fmt: skip
+        return Response(jsonify(body).get_data(), status=502, content_type="application/json")
+
+    def relay() -> Iterator[bytes]:
+        try:
+            yield from resp.iter_raw()
+        finally:  # also when the client went away mid-stream (the server closes the iterator)
+            resp.close()
+            client.close()
+
+    return Response(
+        stream_with_context(relay()),
+        status=resp.status_code,
+        content_type=resp.headers.get("content-type", "application/json"),
+    )
+
+
+app = create_app()

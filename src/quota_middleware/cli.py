@@ -1,0 +1,259 @@
+"""The ``quota-middleware`` command.
+
+Subcommands register themselves in :data:`COMMANDS` (name -> (help, add_arguments, run)); each
+``run`` takes the parsed arguments and returns the exit status.
+
+``quota-middleware demo`` runs the FastAPI example in-process (no network, no Redis needed) and
+drives it with a few callers; it needs a source checkout (``examples/``) and the ``examples``
+extra (``pip install -e '.[examples]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Runner = Callable[[argparse.Namespace], int]
+AddArguments = Callable[[argparse.ArgumentParser], None]
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as ``quota-middleware: <message>``, exit status 2."""
+
+
+# -- demo ----------------------------------------------------------------------------------------
+DEMO_BASE_URL = "http://demo.local"
+
+
+@dataclass
+class Row:
+    """One caller's line of the demo table."""
+
+    caller: str
+    plan: str = "-"
+    sent: int = 0
+    admitted: int = 0
+    limited: int = 0
+    unauthorized: int = 0
+    why: list[str] = field(default_factory=list)
+    ratelimit: str = "-"
+
+    def record(self, status: int, headers: Any, body: bytes) -> None:
+        self.sent += 1
+        self.ratelimit = headers.get("ratelimit", "-")
+        if status == 401:
+            self.unauthorized += 1
+            self._why("bad token")
+        elif status == 429:
+            self.limited += 1
+            error = _json_or_empty(body).get("error", {})
+            kind = "concurrency" if "concurrent" in str(error.get("message", "")) else "rate"
+            self._why(f"{kind} {error.get('limit', '?')}")
+        elif 200 <= status < 300:
+            self.admitted += 1
+            plan = _json_or_empty(body).get("plan")
+            if isinstance(plan, str):
+                self.plan = plan
+
+    def _why(self, reason: str) -> None:
+        if reason not in self.why:
+            self.why.append(reason)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "why": ", ".join(self.why) or "-"}
+
+
+def _json_or_empty(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def find_examples() -> Path:
+    """The ``examples/`` directory of a source checkout (this file's repo, then the cwd)."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "examples", Path.cwd() / "examples"):
+        if (candidate / "fastapi_app" / "app.py").is_file():
+            return candidate
+    raise CommandError(
+        "the demo needs the examples/ directory of a source checkout; run it from the "
+        "repository root after `pip install -e '.[examples]'`"
+    )
+
+
+@contextmanager
+def _environ(**values: str | None) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is not None:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
+
+
+def _load_demo_modules() -> tuple[Any, Any]:
+    examples = str(find_examples())
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    try:
+        app_module = importlib.import_module("fastapi_app.app")
+        common = importlib.import_module("demo_common")
+    except ImportError as e:
+        raise CommandError(
+            f"the demo needs the examples extra ({e.name or e} is missing): "
+            "pip install -e '.[examples]'"
+        ) from None
+    return app_module, common
+
+
+async def _drive(app: Any, common: Any, n: int) -> list[Row]:
+    import httpx
+
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
+    stream = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+    async with httpx.AsyncClient(transport=transport, base_url=DEMO_BASE_URL) as client:
+
+        async def send(row: Row, method: str, path: str, headers: dict[str, str],
+                       body: Any = None) -> httpx.Response:  # fmt: skip
+            r = await client.request(method, path, headers=headers, json=body)
+            row.record(r.status_code, r.headers, r.content)
+            if r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"):
+                events = r.text.count("data: ")
+                row._why(f"streamed {events} events")
+            return r
+
+        jwt_h = {"authorization": f"Bearer {common.make_token('alice', 'pro')}"}
+        bad_h = {"authorization": f"Bearer {common.make_token('mallory', 'pro', secret='x' * 32)}"}
+        key_h = {"x-api-key": common.DEMO_KEYS["svc-reports"]}
+        batch_h = {"x-api-key": common.DEMO_KEYS["svc-batch"]}
+        rows = {name: Row(name) for name in ("alice", "svc-reports", "svc-batch", "anonymous")}
+        rows["mallory"] = Row("mallory")
+        rows["mallory"].plan = "-"
+        for _ in range(n):
+            await send(rows["alice"], "GET", "/v1/me", jwt_h)
+        await send(rows["alice"], "POST", "/v1/chat/completions", jwt_h, stream)
+        for _ in range(n):
+            await send(rows["svc-reports"], "GET", "/v1/me", key_h)
+        # Three streams at once against a plan that allows two in flight.
+        await send(rows["svc-batch"], "GET", "/v1/me", batch_h)
+        await asyncio.gather(
+            *(send(rows["svc-batch"], "POST", "/v1/chat/completions", batch_h, stream)
+              for _ in range(3))
+        )  # fmt: skip
+        for _ in range(n):
+            await send(rows["anonymous"], "GET", "/v1/me", {})
+        for _ in range(max(1, n // 3)):
+            await send(rows["mallory"], "GET", "/v1/me", bad_h)
+        return list(rows.values())
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = ("caller", "plan", "sent", "admitted", "429", "401", "why", "last RateLimit")
+    lines = [header] + [
+        (
+            r.caller,
+            r.plan,
+            str(r.sent),
+            str(r.admitted),
+            str(r.limited),
+            str(r.unauthorized),
+            ", ".join(r.why) or "-",
+            r.ratelimit,
+        )  # fmt: skip
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    numeric = {2, 3, 4, 5}
+    out = []
+    for line in lines:
+        cells = [c.rjust(w) if i in numeric else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(line, widths, strict=True))]  # fmt: skip
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.requests < 1 or args.requests > 1000:
+        raise CommandError("--requests must be between 1 and 1000")
+    redis_url = args.redis_url or "memory://"
+    with _environ(QUOTA_REDIS_URL=redis_url):
+        app_module, common = _load_demo_modules()
+        config = app_module.load_policy()
+        if not redis_url.startswith("memory://"):
+            # A fresh key prefix, so a shared Redis starts this run from full buckets.
+            storage = dataclasses.replace(config.storage, prefix=f"qm-demo-{os.urandom(4).hex()}")
+            config = dataclasses.replace(config, storage=storage)
+        app = app_module.create_app(config)
+        rows = asyncio.run(_drive(app, common, args.requests))
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    where = "embedded memory backend" if redis_url.startswith("memory://") else "Redis"
+    print(f"quota-middleware demo: FastAPI example in-process, {where}, fake upstream\n")
+    print(format_table(rows))
+    print(
+        "\nplans: anonymous 3/minute; free 5/minute burst 5, 2 in flight; pro 60/minute, "
+        "10 in flight\nRun it yourself: uvicorn --app-dir examples fastapi_app.app:app"
+    )
+    return 0
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--requests", type=int, default=6, metavar="N",
+                   help="requests per caller in the burst (default 6)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--redis-url", metavar="URL",
+                   help="use this Redis instead of the embedded memory backend")  # fmt: skip
+
+
+# -- entry point ---------------------------------------------------------------------------------
+COMMANDS: dict[str, tuple[str, AddArguments, Runner]] = {
+    "demo": ("run the FastAPI example in-process and show limits at work", _demo_arguments,
+             run_demo),
+}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quota-middleware",
+        description="Per-caller rate limits and quotas for AI APIs (ASGI/WSGI middleware).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, runner) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(run=runner)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runner: Runner = args.run
+    try:
+        return runner(args)
+    except CommandError as e:
+        print(f"quota-middleware: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

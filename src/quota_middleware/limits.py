@@ -1,0 +1,256 @@
+"""Limit types. Each is a frozen value validated on construction; the engine turns them into the
+admit script's arguments.
+
+Every limit may be narrowed to ``paths`` (glob patterns) and, on AI routes, to ``models``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import ConfigurationError
+
+_UNITS = {
+    "ms": 0.001, "millisecond": 0.001, "milliseconds": 0.001,
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}  # fmt: skip
+_RATE_RE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$", re.IGNORECASE)
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+#: state stays below 2**53 microseconds / units so Lua's doubles hold it exactly
+_MAX_US = 1 << 52
+
+Period = Literal["day", "month"]
+
+
+def parse_rate(text: str, *, where: str = "rate") -> tuple[int, float]:
+    """Parse ``"10/second"``, ``"1000 per hour"`` or ``"5/10s"`` into ``(count, seconds)``."""
+    m = _RATE_RE.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ConfigurationError(where, f"cannot parse rate {text!r}; expected e.g. '10/second'")
+    count, mult, unit = int(m.group(1)), float(m.group(2) or 1), m.group(3).lower()
+    if unit not in _UNITS:
+        raise ConfigurationError(where, f"unknown time unit {unit!r} in {text!r}")
+    period = mult * _UNITS[unit]
+    if count <= 0 or period <= 0:
+        raise ConfigurationError(where, f"rate {text!r} must be positive")
+    return count, period
+
+
+def _rate_name(prefix: str, count: int, period: float) -> str:
+    for unit, secs in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if period >= secs and period % secs == 0:
+            n = int(period // secs)
+            return f"{prefix}{count}-{n if n != 1 else ''}{unit}"
+    return f"{prefix}{count}-{int(period * 1000)}ms"
+
+
+def _check_patterns(patterns: Sequence[str] | None, where: str) -> tuple[str, ...] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+        raise ConfigurationError(where, "must be a list of non-empty path patterns")
+    for p in patterns:
+        if not p.startswith("/") and p != "*":
+            raise ConfigurationError(where, f"path pattern {p!r} must start with '/'")
+    return tuple(patterns)
+
+
+def _check_models(models: Sequence[str] | None, where: str) -> tuple[str, ...] | None:
+    if models is None:
+        return None
+    if isinstance(models, str) or not all(isinstance(m, str) and m for m in models):
+        raise ConfigurationError(where, "must be a list of model name patterns")
+    return tuple(models)
+
+
+def path_matches(patterns: Sequence[str], path: str) -> bool:
+    """Glob match: ``*`` matches within and across segments, ``/v1/*`` matches ``/v1/x/y``."""
+    return any(p == path or fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def model_matches(patterns: Sequence[str], model: str | None) -> bool:
+    return model is not None and any(fnmatch.fnmatchcase(model, p) for p in patterns)
+
+
+def _check_name(name: str, where: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigurationError(where, f"invalid name {name!r}: 1-32 of [A-Za-z0-9_.-]")
+
+
+class _Scoped:
+    """Fields and checks every limit shares."""
+
+    __slots__ = ()
+    name: str | None
+    paths: Sequence[str] | None
+    models: Sequence[str] | None
+
+    def _scope(self, default_name: str) -> None:
+        name = self.name or default_name
+        _check_name(name, f"limit {name}.name")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "paths", _check_patterns(self.paths, f"limit {name}.paths"))
+        object.__setattr__(self, "models", _check_models(self.models, f"limit {name}.models"))
+
+    def applies(self, path: str, model: str | None) -> bool:
+        if self.paths is not None and not path_matches(self.paths, path):
+            return False
+        return self.models is None or model_matches(self.models, model)
+
+
+class _Bucket(_Scoped):
+    __slots__ = ()
+    rate: str
+    burst: int | None
+
+    def _bucket(self, prefix: str) -> None:
+        count, period = parse_rate(self.rate, where=f"limit {self.name or self.rate!r}.rate")
+        burst = count if self.burst is None else self.burst
+        if not isinstance(burst, int) or isinstance(burst, bool) or burst < 1:
+            raise ConfigurationError(f"limit {self.name or self.rate!r}.burst", "must be >= 1")
+        interval = int(period * 1_000_000 // count)
+        if interval < 1:
+            raise ConfigurationError(f"limit {self.rate!r}.rate", "more than 1,000,000 per second")
+        if interval * burst >= _MAX_US:
+            raise ConfigurationError(f"limit {self.rate!r}.burst", "burst * period is too large")
+        object.__setattr__(self, "burst", burst)
+        self._scope(_rate_name(prefix, count, period))
+
+    @property
+    def interval_us(self) -> int:
+        """Microseconds to refill one unit."""
+        count, period = parse_rate(self.rate)
+        return int(period * 1_000_000 // count)
+
+    @property
+    def capacity(self) -> int:
+        assert self.burst is not None
+        return self.burst
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestRate(_Bucket):
+    """A token bucket on requests: ``rate`` per period, holding up to ``burst`` (default: count).
+
+    ``RequestRate(rate="10/second", burst=20)`` admits 20 at once, then 10 per second.
+    """
+
+    rate: str
+    burst: int | None = None
+    name: str | None = None
+    paths: Sequence[str] | None = None
+    models: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        self._bucket("")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenRate(_Bucket):
+    """A token bucket on AI tokens (input + output): ``TokenRate(rate="100000/minute")``.
+
+    Reserves the prompt estimate plus the output allowance at admission and is corrected to the
+    real usage when the response ends; a response larger than the reservation runs it into debt.
+    """
+
+    rate: str
+    burst: int | None = None
+    name: str | None = None
+    paths: Sequence[str] | None = None
+    models: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        self._bucket("tok")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Concurrency(_Scoped):
+    """At most ``max`` requests of one caller in flight. A slot is a lease of ``lease`` seconds, so
+    a worker that dies without releasing it frees the slot when the lease ends."""
+
+    max: int
+    lease: float = 300.0
+    name: str | None = "inflight"
+    paths: Sequence[str] | None = None
+    models: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max, int) or self.max < 1:
+            raise ConfigurationError(f"limit {self.name}.max", "must be an integer >= 1")
+        if not (0 < self.lease <= 86400):
+            raise ConfigurationError(f"limit {self.name}.lease", "must be in (0, 86400] seconds")
+        self._scope("inflight")
+
+
+class _Calendar(_Scoped):
+    __slots__ = ()
+    period: Period
+
+    def _calendar(self, default_name: str, amount: int) -> None:
+        if self.period not in ("day", "month"):
+            raise ConfigurationError(f"limit {self.name or default_name}.period", "day or month")
+        if amount < 1 or amount >= _MAX_US:
+            raise ConfigurationError(f"limit {self.name or default_name}", "amount out of range")
+        self._scope(default_name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenQuota(_Calendar):
+    """At most ``tokens`` AI tokens per calendar ``period`` in the plan's time zone."""
+
+    tokens: int
+    period: Period = "day"
+    name: str | None = None
+    paths: Sequence[str] | None = None
+    models: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokens, int) or isinstance(self.tokens, bool):
+            raise ConfigurationError(f"limit {self.name}.tokens", "must be an integer")
+        self._calendar(f"tokens-{self.period}", self.tokens)
+
+    @property
+    def amount(self) -> int:
+        return self.tokens
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Budget(_Calendar):
+    """At most ``usd`` of AI spend per calendar ``period``, priced from the price table."""
+
+    usd: float
+    period: Period = "month"
+    name: str | None = None
+    paths: Sequence[str] | None = None
+    models: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.usd, int | float) or self.usd <= 0:
+            raise ConfigurationError(f"limit {self.name}.usd", "must be a positive number")
+        self._calendar(f"usd-{self.period}", self.micros)
+
+    @property
+    def micros(self) -> int:
+        """The budget in integer micro-dollars, the unit the scripts count in."""
+        return round(self.usd * 1_000_000)
+
+    @property
+    def amount(self) -> int:
+        return self.micros
+
+
+Limit = RequestRate | TokenRate | Concurrency | TokenQuota | Budget
+LIMIT_TYPES: dict[str, type[Limit]] = {
+    "requests": RequestRate,
+    "tokens": TokenRate,
+    "concurrency": Concurrency,
+    "token_quota": TokenQuota,
+    "budget": Budget,
+}

@@ -1,0 +1,338 @@
+"""The example apps (FastAPI and Flask) end to end through their frameworks' test clients, the
+fake upstream they forward to, and ``quota-middleware demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+import demo_common  # noqa: E402
+import fake_upstream  # noqa: E402
+
+from quota_middleware import cli  # noqa: E402
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Tell me a joke"}]}
+STREAM = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+MESSAGES = {
+    "model": "claude-3-5-haiku-latest",
+    "max_tokens": 12,
+    "system": "Be brief.",
+    "messages": [{"role": "user", "content": "Hello"}],
+}
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+Send = Callable[..., Reply]
+
+
+def _fastapi_client() -> Send:
+    from fastapi_app.app import create_app
+    from starlette.testclient import TestClient
+
+    client = TestClient(create_app())
+
+    def send(method: str, path: str, headers: dict[str, str] | None = None,
+             body: bytes | None = None) -> Reply:  # fmt: skip
+        r = client.request(method, path, headers=headers, content=body)
+        return Reply(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content)
+
+    return send
+
+
+def _flask_client() -> Send:
+    pytest.importorskip("flask")
+    from flask_app.app import create_app
+
+    client = create_app().test_client()
+
+    def send(method: str, path: str, headers: dict[str, str] | None = None,
+             body: bytes | None = None) -> Reply:  # fmt: skip
+        r = client.open(path, method=method, headers=headers, data=body, buffered=True)
+        return Reply(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.get_data())
+
+    return send
+
+
+@pytest.fixture(params=["fastapi", "flask"])
+def send(request: pytest.FixtureRequest) -> Send:
+    return _fastapi_client() if request.param == "fastapi" else _flask_client()
+
+
+def jwt_headers(sub: str = "alice", plan: str | None = "pro", **kw: Any) -> dict[str, str]:
+    return {"authorization": f"Bearer {demo_common.make_token(sub, plan, **kw)}"}
+
+
+KEY_HEADERS = {"x-api-key": demo_common.DEMO_KEYS["svc-reports"]}
+JSON_CT = {"content-type": "application/json"}
+
+
+def raw(payload: Any) -> bytes:
+    return json.dumps(payload).encode()
+
+
+# -- policy at work -------------------------------------------------------------------------------
+def test_health_is_exempt(send: Send) -> None:
+    for _ in range(10):
+        r = send("GET", "/health")
+        assert r.status == 200 and r.json() == {"status": "ok"}
+        assert "ratelimit" not in r.headers and "ratelimit-policy" not in r.headers
+
+
+def test_jwt_user_gets_pro_plan(send: Send) -> None:
+    for i in range(8):
+        r = send("GET", "/v1/me", jwt_headers())
+        assert r.status == 200, r.body
+        me = r.json()
+        assert (me["caller"], me["plan"], me["source"]) == ("alice", "pro", "jwt")
+        limits = {lim["name"]: lim for lim in me["limits"]}
+        assert limits["60-m"]["quota"] == 60 and limits["60-m"]["remaining"] == 59 - i
+        assert limits["inflight"]["quota"] == 10
+        assert '"60-m";r=' in r.headers["ratelimit"]
+
+
+def test_api_key_user_gets_free_plan_and_429_after_burst(send: Send) -> None:
+    for i in range(5):
+        r = send("GET", "/v1/me", KEY_HEADERS)
+        assert r.status == 200, r.body
+        assert (r.json()["caller"], r.json()["plan"]) == ("svc-reports", "free")
+        assert f'"5-m";r={4 - i};' in r.headers["ratelimit"]
+    r = send("GET", "/v1/me", KEY_HEADERS)
+    assert r.status == 429
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["limit"] == "5-m"
+    assert '"5-m";q=5;w=60' in r.headers["ratelimit-policy"]
+    # Other callers are not affected.
+    assert send("GET", "/v1/me", jwt_headers()).status == 200
+
+
+def test_anonymous_ip_caller_gets_default_plan(send: Send) -> None:
+    statuses = [send("GET", "/v1/me").status for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(jwt_headers(secret="wrong-secret-" + "x" * 32), id="bad-signature"),
+        pytest.param({"authorization": "Bearer not.a.jwt"}, id="garbage"),
+        pytest.param({"x-api-key": "qm_not_a_real_key"}, id="bad-api-key"),
+    ],
+)
+def test_bad_credentials_get_401(send: Send, headers: dict[str, str]) -> None:
+    r = send("GET", "/v1/me", headers)
+    assert r.status == 401
+    assert "www-authenticate" in r.headers
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "ratelimit" not in r.headers
+
+
+# -- relaying the upstream ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        pytest.param("/v1/chat/completions", CHAT, id="chat-json"),
+        pytest.param("/v1/chat/completions", STREAM, id="chat-sse"),
+        pytest.param("/v1/messages", MESSAGES, id="messages-json"),
+        pytest.param("/v1/messages", {**MESSAGES, "stream": True}, id="messages-sse"),
+    ],
+)
+def test_ai_routes_relay_the_upstream_byte_for_byte(send: Send, path: str, payload: Any) -> None:
+    body = raw(payload)
+    expected = fake_upstream.handle("POST", path, body)
+    r = send("POST", path, {**jwt_headers(), **JSON_CT}, body)
+    assert r.status == 200
+    assert r.body == expected.body
+    assert r.headers["content-type"] == expected.content_type
+    assert '"60-m";r=' in r.headers["ratelimit"]
+
+
+def test_upstream_errors_pass_through(send: Send) -> None:
+    r = send("POST", "/v1/chat/completions", {**jwt_headers(), **JSON_CT}, b"{not json")
+    assert r.status == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_fastapi_streams_chunk_by_chunk() -> None:
+    """The route relays SSE events as they come, through the middleware: many body messages."""
+    from fastapi_app.app import create_app
+
+    app = create_app()
+    body = raw(STREAM)
+    headers = [(k.encode(), v.encode()) for k, v in {**jwt_headers(), **JSON_CT}.items()]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+        "query_string": b"", "root_path": "", "headers": headers,
+        "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
+    }  # fmt: skip
+    messages: list[dict[str, Any]] = []
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert messages[0]["status"] == 200
+    parts = [m["body"] for m in messages[1:] if m.get("body")]
+    expected = fake_upstream.handle("POST", "/v1/chat/completions", body)
+    assert len(parts) >= len(expected.chunks) // 2  # not buffered into one
+    assert b"".join(parts) == expected.body
+
+
+def test_flask_streams_chunk_by_chunk() -> None:
+    pytest.importorskip("flask")
+    from flask_app.app import create_app
+    from werkzeug.test import EnvironBuilder
+
+    app = create_app()
+    body = raw(STREAM)
+    environ = EnvironBuilder(
+        path="/v1/chat/completions", method="POST", data=body,
+        headers={**jwt_headers(), **JSON_CT}, environ_base={"REMOTE_ADDR": "127.0.0.1"},
+    ).get_environ()  # fmt: skip
+    status: list[str] = []
+    app_iter = app.wsgi_app(environ, lambda s, h, e=None: status.append(s))
+    try:
+        parts = [p for p in app_iter if p]
+    finally:
+        app_iter.close()  # type: ignore[attr-defined]
+    assert status[0].startswith("200")
+    expected = fake_upstream.handle("POST", "/v1/chat/completions", body)
+    assert len(parts) >= len(expected.chunks) // 2
+    assert b"".join(parts) == expected.body
+
+
+def test_openai_sdk_through_the_fastapi_example() -> None:
+    openai = pytest.importorskip("openai")
+    from fastapi_app.app import create_app
+    from starlette.testclient import TestClient
+
+    http = TestClient(create_app(), base_url="http://testserver")
+    # The SDK sends its api_key as "Authorization: Bearer": an API key of the demo policy.
+    key = demo_common.DEMO_KEYS["svc-batch"]
+    client = openai.OpenAI(
+        api_key=key, base_url="http://testserver/v1", http_client=http, max_retries=0
+    )
+    text = ""
+    usage = None
+    for chunk in client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+        stream=True, stream_options={"include_usage": True},
+    ):  # fmt: skip
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    assert text == "This is a fake reply"
+    assert usage is not None and usage.completion_tokens == 5
+    for _ in range(4):  # free plan: 5 per minute
+        client.chat.completions.create(model="gpt-4o-mini", messages=[CHAT["messages"][0]])
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[])
+    assert info.value.code == "rate_limit_exceeded"
+
+
+# -- the fake upstream itself ---------------------------------------------------------------------
+def test_fake_upstream_usage_agrees_between_json_and_stream() -> None:
+    plain = json.loads(fake_upstream.handle("POST", "/v1/chat/completions", raw(CHAT)).body)
+    events = fake_upstream.handle("POST", "/v1/chat/completions", raw(STREAM)).chunks
+    data = [json.loads(c[6:]) for c in events[:-1]]
+    assert events[-1] == b"data: [DONE]\n\n"
+    assert data[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert data[-2]["choices"][0]["finish_reason"] == "stop"
+    assert data[-1]["choices"] == [] and data[-1]["usage"] == plain["usage"]
+    text = "".join(d["choices"][0]["delta"].get("content", "") for d in data[:-1])
+    assert text == plain["choices"][0]["message"]["content"]
+    usage = plain["usage"]
+    assert usage["completion_tokens"] == len(text.split()) == 40
+    assert usage["prompt_tokens"] == len("Tell me a joke") // 4 + 7
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    no_usage = fake_upstream.handle("POST", "/v1/chat/completions", raw({**CHAT, "stream": True}))
+    assert all(b'"usage"' not in c for c in no_usage.chunks)
+
+
+def test_fake_upstream_anthropic_stream_shape() -> None:
+    plain = json.loads(fake_upstream.handle("POST", "/v1/messages", raw(MESSAGES)).body)
+    chunks = fake_upstream.handle("POST", "/v1/messages", raw({**MESSAGES, "stream": True})).chunks
+    names = [c.split(b"\n", 1)[0].removeprefix(b"event: ").decode() for c in chunks]
+    assert names[:3] == ["message_start", "content_block_start", "ping"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(names[3:-3]) == {"content_block_delta"} and len(names[3:-3]) == 12
+    start = json.loads(chunks[0].split(b"data: ", 1)[1])["message"]["usage"]
+    delta = json.loads(chunks[-2].split(b"data: ", 1)[1])
+    assert (
+        start["input_tokens"]
+        == plain["usage"]["input_tokens"]
+        == (len("Hello") // 4 + 7) + (len("Be brief.") // 4 + 7)
+    )
+    assert start["cache_read_input_tokens"] == 0
+    assert delta["usage"]["output_tokens"] == plain["usage"]["output_tokens"] == 12
+    assert delta["delta"]["stop_reason"] == plain["stop_reason"] == "max_tokens"
+
+
+# -- quota-middleware demo ------------------------------------------------------------------------
+@pytest.fixture
+def fresh_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("QUOTA_REDIS_URL", raising=False)
+    yield
+
+
+@pytest.mark.usefixtures("fresh_env")
+def test_demo_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "pro" in lines["alice"] and "streamed" in lines["alice"]
+    assert "free" in lines["svc-reports"] and "rate 5-m" in lines["svc-reports"]
+    assert "concurrency inflight" in lines["svc-batch"]
+    assert "rate 3-m" in lines["anonymous"]
+    assert "bad token" in lines["mallory"]
+    assert "last RateLimit" in out
+
+
+@pytest.mark.usefixtures("fresh_env")
+def test_demo_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo", "--json", "--requests", "7"]) == 0
+    rows = {r["caller"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["alice"]["admitted"] == rows["alice"]["sent"] == 8
+    assert (rows["svc-reports"]["admitted"], rows["svc-reports"]["limited"]) == (5, 2)
+    assert (rows["svc-batch"]["admitted"], rows["svc-batch"]["limited"]) == (3, 1)
+    assert (rows["anonymous"]["admitted"], rows["anonymous"]["limited"]) == (3, 4)
+    assert rows["mallory"]["unauthorized"] == rows["mallory"]["sent"] == 2
+
+
+def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
