@@ -17,6 +17,7 @@ from .errors import (
 )
 from .identity import Caller, IdentityConfig
 from .limits import Budget, Concurrency, RequestRate, TokenQuota, TokenRate
+from .reports import Remaining, UsageReader, UsageRecord
 from .usage import Usage
 from .wsgi import WSGIQuotaMiddleware
 
@@ -37,6 +38,7 @@ __all__ = [
     "QuotaError",
     "QuotaMiddleware",
     "RequestRate",
+    "Remaining",
     "RequestTooLarge",
     "RouteWeight",
     "Routes",
@@ -45,5 +47,7 @@ __all__ = [
     "TokenQuota",
     "TokenRate",
     "Usage",
+    "UsageReader",
+    "UsageRecord",
     "WSGIQuotaMiddleware",
 ]

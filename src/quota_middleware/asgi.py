@@ -16,6 +16,7 @@ from .engine import Decision, Engine, drive_async
 from .errors import IdentificationError, StorageError
 from .identity import Identifier
 from .metering import Meter
+from .reports import UsageReader
 from .request import RequestInfo
 from .responses import RawHeaders, Response, allowed_headers, denied, too_large, unauthorized
 
@@ -72,6 +73,14 @@ class QuotaMiddleware:
     @property
     def stats(self) -> dict[str, int]:
         return self.engine.stats.snapshot()
+
+    def reader(self) -> UsageReader:
+        """A :class:`~quota_middleware.reports.UsageReader` on this middleware's store; call it
+        from inside a request (it uses the running loop's connection)::
+
+            records = await request.app.state.quota.reader().ausage(caller_id)
+        """
+        return UsageReader(self.config, self._get_backend())
 
     def _get_backend(self) -> AsyncBackend:
         if not self._per_loop:

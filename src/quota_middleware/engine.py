@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .backends.base import AsyncBackend, SyncBackend
 from .config import AIRoute, Plan, QuotaConfig
@@ -437,7 +437,10 @@ class Engine:
 
 
 # -- drivers -------------------------------------------------------------------------------
-def drive_sync(flow: Flow, backend: SyncBackend) -> Decision:
+T = TypeVar("T")
+
+
+def drive_sync(flow: Generator[ScriptCall, Any, T], backend: SyncBackend) -> T:
     """Run a flow against a sync backend; store errors are thrown into the flow to handle."""
     try:
         call = next(flow)
@@ -449,11 +452,11 @@ def drive_sync(flow: Flow, backend: SyncBackend) -> Decision:
             else:
                 call = flow.send(reply)
     except StopIteration as stop:
-        result: Decision = stop.value
+        result: T = stop.value
         return result
 
 
-async def drive_async(flow: Flow, backend: AsyncBackend) -> Decision:
+async def drive_async(flow: Generator[ScriptCall, Any, T], backend: AsyncBackend) -> T:
     try:
         call = next(flow)
         while True:
@@ -464,5 +467,5 @@ async def drive_async(flow: Flow, backend: AsyncBackend) -> Decision:
             else:
                 call = flow.send(reply)
     except StopIteration as stop:
-        result: Decision = stop.value
+        result: T = stop.value
         return result

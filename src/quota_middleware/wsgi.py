@@ -17,6 +17,7 @@ from .engine import Decision, Engine, drive_sync
 from .errors import IdentificationError, StorageError
 from .identity import Identifier
 from .metering import Meter
+from .reports import UsageReader
 from .request import RequestInfo
 from .responses import Response, allowed_headers, denied, too_large, unauthorized
 
@@ -52,6 +53,10 @@ class WSGIQuotaMiddleware:
         self.config = config if isinstance(config, QuotaConfig) else QuotaConfig.from_toml(config)
         self.engine = Engine(self.config, identifier=identifier, clock=clock)
         self.backend = backend or sync_backend(self.config.storage, redis)
+
+    def reader(self) -> UsageReader:
+        """A :class:`~quota_middleware.reports.UsageReader` on this middleware's store."""
+        return UsageReader(self.config, self.backend)
 
     @property
     def stats(self) -> dict[str, int]:

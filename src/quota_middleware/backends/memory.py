@@ -20,6 +20,7 @@ ScriptImpl = Callable[[MemoryStore, Sequence[str], Sequence[Any]], Any]
 SCRIPTS: dict[str, ScriptImpl] = {
     "admit": memory_scripts.admit,
     "settle": memory_scripts.settle,
+    "read": memory_scripts.read,
 }
 
 

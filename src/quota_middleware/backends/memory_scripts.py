@@ -98,6 +98,8 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
         elif kind == "q":
             used = lua_number(store.hget(key, f)) or 0
             available = p1 - used
+            if min_cost < cost and store.hget(key, f + "!") is not None:
+                min_cost = cost
             before = (max(0, available), p2 - now)
             if min_cost > p1:
                 wait = -1
@@ -107,6 +109,8 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
                 charged = min(cost, available)
                 used += charged
                 writes.append(("q", key, f, charged, p2 - now + 3_600_000_000, keys[kidx]))
+                if charged < cost:
+                    writes.append(("q", key, f + "!", 1, 0, ""))
             remaining = max(0, p1 - used)
             reset = p2 - now
         else:
@@ -133,6 +137,8 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
             store.hset(key, {f: value})
         elif kind == "c":
             store.zadd(key, value, f)
+        elif ledger == "":
+            store.hset(key, {f: value})
         else:
             store.hincrby(key, f, value)
             if lease > 0 and value > 0:
@@ -195,3 +201,13 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> int:
         else:
             raise ValueError(f"settle: unknown operation {kind}")
     return 1
+
+
+def read(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[list[bytes]]:
+    out: list[list[bytes]] = []
+    for key in keys:
+        flat: list[bytes] = []
+        for f, v in store.hgetall(key).items():
+            flat += [f.encode(), v]
+        out.append(flat)
+    return out

@@ -111,6 +111,9 @@ for i = 1, n do
   elseif kind == 'q' then
     local used = tonumber(redis.call('HGET', key, f)) or 0
     local available = p1 - used
+    -- Once a reservation has been cut short this period ("f!" set), only whole reservations
+    -- are admitted: refunds must not let a stream of cut-short requests each overshoot.
+    if min_cost < cost and redis.call('HEXISTS', key, f .. '!') == 1 then min_cost = cost end
     before_remaining, before_reset = math.max(0, available), p2 - now
     if min_cost > p1 then
       wait = -1
@@ -120,6 +123,7 @@ for i = 1, n do
       charged = math.min(cost, available)
       used = used + charged
       writes[#writes + 1] = {'q', key, f, charged, p2 - now + 3600000000, KEYS[kidx + 1]}
+      if charged < cost then writes[#writes + 1] = {'q', key, f .. '!', 1, 0, ''} end
     end
     remaining = math.max(0, p1 - used)
     reset = p2 - now
@@ -162,6 +166,8 @@ for _, w in ipairs(writes) do
     redis.call('HSET', key, w[3], w[4])
   elseif kind == 'c' then
     redis.call('ZADD', key, w[4], w[3])
+  elseif w[6] == '' then
+    redis.call('HSET', key, w[3], w[4])
   else
     redis.call('HINCRBY', key, w[3], w[4])
     if lease > 0 and w[4] > 0 then

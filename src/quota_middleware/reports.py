@@ -1,0 +1,175 @@
+"""Reading usage back: a caller's usage per day and model, and what is left of each quota and
+budget, for the app to show its own users (and for the CLI).
+
+The same flows serve sync and async code: :class:`UsageReader` methods run them on a sync
+backend, the ``a``-prefixed ones on an async backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .backends.base import AsyncBackend, SyncBackend
+from .config import Plan, QuotaConfig
+from .engine import drive_async, drive_sync
+from .keys import CallerKeys
+from .limits import Budget, TokenQuota
+from .periods import period_of
+from .scripts import ScriptCall
+
+_FIELDS = {
+    "requests": "requests",
+    "input": "input_tokens",
+    "cached": "cached_tokens",
+    "cache_write": "cache_write_tokens",
+    "output": "output_tokens",
+    "reasoning": "reasoning_tokens",
+    "cost": "cost_micros",
+    "estimated": "estimated",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One caller's usage of one model on one day (in the plan's time zone)."""
+
+    day: str
+    model: str
+    requests: int = 0
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_micros: int = 0
+    #: how many of the requests were charged from tiktoken estimates, not provider numbers
+    estimated: int = 0
+
+    @property
+    def cost_usd(self) -> float:
+        return self.cost_micros / 1_000_000
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Remaining:
+    """What is left of one token quota or budget in the current period. ``used`` includes the
+    reservations of requests still in flight."""
+
+    name: str
+    kind: str
+    period: str
+    limit: int
+    used: int
+    resets_at: datetime
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used)
+
+    @property
+    def unit(self) -> str:
+        return "usd_micros" if self.kind == "budget" else "tokens"
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in range(0, len(flat) - 1, 2):
+        field = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
+        try:
+            out[field] = int(flat[i + 1])
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+class UsageReader:
+    """Reads usage records and remaining quotas for callers of ``config``."""
+
+    def __init__(self, config: QuotaConfig, backend: SyncBackend | AsyncBackend) -> None:
+        self.config = config
+        self.backend = backend
+        self._prefix = config.storage.prefix
+
+    # -- flows ----------------------------------------------------------------------------
+    def usage_flow(
+        self, caller: str, *, tenant: str = "default", days: int = 7, plan: str | None = None,
+        now: datetime | None = None,
+    ) -> Generator[ScriptCall, Any, list[UsageRecord]]:  # fmt: skip
+        zone = self.config.plan(plan).zone
+        today = (now or datetime.now(UTC)).astimezone(zone).date()
+        day_ids = [(today - timedelta(days=i)).isoformat() for i in range(max(1, days))]
+        keys = CallerKeys(self._prefix, tenant, caller)
+        reply = yield ScriptCall("read", tuple(keys.usage(d) for d in day_ids), ())
+        records: list[UsageRecord] = []
+        for day, flat in zip(day_ids, reply, strict=False):
+            per_model: dict[str, dict[str, int]] = {}
+            for field, value in _pairs(flat).items():
+                model, _, counter = field.rpartition("|")
+                if counter in _FIELDS:
+                    per_model.setdefault(model, {})[_FIELDS[counter]] = value
+            for model, values in sorted(per_model.items()):
+                records.append(UsageRecord(day=day, model=model, **values))
+        return records
+
+    def remaining_flow(
+        self, caller: str, *, tenant: str = "default", plan: str | None = None,
+        now: datetime | None = None,
+    ) -> Generator[ScriptCall, Any, list[Remaining]]:  # fmt: skip
+        p: Plan = self.config.plan(plan)
+        now_us = int((now or datetime.now(UTC)).timestamp() * 1_000_000)
+        keys = CallerKeys(self._prefix, tenant, caller)
+        limits = [lim for lim in p.limits if isinstance(lim, TokenQuota | Budget)]
+        periods = [period_of(lim.period, now_us, p.zone) for lim in limits]
+        key_names = sorted({keys.period(pid) for pid, _ in periods})
+        if not key_names:
+            return []
+        reply = yield ScriptCall("read", tuple(key_names), ())
+        values = {k: _pairs(flat) for k, flat in zip(key_names, reply, strict=False)}
+        out = []
+        for lim, (pid, end_us) in zip(limits, periods, strict=True):
+            assert lim.name is not None
+            used = values.get(keys.period(pid), {}).get(lim.name, 0)
+            out.append(
+                Remaining(
+                    name=lim.name,
+                    kind="budget" if isinstance(lim, Budget) else "token_quota",
+                    period=pid[1:],
+                    limit=lim.amount,
+                    used=used,
+                    resets_at=datetime.fromtimestamp(end_us / 1_000_000, UTC),
+                )
+            )
+        return out
+
+    # -- sync -----------------------------------------------------------------------------
+    def usage(self, caller: str, **kwargs: Any) -> list[UsageRecord]:
+        """Usage records of ``caller`` for the last ``days`` days (default 7), newest first."""
+        return drive_sync(self.usage_flow(caller, **kwargs), self._sync())
+
+    def remaining(self, caller: str, **kwargs: Any) -> list[Remaining]:
+        """What is left of each token quota and budget of ``caller``'s plan this period."""
+        return drive_sync(self.remaining_flow(caller, **kwargs), self._sync())
+
+    # -- async ----------------------------------------------------------------------------
+    async def ausage(self, caller: str, **kwargs: Any) -> list[UsageRecord]:
+        return await drive_async(self.usage_flow(caller, **kwargs), self._async())
+
+    async def aremaining(self, caller: str, **kwargs: Any) -> list[Remaining]:
+        return await drive_async(self.remaining_flow(caller, **kwargs), self._async())
+
+    def _sync(self) -> SyncBackend:
+        if not hasattr(self.backend, "run"):
+            raise TypeError("this UsageReader has an async backend: use ausage()/aremaining()")
+        return self.backend  # type: ignore[return-value]
+
+    def _async(self) -> AsyncBackend:
+        if not hasattr(self.backend, "run_async"):
+            raise TypeError("this UsageReader has a sync backend: use usage()/remaining()")
+        return self.backend  # type: ignore[return-value]
