@@ -335,3 +335,47 @@ def test_price_override_from_config(make: Any) -> None:
     h = make(config(prices={"gpt-4o-mini": {"input": 1.0, "output": 2.0}}))
     h.post(chat(x_prompt=1000, x_completion=500))
     assert h.usage()["cost"] == 1000 + 1000  # $1/M in, $2/M out, in micro-dollars
+
+
+def test_reservation_of_a_dead_worker_is_freed_when_its_lease_ends(backend: Any) -> None:
+    """A worker reserves and dies (no settle): once the lease ends the next admit gives the
+    reservation back; a late settle then charges the whole actual usage, once."""
+    import time
+
+    from quota_middleware.engine import Engine, drive_sync
+    from quota_middleware.request import Headers, RequestInfo
+
+    now = [time.time_ns() // 1000]
+    cfg = config(limits=[TokenQuota(tokens=1000, period="day", name="tpd")],
+                 route={"lease": 30})  # fmt: skip
+    engine = Engine(cfg, clock=lambda: now[0])
+    sync = backend.sync()
+    reader = UsageReader(cfg, sync)
+
+    def admit(max_tokens: int) -> Any:
+        body = json.dumps(chat(max_tokens=max_tokens)).encode()
+        info = RequestInfo("POST", PATH, Headers([("content-type", "application/json")]),
+                           client="192.0.2.99", body=body)  # fmt: skip
+        return drive_sync(engine.admit(info), sync)
+
+    dead = admit(600)
+    assert dead.allowed
+    reserved = dead.holds[0].charged
+    assert reserved == prompt_estimate(chat(max_tokens=600)) + 600
+    assert reader.remaining("192.0.2.99")[0].remaining == 1000 - reserved
+    small = prompt_estimate(chat(max_tokens=300)) + 300
+    # before the lease ends the reservation holds against new requests
+    now[0] += 29_000_000
+    assert admit(300).holds[0].charged == small
+    assert reader.remaining("192.0.2.99")[0].remaining == 1000 - reserved - small
+    # after it, the next admit gives the dead reservation back first
+    now[0] += 2_000_000
+    assert admit(300).holds[0].charged == small
+    assert reader.remaining("192.0.2.99")[0].remaining == 1000 - 2 * small
+    # the dead worker's late settle charges what it really used, exactly once
+    call = engine.plan_settle(dead, Usage(input_tokens=10, output_tokens=20, model="gpt-4o-mini"))
+    assert call is not None
+    before = reader.remaining("192.0.2.99")[0].used
+    assert sync.run(call) == 1
+    assert sync.run(call) == 0
+    assert reader.remaining("192.0.2.99")[0].used == before + 30
