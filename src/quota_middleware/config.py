@@ -122,7 +122,7 @@ class Routes:
         return 1
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class StorageConfig:
     """Where state lives. ``url``: ``memory://`` (default), ``redis://``, ``rediss://``,
     ``redis+cluster://``; the ``QUOTA_REDIS_URL`` environment variable overrides it."""
@@ -147,6 +147,14 @@ class StorageConfig:
             raise ConfigurationError("storage.timeout", "must be in (0, 30] seconds")
         if self.breaker_failures < 1 or self.breaker_reset <= 0:
             raise ConfigurationError("storage.breaker_*", "must be positive")
+
+    def __repr__(self) -> str:
+        # a Redis URL may carry a password
+        return (
+            f"StorageConfig(url={_mask_url(self.url)!r}, prefix={self.prefix!r}, "
+            f"timeout={self.timeout}, breaker_failures={self.breaker_failures}, "
+            f"breaker_reset={self.breaker_reset})"
+        )
 
 
 AIFormat = Literal[
