@@ -456,7 +456,7 @@ def machine_info() -> dict[str, str]:
             return "not installed"
 
     info = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
         "nproc": str(os.cpu_count()),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
@@ -497,27 +497,25 @@ def check_wiring(apps: dict[str, Any], loop: asyncio.AbstractEventLoop, body: by
     """Each variant does what it claims: plain is limited but unmetered, metered is metered and
     settles with the provider's usage. Returns the AIRequest of a metered request."""
     ai = None
-    for name, (asgi_app, wsgi_app) in apps.items():
+    for name, (asgi_app, _wsgi_app) in apps.items():
         if name == "bare":
             continue
-        scope_holder: dict[str, Any] = {}
+        scope = {"type": "http", "method": "POST", "path": PATH, "client": CLIENT,
+                 "headers": [(b"content-type", b"application/json"),
+                             (b"content-length", str(len(body)).encode())]}  # fmt: skip
+        statuses: list[int] = []
 
-        async def probe(app: Any = asgi_app) -> None:
-            async def receive() -> dict[str, Any]:
-                return {"type": "http.request", "body": body, "more_body": False}
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
 
-            async def send(message: dict[str, Any]) -> None:
-                if message["type"] == "http.response.start" and message["status"] != 200:
-                    raise Failures(f"{name}: status {message['status']}")
+        async def send(message: dict[str, Any], statuses: list[int] = statuses) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
 
-            scope = {"type": "http", "method": "POST", "path": PATH, "client": CLIENT,
-                     "headers": [(b"content-type", b"application/json"),
-                                 (b"content-length", str(len(body)).encode())]}  # fmt: skip
-            await app(scope, receive, send)
-            scope_holder.update(scope)
-
-        loop.run_until_complete(probe())
-        decision = scope_holder["state"]["quota"]
+        loop.run_until_complete(asgi_app(scope, receive, send))
+        if statuses != [200]:
+            raise Failures(f"{name}: status {statuses}")
+        decision = scope["state"]["quota"]
         if not (decision.allowed and decision.limited):
             raise Failures(f"{name}: not limited: {decision}")
         if (decision.ai is not None) != (name != "plain"):
@@ -610,16 +608,19 @@ def derive(res: dict[str, Any]) -> dict[str, Any]:
             bare = rows[(proto, scenario, "bare")]
             for name in res["variants"]:
                 runs = rows[(proto, scenario, name)]
-                d: dict[str, float] = {
-                    k: med([r[k] for r in runs]) for k in runs[0]
-                }
-                d["added"] = med([r["median"] - b["median"] for r, b in zip(runs, bare)])
-                d["added_p90"] = med([r["p90"] - b["p90"] for r, b in zip(runs, bare)])
-                d["ratio"] = med([r["median"] / b["median"] for r, b in zip(runs, bare)])
+                d: dict[str, float] = {k: med([r[k] for r in runs]) for k in runs[0]}
+                pairs = list(zip(runs, bare, strict=True))
+
+                def diff(key: str, pairs: list[Any] = pairs) -> float:
+                    return med([r[key] - b[key] for r, b in pairs])
+
+                d["added"] = diff("median")
+                d["added_p90"] = diff("p90")
+                d["ratio"] = med([r["median"] / b["median"] for r, b in pairs])
                 if scenario == "stream":
-                    d["added_ttfb"] = med([r["ttfb"] - b["ttfb"] for r, b in zip(runs, bare)])
+                    d["added_ttfb"] = diff("ttfb")
                     d["per_chunk_amortized"] = d["added"] / chunks
-                    d["per_chunk_marginal"] = med([r["gap"] - b["gap"] for r, b in zip(runs, bare)])
+                    d["per_chunk_marginal"] = diff("gap")
                 out[(proto, scenario, name)] = d
     return out
 
@@ -633,7 +634,9 @@ def render(res: dict[str, Any], markdown: bool) -> str:
     p = res["params"]
     info = res["info"]
     lines: list[str] = []
-    h = (lambda s: lines.append(f"\n## {s}\n")) if markdown else (lambda s: lines.append(f"\n{s}\n{'-' * len(s)}"))  # noqa: E501
+
+    def h(title: str) -> None:
+        lines.append(f"\n## {title}\n" if markdown else f"\n{title}\n{'-' * len(title)}")
 
     def table(header: list[str], body: list[list[str]]) -> None:
         if markdown:
@@ -641,11 +644,22 @@ def render(res: dict[str, Any], markdown: bool) -> str:
             lines.append("|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|")
             lines.extend("| " + " | ".join(r) + " |" for r in body)
         else:
-            widths = [max(len(x) for x in col) for col in zip(header, *body)]
-            row = lambda r: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731,E501
+            widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+
+            def row(r: list[str]) -> str:
+                cells = enumerate(zip(r, widths, strict=True))
+                return "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in cells)
+
             lines.append(row(header))
             lines.append("  ".join("-" * w for w in widths))
             lines.extend(row(r) for r in body)
+
+    def label(proto: str) -> None:
+        if not markdown:
+            lines.append(f"{proto.upper()}:")
+        else:
+            lead = "" if proto == "asgi" else "\n"
+            lines.append(f"{lead}**{proto.upper()}**\n")
 
     if markdown:
         lines.append("# quota-middleware metering benchmark\n")
@@ -656,13 +670,16 @@ def render(res: dict[str, Any], markdown: bool) -> str:
     h("Machine")
     for k, v in info.items():
         lines.append(f"- {k}: {v}" if markdown else f"  {k:17} {v}")
-    lines.append(("- " if markdown else "  ") + (
-        f"rounds: {p['rounds']} (medians of per-round medians; variants interleaved, order "
-        f"alternating); {p['json_iters']} JSON requests and {p['stream_iters']} streams of "
-        f"{p['chunks']} chunks per variant per round; request {p['json_request_bytes']} B, "
-        f"JSON response {p['json_response_bytes']} B, stream {p['stream_response_bytes']} B"
-        + ("; QUICK (smoke test only, numbers are noise)" if p["quick"] else "")
-    ))
+    lines.append(
+        ("- " if markdown else "  ")
+        + (
+            f"rounds: {p['rounds']} (medians of per-round medians; variants interleaved, order "
+            f"alternating); {p['json_iters']} JSON requests and {p['stream_iters']} streams of "
+            f"{p['chunks']} chunks per variant per round; request {p['json_request_bytes']} B, "
+            f"JSON response {p['json_response_bytes']} B, stream {p['stream_response_bytes']} B"
+            + ("; QUICK (smoke test only, numbers are noise)" if p["quick"] else "")
+        )
+    )
 
     names = res["variants"]
     h("JSON AI response, end to end (µs per request)")
@@ -674,7 +691,7 @@ def render(res: dict[str, Any], markdown: bool) -> str:
                          "-" if n == "bare" else fmt(x["added"]),
                          "-" if n == "bare" else fmt(x["added_p90"]),
                          "-" if n == "bare" else f"{x['ratio']:.1f}x"])  # fmt: skip
-        lines.append(f"\n{proto.upper()}:\n" if markdown else f"{proto.upper()}:")
+        label(proto)
         table(["variant", "median", "p90", "added", "added p90", "vs bare"], body)
 
     h(f"Streamed response, {p['chunks']} SSE chunks (µs)")
@@ -688,7 +705,7 @@ def render(res: dict[str, Any], markdown: bool) -> str:
                          fmt(x["gap"], 2),
                          "-" if dash else fmt(x["per_chunk_amortized"], 2),
                          "-" if dash else fmt(x["per_chunk_marginal"], 2)])  # fmt: skip
-        lines.append(f"\n{proto.upper()}:\n" if markdown else f"{proto.upper()}:")
+        label(proto)
         table(["variant", "TTFB", "added TTFB", "total", "added total", "chunk gap",
                "added/chunk (amortized)", "added/chunk (marginal)"], body)  # fmt: skip
     worst = max(
@@ -722,6 +739,13 @@ def render(res: dict[str, Any], markdown: bool) -> str:
     )
     lines.append(f"\nRun took {res['elapsed_s']:.1f} s.")
     return "\n".join(lines) + "\n"
+
+
+def load_dump(path: Path) -> dict[str, Any]:
+    raw = json.loads(path.read_text())
+    raw["rows"] = {tuple(k.split("/")): v for k, v in raw["rows"].items()}
+    raw["estimate"] = {int(k): v for k, v in raw["estimate"].items()}
+    return raw
 
 
 NOTES_HEADING = "## Reading the numbers"
@@ -783,22 +807,28 @@ def main() -> int:
     ap.add_argument("--json-iters", type=int, default=2000, help="JSON requests per round")
     ap.add_argument("--stream-iters", type=int, default=100, help="streams per round")
     ap.add_argument("--chunks", type=int, default=200, help="SSE chunks per stream")
-    ap.add_argument("--profile", nargs="?", const="stream", choices=("stream", "json"),
-                    help="instead of the benchmark, cProfile metered ASGI requests (memory backend)")
+    ap.add_argument(
+        "--profile",
+        nargs="?",
+        const="stream",
+        choices=("stream", "json"),
+        help="no benchmark: cProfile metered ASGI requests (memory backend)",
+    )
     ap.add_argument("--top", type=int, default=10, help="functions listed by --profile")
     ap.add_argument("--output", type=Path, default=HERE / "results.md")
     ap.add_argument("--json", type=Path, help="also dump raw per-round numbers to this file")
+    ap.add_argument("--render", type=Path, help="no run: re-render a --json dump (with --write)")
     args = ap.parse_args()
     if args.profile:
         profile(args)
         return 0
     try:
-        res = measure(args)
+        res = load_dump(args.render) if args.render else measure(args)
     except Failures as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
     print(render(res, markdown=False))
-    if args.json:
+    if args.json and not args.render:
         raw = {**res, "rows": {"/".join(k): v for k, v in res["rows"].items()},
                "derived": {"/".join(k): v for k, v in derive(res).items()}}  # fmt: skip
         args.json.write_text(json.dumps(raw, indent=1, default=str))

@@ -5,10 +5,12 @@ Run from the repository root (see README.md next to this file)::
     uvicorn --app-dir examples fastapi_app.app:app --port 8000
 
 Without ``OPENAI_BASE_URL`` the AI routes answer from the built-in fake upstream, in-process.
+``QUOTA_POLICY`` names a policy file to use instead of ``policy.toml`` next to this file.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,20 +21,29 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from quota_middleware import Decision, QuotaConfig, QuotaMiddleware
+from quota_middleware import QuotaConfig, QuotaMiddleware
 
 _EXAMPLES = str(Path(__file__).resolve().parents[1])  # examples/, for the shared modules
 if _EXAMPLES not in sys.path:
     sys.path.insert(0, _EXAMPLES)
-from demo_common import ensure_demo_secret, forward_headers, upstream_for  # noqa: E402
+from demo_common import (  # noqa: E402
+    describe,
+    ensure_demo_secret,
+    error_body,
+    forward_headers,
+    upstream_for,
+    usage_days,
+    usage_report,
+)
 from fake_upstream import FakeUpstreamTransport  # noqa: E402
 
 POLICY_FILE = Path(__file__).with_name("policy.toml")
 
 
 def load_policy() -> QuotaConfig:
+    """The policy in ``QUOTA_POLICY`` if set, else ``policy.toml`` next to this file."""
     ensure_demo_secret()  # demo-only default for DEMO_JWT_SECRET; set your own in production
-    return QuotaConfig.from_toml(POLICY_FILE)
+    return QuotaConfig.from_toml(os.environ.get("QUOTA_POLICY") or POLICY_FILE)
 
 
 def create_app(config: QuotaConfig | None = None) -> FastAPI:
@@ -53,6 +64,22 @@ def create_app(config: QuotaConfig | None = None) -> FastAPI:
     async def me(request: Request) -> dict[str, Any]:
         return describe(request.state.quota)
 
+    @app.get("/v1/usage", response_model=None)
+    async def usage(request: Request) -> dict[str, Any] | JSONResponse:
+        """The caller's usage today (``?days=N``: the last N days) and what is left."""
+        days = usage_days(request.query_params.get("days"))
+        if days is None:
+            return JSONResponse(error_body("days must be 1..35", "invalid_days"), 400)
+        decision = request.state.quota
+        if decision.caller is None:  # the store was down when the caller was identified
+            return JSONResponse(error_body("usage is unavailable", "unavailable"), 503)
+        caller = decision.caller
+        reader = quota_middleware(request.app).reader()
+        records = await reader.ausage(caller.id, tenant=caller.tenant, days=days,
+                                      plan=decision.plan)  # fmt: skip
+        left = await reader.aremaining(caller.id, tenant=caller.tenant, plan=decision.plan)
+        return usage_report(decision, records, left)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await forward(request, "openai", "/chat/completions")
@@ -64,24 +91,20 @@ def create_app(config: QuotaConfig | None = None) -> FastAPI:
     return app
 
 
-def describe(decision: Decision) -> dict[str, Any]:
-    """The caller, its plan and what is left of each limit, as the middleware decided them."""
-    caller = decision.caller
-    return {
-        "caller": caller.id if caller else None,
-        "source": caller.source if caller else None,
-        "plan": decision.plan,
-        "limits": [
-            {
-                "name": s.name,
-                "kind": s.kind,
-                "quota": s.quota,
-                "remaining": s.remaining,
-                "reset": s.reset,
-            }  # fmt: skip
-            for s in decision.statuses
-        ],
-    }
+def quota_middleware(app: FastAPI) -> QuotaMiddleware:
+    """The app's :class:`QuotaMiddleware` instance, for its ``reader()``. ``add_middleware`` only
+    records the class: Starlette builds the instance with the middleware stack at the first
+    request, so it is looked up there (once) and kept in ``app.state.quota``."""
+    found = getattr(app.state, "quota", None)
+    if isinstance(found, QuotaMiddleware):
+        return found
+    layer: Any = app.middleware_stack
+    while layer is not None and not isinstance(layer, QuotaMiddleware):
+        layer = getattr(layer, "app", None)
+    if layer is None:
+        raise RuntimeError("no QuotaMiddleware on this app (or it has not served a request yet)")
+    app.state.quota = layer
+    return layer
 
 
 _fake = FakeUpstreamTransport()
