@@ -184,10 +184,10 @@ def test_concurrency_slots_and_release(backend: Any) -> None:
     assert run(backend, admit_call([slot], now=NOW, rid="r1")) == [1, 0, 0, NOW, 0, 0, 1]
     # release r1: r3 fits
     rel = ("c", 3, "", 0, 0)  # settle key indexes are shifted by the done marker
-    assert run(backend, settle_call([rel], now=NOW + 1, rid="r1")) == 1
+    assert run(backend, settle_call([rel], now=NOW + 1, rid="r1"))[0] == 1
     assert run(backend, admit_call([slot], now=NOW + 2, rid="r3"))[:3] == [1, 0, 0]
     # settle is idempotent: a second settle of r1 changes nothing and says so
-    assert run(backend, settle_call([rel], now=NOW + 3, rid="r1")) == 0
+    assert run(backend, settle_call([rel], now=NOW + 3, rid="r1")) == [0]
     assert run(backend, admit_call([slot], now=NOW + 4, rid="r4"))[:3] == [0, 1, SEC]
     # leases expire: after lease_us every slot is free again
     assert run(backend, admit_call([slot], now=NOW + lease + 10, rid="r5"))[:5] == [
@@ -201,18 +201,18 @@ def test_settle_refund_and_surcharge(backend: Any) -> None:
     assert run(backend, admit_call([tok], now=NOW)) == [1, 0, 0, NOW, 20, 80 * SEC // 100, 80]
     # the response used 30: refund 50
     refund = ("b", 2, "tpm", SEC // 100, -50)
-    assert run(backend, settle_call([refund], now=NOW, rid="r1")) == 1
+    assert run(backend, settle_call([refund], now=NOW, rid="r1"))[0] == 1
     check = ("b", 1, "tpm", SEC // 100, SEC, 0, 0)
     assert run(backend, admit_call([check], now=NOW))[4] == 70
     # idempotent
-    assert run(backend, settle_call([refund], now=NOW, rid="r1")) == 0
+    assert run(backend, settle_call([refund], now=NOW, rid="r1")) == [0]
     assert run(backend, admit_call([check], now=NOW))[4] == 70
     # a refund never fills beyond full; a surcharge may run into debt
     big = ("b", 2, "tpm", SEC // 100, -1000)
-    assert run(backend, settle_call([big], now=NOW, rid="r2")) == 1
+    assert run(backend, settle_call([big], now=NOW, rid="r2"))[0] == 1
     assert run(backend, admit_call([check], now=NOW))[4:6] == [100, 0]
     debt = ("b", 2, "tpm", SEC // 100, 150)
-    assert run(backend, settle_call([debt], now=NOW, rid="r3")) == 1
+    assert run(backend, settle_call([debt], now=NOW, rid="r3"))[0] == 1
     one = ("b", 1, "tpm", SEC // 100, SEC, 1, 1)
     assert run(backend, admit_call([one], now=NOW)) == [
         0,
@@ -236,7 +236,7 @@ def test_calendar_quota(backend: Any) -> None:
     assert run(backend, admit_call([too_big], now=NOW))[:3] == [0, 1, -1]
     # settle without a live reservation charges the actual (never below 0)
     give = ("q", 4, "tokens", 0, -500)
-    assert run(backend, settle_call([give], now=NOW, rid="r9")) == 1
+    assert run(backend, settle_call([give], now=NOW, rid="r9"))[0] == 1
     assert run(backend, admit_call([q], now=NOW))[4] == 40
 
 
@@ -249,9 +249,9 @@ def test_quota_reservation_lease(backend: Any) -> None:
     ]
     # settled while live: the counter moves by actual - reserved
     used = ("q", 4, "tokens", 60, 20)
-    assert run(backend, settle_call([used], now=NOW + 1, rid="r1")) == 1
+    assert run(backend, settle_call([used], now=NOW + 1, rid="r1"))[0] == 1
     assert run(backend, admit_call([peek], now=NOW + 2))[4] == 80
-    assert run(backend, settle_call([used], now=NOW + 3, rid="r1")) == 0
+    assert run(backend, settle_call([used], now=NOW + 3, rid="r1")) == [0]
     assert run(backend, admit_call([peek], now=NOW + 4))[4] == 80
     # a dead worker's reservation frees itself when its lease ends
     assert run(backend, admit_call([res], now=NOW, rid="r2", lease=SEC))[4:] == [
@@ -261,15 +261,15 @@ def test_quota_reservation_lease(backend: Any) -> None:
     assert run(backend, admit_call([peek], now=NOW + SEC))[4] == 80
     # ... and a late settle then charges the whole actual
     late = ("q", 4, "tokens", 60, 10)
-    assert run(backend, settle_call([late], now=NOW + 2 * SEC, rid="r2")) == 1
+    assert run(backend, settle_call([late], now=NOW + 2 * SEC, rid="r2"))[0] == 1
     assert run(backend, admit_call([peek], now=NOW + 2 * SEC))[4] == 70
 
 
 def test_usage_record(backend: Any) -> None:
     u = ("u", 6, "gpt-4o", 5000, 123)
-    assert run(backend, settle_call([u], now=NOW, rid="r1")) == 1
-    assert run(backend, settle_call([u], now=NOW, rid="r1")) == 0
-    assert run(backend, settle_call([u], now=NOW, rid="r2")) == 1
+    assert run(backend, settle_call([u], now=NOW, rid="r1"))[0] == 1
+    assert run(backend, settle_call([u], now=NOW, rid="r1")) == [0]
+    assert run(backend, settle_call([u], now=NOW, rid="r2"))[0] == 1
     assert 0 < pttl(backend, KU) <= 5000
     if backend.name == "memory":
         assert backend.sync().store.hget(KU, "gpt-4o") == b"246"
@@ -281,7 +281,7 @@ def test_keys_have_ttls(backend: Any) -> None:
     end = NOW + 3600 * SEC
     limits = [bucket(1, 5), ("c", 2, "", 3, 30 * SEC, 1, 1), ("q", 3, "t", 10, end, 1, 1)]
     assert run(backend, admit_call(limits, now=NOW, lease=30 * SEC))[0] == 1
-    assert run(backend, settle_call([("c", 3, "", 0, 0)], now=NOW, rid="r2")) == 1
+    assert run(backend, settle_call([("c", 3, "", 0, 0)], now=NOW, rid="r2"))[0] == 1
     b, c, q, ledger, d = (pttl(backend, k) for k in (KB, KC, KQ, KL, done_key("r2")))
     # bucket: until full again (1 s) + 1 s slack; zset: lease + 1 s; quota: period + 1 h + 1 s;
     # the reservation ledger: period + 1 h
@@ -307,7 +307,7 @@ def test_hash_tagged_keys_share_a_slot(backend: Any) -> None:
     assert len({key_slot(k.encode()) for k in (*KEYS, done_key("r1"))}) == 1
     limits = [bucket(1, 5), ("c", 2, "", 3, 30 * SEC, 1, 1)]
     assert run(backend, admit_call(limits, now=NOW))[:3] == [1, 0, 0]
-    assert run(backend, settle_call([("c", 3, "", 0, 0)], now=NOW)) == 1
+    assert run(backend, settle_call([("c", 3, "", 0, 0)], now=NOW))[0] == 1
     # keys of different callers in one script: fine on one node, CROSSSLOT on the cluster
     mixed = ("qm:{default:alice}", "qm:{default:bob}")
     two = [("b", 1, "rpm", SEC, 5 * SEC, 1, 1), ("b", 2, "rpm", SEC, 5 * SEC, 1, 1)]

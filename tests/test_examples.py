@@ -23,6 +23,8 @@ import demo_common  # noqa: E402
 import fake_upstream  # noqa: E402
 
 from quota_middleware import cli  # noqa: E402
+from quota_middleware.pricing import PriceTable, cost_micros  # noqa: E402
+from quota_middleware.usage import Usage  # noqa: E402
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Tell me a joke"}]}
 STREAM = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
@@ -171,9 +173,29 @@ def test_ai_routes_relay_the_upstream_byte_for_byte(send: Send, path: str, paylo
 
 
 def test_upstream_errors_pass_through(send: Send) -> None:
-    r = send("POST", "/v1/chat/completions", {**jwt_headers(), **JSON_CT}, b"{not json")
+    body = raw({"model": "gpt-4o-mini"})  # no "messages": the upstream refuses it
+    r = send("POST", "/v1/chat/completions", {**jwt_headers(), **JSON_CT}, body)
     assert r.status == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
+    # an upstream error without usage is charged nothing
+    usage = send("GET", "/v1/usage", jwt_headers()).json()
+    assert usage["totals"]["input_tokens"] == usage["totals"]["output_tokens"] == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(raw({**CHAT, "model": "my-own-model"}), id="unknown-model"),
+        pytest.param(b"{not json", id="no-model"),
+    ],
+)
+def test_budgeted_plans_refuse_unpriced_models(send: Send, body: bytes) -> None:
+    """Every plan has a budget and the policy says ``unpriced = "refuse"``: a model the price
+    table does not know (or a body that names none) is refused before it reaches the upstream."""
+    r = send("POST", "/v1/chat/completions", {**jwt_headers(), **JSON_CT}, body)
+    assert r.status == 403
+    assert r.json()["error"]["code"] == "model_not_priced"
+    assert r.headers["x-should-retry"] == "false"
 
 
 def test_fastapi_streams_chunk_by_chunk() -> None:
@@ -263,6 +285,129 @@ def test_openai_sdk_through_the_fastapi_example() -> None:
     assert info.value.code == "rate_limit_exceeded"
 
 
+# -- metering: GET /v1/usage ---------------------------------------------------------------------
+def _fake_usage(path: str, payload: Any) -> Usage:
+    """The usage the fake upstream reports for ``payload``, in our terms."""
+    reply = fake_upstream.handle("POST", path, raw({**payload, "stream": False}))
+    u = json.loads(reply.body)["usage"]
+    if "prompt_tokens" in u:
+        return Usage(input_tokens=u["prompt_tokens"], output_tokens=u["completion_tokens"])
+    cache = u["cache_read_input_tokens"] + u["cache_creation_input_tokens"]
+    return Usage(input_tokens=u["input_tokens"] + cache, output_tokens=u["output_tokens"])
+
+
+def _cost(model: str, usage: Usage) -> int:
+    price = PriceTable().lookup(model)
+    assert price is not None, model
+    return cost_micros(usage, price)
+
+
+HAIKU = {**MESSAGES, "model": "claude-haiku-4-5"}
+
+
+def test_usage_route_reports_exactly_what_was_charged(send: Send) -> None:
+    h = {**jwt_headers("usage-alice"), **JSON_CT}
+    empty = send("GET", "/v1/usage", h).json()
+    assert (empty["caller"], empty["plan"], empty["usage"]) == ("usage-alice", "pro", [])
+    before = {q["name"]: q for q in empty["remaining"]}
+    assert before["tokens-day"]["remaining"] == 2_000_000 and before["tokens-day"]["used"] == 0
+    assert before["usd-month"]["limit"] == 20_000_000 and before["usd-month"]["unit"] == (
+        "usd_micros"
+    )
+    for path, payload in [
+        ("/v1/chat/completions", CHAT),
+        ("/v1/chat/completions", STREAM),
+        ("/v1/messages", HAIKU),
+        ("/v1/messages", {**HAIKU, "stream": True}),
+    ]:
+        assert send("POST", path, h, raw(payload)).status == 200
+    report = send("GET", "/v1/usage", h).json()
+    by_model = {u["model"]: u for u in report["usage"]}
+    assert set(by_model) == {"gpt-4o-mini", "claude-haiku-4-5"}
+    expected_total = 0
+    for model, path, payload in [
+        ("gpt-4o-mini", "/v1/chat/completions", CHAT),
+        ("claude-haiku-4-5", "/v1/messages", HAIKU),
+    ]:
+        one = _fake_usage(path, payload)
+        rec = by_model[model]
+        # the same request once as JSON, once streamed: both charged the provider's numbers
+        assert rec["requests"] == 2 and rec["estimated"] == 0
+        assert (rec["input_tokens"], rec["output_tokens"]) == (
+            2 * one.input_tokens,
+            2 * one.output_tokens,
+        )
+        assert rec["cost_micros"] == 2 * _cost(model, one)
+        assert rec["cost_usd"] == rec["cost_micros"] / 1_000_000
+        expected_total += 2 * one.total_tokens
+    totals = report["totals"]
+    assert totals["requests"] == 4 and totals["estimated"] == 0
+    assert totals["input_tokens"] + totals["output_tokens"] == expected_total
+    left = {q["name"]: q for q in report["remaining"]}
+    assert left["tokens-day"]["used"] == expected_total
+    assert left["tokens-day"]["remaining"] == 2_000_000 - expected_total
+    assert left["usd-month"]["used"] == totals["cost_micros"]
+
+
+def test_stream_without_include_usage_is_charged_from_an_estimate(send: Send) -> None:
+    h = {**jwt_headers("usage-bob"), **JSON_CT}
+    r = send("POST", "/v1/chat/completions", h, raw({**CHAT, "stream": True}))
+    assert r.status == 200 and b'"usage"' not in r.body
+    (rec,) = send("GET", "/v1/usage", h).json()["usage"]
+    assert (rec["model"], rec["requests"], rec["estimated"]) == ("gpt-4o-mini", 1, 1)
+    # counted with tiktoken from the prompt and the relayed text: close to, not exactly, the
+    # fake's own count (one token per word)
+    exact = _fake_usage("/v1/chat/completions", CHAT)
+    assert rec["input_tokens"] > 0 and abs(rec["output_tokens"] - exact.output_tokens) <= 10
+    assert rec["cost_micros"] == _cost(
+        "gpt-4o-mini", Usage(input_tokens=rec["input_tokens"], output_tokens=rec["output_tokens"])
+    )
+
+
+def test_usage_is_per_caller_and_validates_days(send: Send) -> None:
+    assert send("POST", "/v1/chat/completions", {**KEY_HEADERS, **JSON_CT}, raw(CHAT)).status == 200
+    mine = send("GET", "/v1/usage", KEY_HEADERS).json()
+    assert (mine["caller"], mine["plan"]) == ("svc-reports", "free")
+    assert [u["requests"] for u in mine["usage"]] == [1]
+    assert {q["name"]: q["limit"] for q in mine["remaining"]} == {
+        "tokens-day": 50_000,
+        "usd-month": 500_000,
+    }
+    other = send("GET", "/v1/usage?days=7", jwt_headers("usage-carol")).json()
+    assert other["usage"] == [] and other["caller"] == "usage-carol"
+    for bad in ("0", "36", "x"):
+        r = send("GET", f"/v1/usage?days={bad}", jwt_headers("usage-carol"))
+        assert r.status == 400 and r.json()["error"]["code"] == "invalid_days"
+    assert send("GET", "/v1/usage", {"x-api-key": "qm_not_a_real_key"}).status == 401
+
+
+def test_ai_routes_send_openai_rate_limit_headers(send: Send) -> None:
+    r = send("POST", "/v1/chat/completions", {**KEY_HEADERS, **JSON_CT}, raw(CHAT))
+    assert r.status == 200
+    assert r.headers["x-ratelimit-limit-requests"] == "5"
+    assert r.headers["x-ratelimit-limit-tokens"] == "20000"
+    assert '"usd-month";q=500000' in r.headers["ratelimit-policy"]
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "flask"])
+def test_quota_policy_env_overrides_the_policy_file(
+    framework: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if framework == "flask":
+        pytest.importorskip("flask")
+    policy = (EXAMPLES / "fastapi_app" / "policy.toml").read_text()
+    policy = policy.replace('rate = "60/minute"', 'rate = "2/minute"')
+    (tmp_path / "policy.toml").write_text(policy)
+    monkeypatch.setenv("QUOTA_POLICY", str(tmp_path / "policy.toml"))
+    send = _fastapi_client() if framework == "fastapi" else _flask_client()
+    assert [send("GET", "/v1/me", jwt_headers()).status for _ in range(3)] == [200, 200, 429]
+
+
+def test_example_policies_are_the_same() -> None:
+    fastapi_policy = (EXAMPLES / "fastapi_app" / "policy.toml").read_text()
+    assert fastapi_policy == (EXAMPLES / "flask_app" / "policy.toml").read_text()
+
+
 # -- the fake upstream itself ---------------------------------------------------------------------
 def test_fake_upstream_usage_agrees_between_json_and_stream() -> None:
     plain = json.loads(fake_upstream.handle("POST", "/v1/chat/completions", raw(CHAT)).body)
@@ -312,24 +457,56 @@ def fresh_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_demo_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    lines: dict[str, str] = {}
+    for line in out.splitlines():  # the first line of each caller: its row of the table
+        if line.strip():
+            lines.setdefault(line.split()[0], line)
     assert "pro" in lines["alice"] and "streamed" in lines["alice"]
     assert "free" in lines["svc-reports"] and "rate 5-m" in lines["svc-reports"]
     assert "concurrency inflight" in lines["svc-batch"]
     assert "rate 3-m" in lines["anonymous"]
     assert "bad token" in lines["mallory"]
     assert "last RateLimit" in out
+    # the usage section: one line per caller and model, then what is left
+    assert "usage today" in out and "estimated" in out
+    usage = [line.split() for line in out.splitlines() if line.startswith("alice ")]
+    models = {cells[1]: cells for cells in usage if len(cells) == 7}
+    assert set(models) == {"gpt-4o-mini", "claude-haiku-4-5"}
+    assert models["gpt-4o-mini"][2] == "2" and models["gpt-4o-mini"][6] == "1"  # one estimated
+    assert models["claude-haiku-4-5"][6] == "0"
+    assert "token quotas and budgets" in out
+    assert any(line.split()[:3] == ["alice", "pro", "usd-month"] for line in out.splitlines())
+    assert "2,000,000 tokens/day" in out
 
 
 @pytest.mark.usefixtures("fresh_env")
 def test_demo_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["demo", "--json", "--requests", "7"]) == 0
     rows = {r["caller"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["alice"]["admitted"] == rows["alice"]["sent"] == 8
+    assert rows["alice"]["admitted"] == rows["alice"]["sent"] == 10
     assert (rows["svc-reports"]["admitted"], rows["svc-reports"]["limited"]) == (5, 2)
     assert (rows["svc-batch"]["admitted"], rows["svc-batch"]["limited"]) == (3, 1)
     assert (rows["anonymous"]["admitted"], rows["anonymous"]["limited"]) == (3, 4)
     assert rows["mallory"]["unauthorized"] == rows["mallory"]["sent"] == 2
+    # usage as charged: alice streamed once with and once without include_usage, and sent one
+    # Anthropic message; two of svc-batch's three streams were admitted
+    alice = {u["model"]: u for u in rows["alice"]["usage"]}
+    assert (alice["gpt-4o-mini"]["requests"], alice["gpt-4o-mini"]["estimated"]) == (2, 1)
+    assert (alice["claude-haiku-4-5"]["requests"], alice["claude-haiku-4-5"]["estimated"]) == (
+        1,
+        0,
+    )
+    assert alice["claude-haiku-4-5"]["output_tokens"] == 20  # max_tokens 20: 20 words
+    (batch,) = rows["svc-batch"]["usage"]
+    assert (batch["requests"], batch["estimated"]) == (2, 0)
+    assert batch["cost_micros"] > 0 and batch["cost_usd"] == batch["cost_micros"] / 1e6
+    assert rows["svc-reports"]["usage"] == [] and rows["anonymous"]["usage"] == []
+    assert rows["anonymous"]["caller_id"] == "127.0.0.1"
+    assert rows["mallory"]["caller_id"] is None and rows["mallory"]["remaining"] == []
+    left = {q["name"]: q for q in rows["svc-batch"]["remaining"]}
+    assert left["tokens-day"]["used"] == batch["input_tokens"] + batch["output_tokens"]
+    assert left["tokens-day"]["remaining"] == 50_000 - left["tokens-day"]["used"]
+    assert left["usd-month"]["used"] == batch["cost_micros"]
 
 
 def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,7 @@ from .backends.base import AsyncBackend
 from .backends.factory import async_backend
 from .config import QuotaConfig
 from .engine import Decision, Engine, drive_async
-from .errors import IdentificationError, StorageError
+from .errors import IdentificationError
 from .identity import Identifier
 from .metering import Meter
 from .reports import UsageReader
@@ -68,7 +68,7 @@ class QuotaMiddleware:
         # server reload may run us on a new loop, so a Redis backend built here is per loop.
         self._per_loop = self._backend is None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Task[Any]] = set()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -128,8 +128,8 @@ class QuotaMiddleware:
         finally:
             await responder.settle()
 
-    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         return task
@@ -176,21 +176,12 @@ class _Responder:
         if self.meter is not None:
             usage = self.meter.finish()
             cost = self.meter.cost(usage)
-        call = self.mw.engine.plan_settle(self.decision, usage, cost or 0)
-        if call is None:
+        if not self.decision.needs_settle:
             return
-        backend = self.backend
-
-        async def run() -> None:
-            try:
-                await backend.run_async(call)
-            except StorageError as e:
-                # Reservations and slots free themselves when their leases end.
-                log.warning("quota_middleware: settle failed (%s); lease will expire", e)
-
+        flow = self.mw.engine.settle(self.decision, usage, cost or 0)
         # Shielded: a client disconnect cancels the request task, but what it held must still
         # be given back and what it used charged.
-        await asyncio.shield(self.mw._spawn(run()))
+        await asyncio.shield(self.mw._spawn(drive_async(flow, self.backend)))
 
 
 def _header(headers: Any, name: bytes) -> str | None:

@@ -4,8 +4,9 @@ Subcommands register themselves in :data:`COMMANDS` (name -> (help, add_argument
 ``run`` takes the parsed arguments and returns the exit status.
 
 ``quota-middleware demo`` runs the FastAPI example in-process (no network, no Redis needed) and
-drives it with a few callers; it needs a source checkout (``examples/``) and the ``examples``
-extra (``pip install -e '.[examples]'``).
+drives it with a few callers, then prints what each was charged (tokens, cost, how many requests
+were charged from estimates) and what is left of its token quota and budget; it needs a source
+checkout (``examples/``) and the ``examples`` extra (``pip install -e '.[examples]'``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ class Row:
     unauthorized: int = 0
     why: list[str] = field(default_factory=list)
     ratelimit: str = "-"
+    #: the caller id the middleware identified (from ``GET /v1/me``), None if never admitted
+    caller_id: str | None = None
+    #: today's usage records (UsageRecord fields + cost_usd) and what is left of each quota
+    usage: list[dict[str, Any]] = field(default_factory=list)
+    remaining: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, status: int, headers: Any, body: bytes) -> None:
         self.sent += 1
@@ -57,13 +63,20 @@ class Row:
         elif status == 429:
             self.limited += 1
             error = _json_or_empty(body).get("error", {})
-            kind = "concurrency" if "concurrent" in str(error.get("message", "")) else "rate"
+            if error.get("code") == "insufficient_quota":
+                kind = "quota"
+            elif "concurrent" in str(error.get("message", "")):
+                kind = "concurrency"
+            else:
+                kind = "rate"
             self._why(f"{kind} {error.get('limit', '?')}")
         elif 200 <= status < 300:
             self.admitted += 1
-            plan = _json_or_empty(body).get("plan")
-            if isinstance(plan, str):
-                self.plan = plan
+            me = _json_or_empty(body)
+            if isinstance(me.get("plan"), str):
+                self.plan = me["plan"]
+            if isinstance(me.get("caller"), str):
+                self.caller_id = me["caller"]
 
     def _why(self, reason: str) -> None:
         if reason not in self.why:
@@ -124,12 +137,16 @@ def _load_demo_modules() -> tuple[Any, Any]:
     return app_module, common
 
 
-async def _drive(app: Any, common: Any, n: int) -> list[Row]:
+async def _drive(app: Any, app_module: Any, common: Any, n: int) -> list[Row]:
     import httpx
 
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
     stream = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+    # Without include_usage the stream carries no usage: the middleware counts it with tiktoken.
+    stream_no_usage = {**chat, "stream": True}
+    messages = {"model": "claude-haiku-4-5", "max_tokens": 20, "system": "Be brief.",
+                "messages": [{"role": "user", "content": "Say hello"}]}  # fmt: skip
     async with httpx.AsyncClient(transport=transport, base_url=DEMO_BASE_URL) as client:
 
         async def send(row: Row, method: str, path: str, headers: dict[str, str],
@@ -151,6 +168,8 @@ async def _drive(app: Any, common: Any, n: int) -> list[Row]:
         for _ in range(n):
             await send(rows["alice"], "GET", "/v1/me", jwt_h)
         await send(rows["alice"], "POST", "/v1/chat/completions", jwt_h, stream)
+        await send(rows["alice"], "POST", "/v1/chat/completions", jwt_h, stream_no_usage)
+        await send(rows["alice"], "POST", "/v1/messages", jwt_h, messages)
         for _ in range(n):
             await send(rows["svc-reports"], "GET", "/v1/me", key_h)
         # Three streams at once against a plan that allows two in flight.
@@ -163,32 +182,102 @@ async def _drive(app: Any, common: Any, n: int) -> list[Row]:
             await send(rows["anonymous"], "GET", "/v1/me", {})
         for _ in range(max(1, n // 3)):
             await send(rows["mallory"], "GET", "/v1/me", bad_h)
+        # What each caller was charged, read back from the middleware's own store.
+        reader = app_module.quota_middleware(app).reader()
+        for row in rows.values():
+            if row.caller_id is None:
+                continue
+            plan = row.plan if row.plan != "-" else None
+            for rec in await reader.ausage(row.caller_id, days=1, plan=plan):
+                row.usage.append({**dataclasses.asdict(rec), "cost_usd": rec.cost_usd})
+            for left in await reader.aremaining(row.caller_id, plan=plan):
+                row.remaining.append(
+                    {"name": left.name, "kind": left.kind, "period": left.period,
+                     "unit": left.unit, "limit": left.limit, "used": left.used,
+                     "remaining": left.remaining, "resets_at": left.resets_at.isoformat()}
+                )  # fmt: skip
         return list(rows.values())
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    header = ("caller", "plan", "sent", "admitted", "429", "401", "why", "last RateLimit")
-    lines = [header] + [
-        (
-            r.caller,
-            r.plan,
-            str(r.sent),
-            str(r.admitted),
-            str(r.limited),
-            str(r.unauthorized),
-            ", ".join(r.why) or "-",
-            r.ratelimit,
-        )  # fmt: skip
-        for r in rows
-    ]
+def _columns(header: Sequence[str], body: Sequence[Sequence[str]], numeric: set[int]) -> str:
+    lines = [tuple(header), *(tuple(line) for line in body)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    numeric = {2, 3, 4, 5}
     out = []
     for line in lines:
         cells = [c.rjust(w) if i in numeric else c.ljust(w)
                  for i, (c, w) in enumerate(zip(line, widths, strict=True))]  # fmt: skip
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = ("caller", "plan", "sent", "admitted", "429", "401", "why", "last RateLimit")
+    body = [
+        (r.caller, r.plan, str(r.sent), str(r.admitted), str(r.limited), str(r.unauthorized),
+         ", ".join(r.why) or "-", r.ratelimit)
+        for r in rows
+    ]  # fmt: skip
+    return _columns(header, body, {2, 3, 4, 5})
+
+
+def _usd(micros: int) -> str:
+    return f"${micros / 1_000_000:.6f}"
+
+
+def format_usage(rows: Sequence[Row]) -> str:
+    """Today's usage per caller and model, as the middleware charged it."""
+    header = ("caller", "model", "requests", "input tok", "output tok", "cost USD", "estimated")
+    body: list[tuple[str, ...]] = []
+    for r in rows:
+        if r.caller_id is None:
+            continue
+        if not r.usage:
+            body.append((r.caller, "-", "0", "0", "0", _usd(0), "0"))
+        for u in r.usage:
+            body.append(
+                (r.caller, u["model"], str(u["requests"]), f"{u['input_tokens']:,}",
+                 f"{u['output_tokens']:,}", _usd(u["cost_micros"]), str(u["estimated"]))
+            )  # fmt: skip
+    return _columns(header, body, {2, 3, 4, 5, 6})
+
+
+def format_remaining(rows: Sequence[Row]) -> str:
+    """What is left of each caller's token quota and budget this period."""
+    header = ("caller", "plan", "limit", "period", "used", "left", "of", "resets (UTC)")
+    body: list[tuple[str, ...]] = []
+    for r in rows:
+        for q in r.remaining:
+            money = q["kind"] == "budget"
+            fmt = _usd if money else (lambda v: f"{v:,}")  # noqa: E731
+            body.append(
+                (r.caller, r.plan, q["name"], q["period"], fmt(q["used"]), fmt(q["remaining"]),
+                 fmt(q["limit"]), q["resets_at"][:16].replace("T", " "))
+            )  # fmt: skip
+    return _columns(header, body, {4, 5, 6})
+
+
+def _limit_text(lim: Any) -> str:
+    from .limits import Budget, Concurrency, RequestRate, TokenQuota, TokenRate
+
+    if isinstance(lim, RequestRate):
+        count, _ = lim.rate.split("/", 1) if "/" in lim.rate else (lim.rate, "")
+        burst = f" burst {lim.burst}" if str(lim.burst) != count.strip() else ""
+        return f"{lim.rate}{burst}"
+    if isinstance(lim, TokenRate):
+        return f"{lim.rate} tokens"
+    if isinstance(lim, Concurrency):
+        return f"{lim.max} in flight"
+    if isinstance(lim, TokenQuota):
+        return f"{lim.tokens:,} tokens/{lim.period}"
+    if isinstance(lim, Budget):
+        return f"${lim.usd:g}/{lim.period}"
+    return str(getattr(lim, "name", lim))
+
+
+def format_plans(config: Any) -> str:
+    return "\n".join(
+        f"  {p.name}: " + ", ".join(_limit_text(lim) for lim in p.limits) for p in config.plans
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -203,16 +292,21 @@ def run_demo(args: argparse.Namespace) -> int:
             storage = dataclasses.replace(config.storage, prefix=f"qm-demo-{os.urandom(4).hex()}")
             config = dataclasses.replace(config, storage=storage)
         app = app_module.create_app(config)
-        rows = asyncio.run(_drive(app, common, args.requests))
+        rows = asyncio.run(_drive(app, app_module, common, args.requests))
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0
     where = "embedded memory backend" if redis_url.startswith("memory://") else "Redis"
     print(f"quota-middleware demo: FastAPI example in-process, {where}, fake upstream\n")
     print(format_table(rows))
+    print("\nusage today, as charged (estimated = streams without usage, counted with tiktoken)\n")
+    print(format_usage(rows))
+    print("\ntoken quotas and budgets: what is left this period\n")
+    print(format_remaining(rows))
+    print(f"\nplans:\n{format_plans(config)}")
     print(
-        "\nplans: anonymous 3/minute; free 5/minute burst 5, 2 in flight; pro 60/minute, "
-        "10 in flight\nRun it yourself: uvicorn --app-dir examples fastapi_app.app:app"
+        "\nRun it yourself: uvicorn --app-dir examples fastapi_app.app:app  "
+        "(GET /v1/usage shows a caller its own usage)"
     )
     return 0
 

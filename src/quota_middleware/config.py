@@ -20,10 +20,12 @@ from .identity import IdentityConfig
 from .limits import (
     _NAME_RE,
     LIMIT_TYPES,
+    AppBudget,
     Budget,
     Concurrency,
     Limit,
     RequestRate,
+    SpikeRule,
     TokenQuota,
     TokenRate,
     _check_patterns,
@@ -228,6 +230,13 @@ class QuotaConfig:
     default_price: Mapping[str, float] | None = None
     #: days the per-caller, per-day usage records are kept
     usage_retention_days: int = 35
+    #: spend of the whole app per day / month (the provider bill), with an optional hard stop
+    app_budgets: Sequence[AppBudget] = ()
+    #: flag callers whose hourly usage jumps far above their own average
+    spikes: SpikeRule | None = None
+    #: where alert events go (:class:`quota_middleware.alerts.AlertsConfig`); None: the outbox
+    #: only, for a separate ``quota-middleware alerts run`` worker or ``alerts tail``
+    alerts: Any = None
 
     def __post_init__(self) -> None:
         plans = tuple(self.plans)
@@ -251,6 +260,17 @@ class QuotaConfig:
         object.__setattr__(self, "plans", plans)
         object.__setattr__(self, "default_plan", default)
         object.__setattr__(self, "ai_routes", tuple(self.ai_routes))
+        object.__setattr__(self, "app_budgets", tuple(self.app_budgets))
+        budget_names = [b.name for b in self.app_budgets]
+        if len(set(budget_names)) != len(budget_names):
+            raise ConfigurationError("app_budgets", "names must be unique")
+        for b in self.app_budgets:
+            try:
+                ZoneInfo(b.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ConfigurationError(
+                    f"app_budgets.{b.name}.timezone", f"unknown time zone {b.timezone!r}"
+                ) from None
         if self.unpriced not in ("refuse", "default", "tokens-only"):
             raise ConfigurationError("unpriced", "one of 'refuse', 'default', 'tokens-only'")
         if self.unpriced == "default" and not self.default_price:
@@ -321,11 +341,27 @@ class QuotaConfig:
                 raise ConfigurationError(f"ai_routes[{i}]", "must be a table")
             _known(r, set(AIRoute.__dataclass_fields__), f"ai_routes[{i}]")
             ai_routes.append(AIRoute(**r))
-        extra = {
+        extra: dict[str, Any] = {
             k: data[k]
             for k in ("prices", "unpriced", "default_price", "usage_retention_days")
             if k in data
         }
+        app_budgets = []
+        for i, b in enumerate(data.get("app_budgets", [])):
+            if not isinstance(b, Mapping):
+                raise ConfigurationError(f"app_budgets[{i}]", "must be a table")
+            _known(b, set(AppBudget.__dataclass_fields__), f"app_budgets[{i}]")
+            app_budgets.append(AppBudget(**b))
+        if app_budgets:
+            extra["app_budgets"] = app_budgets
+        if "spikes" in data:
+            spikes = _table(data, "spikes")
+            _known(spikes, set(SpikeRule.__dataclass_fields__), "spikes")
+            extra["spikes"] = SpikeRule(**spikes)
+        if "alerts" in data:
+            from .alerts import AlertsConfig
+
+            extra["alerts"] = AlertsConfig.from_dict(_table(data, "alerts"), base_dir=base_dir)
         return cls(
             plans=plans,
             default_plan=data.get("default_plan"),

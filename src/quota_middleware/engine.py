@@ -20,9 +20,10 @@ from typing import Any, Literal, TypeVar
 from .backends.base import AsyncBackend, SyncBackend
 from .config import AIRoute, Plan, QuotaConfig
 from .errors import IdentificationError, StorageError
+from .events import AlertEvent, outbox_call, parse_settle_events
 from .identity import Caller, Identifier
-from .keys import CallerKeys
-from .limits import Budget, Concurrency, Limit, RequestRate, TokenQuota, TokenRate
+from .keys import CallerKeys, caller_tag
+from .limits import AppBudget, Budget, Concurrency, Limit, RequestRate, TokenQuota, TokenRate
 from .metering import AIRequest, ModelNotAllowed, UnpricedModel, prepare, price_table
 from .periods import day_id, period_of
 from .request import RequestInfo
@@ -75,6 +76,10 @@ class Hold:
     #: bucket refill interval (``b``), or the counter's unit: 0 tokens, 1 micro-dollars (``q``)
     param: int = 0
     ledger: str | None = None
+    #: ``q``: the counter's size and alert thresholds (percent), and its period id
+    amount: int = 0
+    thresholds: tuple[int, ...] = ()
+    period: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,9 @@ class Engine:
         self._prefix = config.storage.prefix
         self._prices, self._default_price = price_table(config)
         self._retention_ms = config.usage_retention_days * 86_400_000
+        self._app_tag = f"{self._prefix}:{caller_tag('app', '*')}"
+        # app budget name -> (period key, spent micros, limit micros, fetched at monotonic s)
+        self._app_seen: dict[str, tuple[str, int, int, float]] = {}
 
     def ai_route(self, info: RequestInfo) -> AIRoute | None:
         """The AI route this request is on, if any: the adapter then buffers its body first."""
@@ -197,6 +205,11 @@ class Engine:
                 return self._refuse(rid, caller, plan, "unpriced", f"model {e.model!r}")
             model = ai.model
             limits = [lim for lim in plan.limits if lim.applies(info.path, model)]
+            stopped = yield from self._app_gate()
+            if stopped is not None:
+                budget, end_us = stopped
+                return self._refuse(rid, caller, plan, "budget", budget.name or "app",
+                                    retry_us=end_us - self._now_us())  # fmt: skip
         else:
             limits = [lim for lim in limits if isinstance(lim, RequestRate | Concurrency)]
         now_us = self._now_us()
@@ -268,7 +281,8 @@ class Engine:
                 else:
                     cost, least, unit = ai.reserve_tokens, ai.min_tokens, 0
                 args += ["q", index[pkey], lim.name, lim.amount, end_us, cost, least]
-                holds.append(Hold("q", pkey, lim.name, 0, unit, keys.ledger(pkey)))
+                holds.append(Hold("q", pkey, lim.name, 0, unit, keys.ledger(pkey),
+                                  lim.amount, tuple(lim.thresholds), pid[1:]))  # fmt: skip
         return ScriptCall("admit", tuple(key_list), tuple(args)), tuple(holds)
 
     def decide(
@@ -304,7 +318,8 @@ class Engine:
             )  # fmt: skip
             if holds and charged > 0 and not isinstance(lim, RequestRate):
                 h = holds[i]
-                held.append(Hold(h.kind, h.key, h.name, charged, h.param, h.ledger))
+                held.append(Hold(h.kind, h.key, h.name, charged, h.param, h.ledger, h.amount,
+                                 h.thresholds, h.period))  # fmt: skip
             elif holds and isinstance(lim, TokenQuota | Budget):
                 held.append(holds[i])  # nothing reserved (tokens-only), still charged at settle
         del now_us
@@ -340,14 +355,58 @@ class Engine:
             statuses=tuple(statuses), ai=ai if plan.shadow else None, day=day,
         )  # fmt: skip
 
-    def _refuse(self, rid: str, caller: Caller, plan: Plan, reason: Reason, what: str) -> Decision:
+    def _refuse(
+        self, rid: str, caller: Caller, plan: Plan, reason: Reason, what: str,
+        retry_us: int | None = None,
+    ) -> Decision:  # fmt: skip
         self.stats.incr(f"denied_{reason}")
         if plan.shadow:
             log.info("quota_middleware: shadow plan %s would refuse %s", plan.name, what)
+        retry_after = None if retry_us is None else max(1, _ceil_s(retry_us))
         return Decision(
             allowed=plan.shadow, request_id=rid, caller=caller, plan=plan.name,
-            denied_by=what, reason=reason, shadow=plan.shadow,
+            denied_by=what, reason=reason, shadow=plan.shadow, retry_after=retry_after,
         )  # fmt: skip
+
+    # -- the app-wide budgets (their own key, so not in the caller's admit call) ------------
+    def app_period_key(self, budget: AppBudget, now_us: int | None = None) -> tuple[str, int]:
+        from zoneinfo import ZoneInfo
+
+        pid, end_us = period_of(budget.period, now_us or self._now_us(), ZoneInfo(budget.timezone))
+        return f"{self._app_tag}:q:{pid}", end_us
+
+    def _app_gate(self) -> Generator[ScriptCall, Any, tuple[AppBudget, int] | None]:
+        """The hard-stopped app budget that is spent, if any, from a copy of the app counters
+        at most ``check_interval`` old (one read per interval per process, not per request)."""
+        stops = [b for b in self.config.app_budgets if b.hard_stop]
+        if not stops:
+            return None
+        now = time.monotonic()
+        stale = []
+        for b in stops:
+            assert b.name is not None
+            key, _ = self.app_period_key(b)
+            seen = self._app_seen.get(b.name)
+            if seen is None or seen[0] != key or now - seen[3] > b.check_interval:
+                stale.append((b, key))
+        if stale:
+            keys = tuple(sorted({key for _, key in stale}))
+            try:
+                reply = yield ScriptCall("read", keys, ())
+            except StorageError:
+                return None  # the caller's own admit decides how an outage is handled
+            values = dict(zip(keys, reply, strict=False))
+            for b, key in stale:
+                assert b.name is not None
+                fields = _pairs(values.get(key, []))
+                limit = fields.get(f"{b.name}:limit", b.micros)
+                self._app_seen[b.name] = (key, fields.get(b.name, 0), limit, now)
+        for b in stops:
+            assert b.name is not None
+            key, spent, limit, _ = self._app_seen[b.name]
+            if spent >= limit:
+                return b, self.app_period_key(b)[1]
+        return None
 
     def _degraded(
         self,
@@ -410,6 +469,14 @@ class Engine:
             else:
                 actual = cost if h.param == 1 else tokens
                 ops += ["q", key(h.key, h.ledger), h.name, h.charged, actual]
+        for h in decision.holds:
+            if h.kind == "q" and h.thresholds and (cost if h.param == 1 else tokens):
+                pcts = ",".join(str(t) for t in h.thresholds)
+                ops += ["t", key(h.key), h.name, h.amount, pcts]
+        spikes = self.config.spikes
+        if spikes is not None and tokens > 0:
+            params = f"{int(spikes.multiple * 1000)},{spikes.floor_tokens},{spikes.window_hours}"
+            ops += ["h", key(keys.hourly), "", tokens, params]
         if usage is not None and decision.day is not None:
             ukey = key(keys.usage(decision.day))
             model = (usage.model or "unknown").replace("|", "_")[:100]
@@ -432,8 +499,104 @@ class Engine:
         ]  # fmt: skip
         return ScriptCall("settle", tuple(key_list), tuple(args + ops))
 
+    def plan_app_settle(self, decision: Decision, cost: int) -> ScriptCall | None:
+        """The second settle call: the request's cost on every app budget (their own keys,
+        another cluster slot) and their thresholds. No reservation there: it is a kill switch
+        on actual spend."""
+        if not self.config.app_budgets or cost <= 0:
+            return None
+        key_list = [f"{self._app_tag}:s:{decision.request_id}"]
+        ops: list[ScriptArg] = []
+        index: dict[str, int] = {}
+        for b in self.config.app_budgets:
+            key, _ = self.app_period_key(b)
+            if key not in index:
+                key_list += [key, key + ":r"]
+                index[key] = len(key_list) - 1
+            ops += ["q", index[key], b.name or "", 0, cost]
+            if b.thresholds:
+                ops += ["t", index[key], b.name or "", b.micros, ",".join(map(str, b.thresholds))]
+        args: list[ScriptArg] = [self._now_arg(), decision.request_id, SETTLE_MARKER_MS,
+                                 len(ops) // 5]  # fmt: skip
+        return ScriptCall("settle", tuple(key_list), tuple(args + ops))
+
+    def settle(
+        self, decision: Decision, usage: Usage | None = None, cost: int = 0
+    ) -> Generator[ScriptCall, Any, list[AlertEvent]]:
+        """The settle flow: the caller's settle, the app budgets', then any alert events to the
+        outbox. A store error ends it with a warning: slots and reservations free themselves
+        when their leases end."""
+        events: list[AlertEvent] = []
+        try:
+            call = self.plan_settle(decision, usage, cost)
+            if call is not None:
+                reply = yield call
+                events += self._events(decision, parse_settle_events(reply), app=False)
+            app_call = self.plan_app_settle(decision, cost) if decision.ai is not None else None
+            if app_call is not None:
+                reply = yield app_call
+                events += self._events(decision, parse_settle_events(reply), app=True)
+            if events:
+                for e in events:
+                    self.stats.incr(f"alerts_{e.type}")
+                yield outbox_call(self._prefix, events)
+        except StorageError as e:
+            self.stats.incr("settle_failed")
+            log.warning("quota_middleware: settle failed (%s); leases will expire", e)
+        return events
+
+    def _events(
+        self, decision: Decision, raw: Sequence[tuple[str, str, int, int]], *, app: bool
+    ) -> list[AlertEvent]:
+        caller = decision.caller
+        out = []
+        at = self._now_us() / 1_000_000
+        budgets = {b.name: b for b in self.config.app_budgets}
+        holds = {h.name: h for h in decision.holds if h.kind == "q"}
+        for kind, name, level, used in raw:
+            if kind == "h":
+                assert caller is not None
+                out.append(AlertEvent(
+                    id=f"spike:{caller.tenant}:{caller.id}:{level}", type="spike",
+                    caller=caller.id, tenant=caller.tenant, plan=decision.plan, limit="spike",
+                    period=str(level), threshold=None, used=used, limit_value=None,
+                    unit="tokens", at=at,
+                ))  # fmt: skip
+            elif app:
+                b = budgets.get(name)
+                period, _ = self.app_period_key(b) if b is not None else ("", 0)
+                pid = period.rsplit(":q:", 1)[-1][1:]
+                out.append(AlertEvent(
+                    id=f"app:{name}:{pid}:{level}", type="app_threshold", caller=None,
+                    tenant=None, plan=None, limit=name, period=pid, threshold=level, used=used,
+                    limit_value=b.micros if b else None, unit="usd_micros", at=at,
+                ))  # fmt: skip
+            else:
+                assert caller is not None
+                h = holds.get(name)
+                unit = "usd_micros" if h is not None and h.param == 1 else "tokens"
+                period = h.period if h is not None else ""
+                out.append(AlertEvent(
+                    id=f"threshold:{caller.tenant}:{caller.id}:{name}:{period}:{level}",
+                    type="threshold", caller=caller.id, tenant=caller.tenant,
+                    plan=decision.plan, limit=name, period=period, threshold=level, used=used,
+                    limit_value=h.amount if h is not None else None, unit=unit, at=at,
+                ))  # fmt: skip
+        return out
+
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(self.clock())
+
+
+def _pairs(flat: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in range(0, len(flat) - 1, 2):
+        field = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
+        try:
+            out[field] = int(flat[i + 1])
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 # -- drivers -------------------------------------------------------------------------------

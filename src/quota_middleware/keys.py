@@ -45,6 +45,11 @@ class CallerKeys:
         """The reservations held against ``period_key``'s counters, scored by lease end."""
         return f"{period_key}:r"
 
+    @property
+    def hourly(self) -> str:
+        """Tokens per hour over the trailing window, for spike detection."""
+        return f"{self.base}:h"
+
     def usage(self, day: str) -> str:
         """Per-day usage records: fields ``<model>|<counter>``."""
         return f"{self.base}:u:{day}"

@@ -189,9 +189,21 @@ class Concurrency(_Scoped):
         self._scope("inflight")
 
 
+DEFAULT_THRESHOLDS = (50, 80, 100)
+
+
+def _check_thresholds(values: Sequence[int], where: str) -> tuple[int, ...]:
+    if isinstance(values, str) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000 for v in values
+    ):
+        raise ConfigurationError(where, "thresholds are whole percentages from 1 to 1000")
+    return tuple(sorted(set(values)))
+
+
 class _Calendar(_Scoped):
     __slots__ = ()
     period: Period
+    thresholds: Sequence[int]
 
     def _calendar(self, default_name: str, amount: int) -> None:
         if self.period not in ("day", "month"):
@@ -199,6 +211,9 @@ class _Calendar(_Scoped):
         if amount < 1 or amount >= _MAX_US:
             raise ConfigurationError(f"limit {self.name or default_name}", "amount out of range")
         self._scope(default_name)
+        object.__setattr__(
+            self, "thresholds", _check_thresholds(self.thresholds, f"limit {self.name}.thresholds")
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,6 +225,8 @@ class TokenQuota(_Calendar):
     name: str | None = None
     paths: Sequence[str] | None = None
     models: Sequence[str] | None = None
+    #: percentages of the quota at which an alert fires, once per caller and period
+    thresholds: Sequence[int] = DEFAULT_THRESHOLDS
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, int) or isinstance(self.tokens, bool):
@@ -230,6 +247,8 @@ class Budget(_Calendar):
     name: str | None = None
     paths: Sequence[str] | None = None
     models: Sequence[str] | None = None
+    #: percentages of the budget at which an alert fires, once per caller and period
+    thresholds: Sequence[int] = DEFAULT_THRESHOLDS
 
     def __post_init__(self) -> None:
         if not isinstance(self.usd, int | float) or self.usd <= 0:
@@ -244,6 +263,62 @@ class Budget(_Calendar):
     @property
     def amount(self) -> int:
         return self.micros
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppBudget:
+    """Spend of the whole app (every caller) per calendar ``period``: the provider bill.
+
+    Thresholds fire alerts once per period; with ``hard_stop`` AI routes answer 429
+    ``insufficient_quota`` once it is spent, until the period ends or an operator raises it.
+    It lives on its own key, so it is charged by a second call after the caller's settle and
+    checked from a copy at most ``check_interval`` seconds old (see the README).
+    """
+
+    usd: float
+    period: Period = "day"
+    name: str | None = None
+    thresholds: Sequence[int] = DEFAULT_THRESHOLDS
+    hard_stop: bool = True
+    timezone: str = "UTC"
+    check_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        name = self.name or f"app-usd-{self.period}"
+        _check_name(name, f"app_budgets.{name}.name")
+        object.__setattr__(self, "name", name)
+        if not isinstance(self.usd, int | float) or self.usd <= 0:
+            raise ConfigurationError(f"app_budgets.{name}.usd", "must be a positive number")
+        if self.period not in ("day", "month"):
+            raise ConfigurationError(f"app_budgets.{name}.period", "day or month")
+        if not (0 < self.check_interval <= 60):
+            raise ConfigurationError(f"app_budgets.{name}.check_interval", "(0, 60] seconds")
+        object.__setattr__(
+            self, "thresholds", _check_thresholds(self.thresholds, f"app_budgets.{name}.thresholds")
+        )
+
+    @property
+    def micros(self) -> int:
+        return round(self.usd * 1_000_000)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpikeRule:
+    """Flag a caller whose tokens in the current hour exceed ``multiple`` times its average hour
+    over the trailing ``window_hours``, and at least ``floor_tokens`` (so new callers, whose
+    average is 0, are not flagged for ordinary use). One event per caller and hour."""
+
+    multiple: float = 5.0
+    floor_tokens: int = 10_000
+    window_hours: int = 24
+
+    def __post_init__(self) -> None:
+        if not (1 < self.multiple <= 1000):
+            raise ConfigurationError("spikes.multiple", "must be in (1, 1000]")
+        if not isinstance(self.floor_tokens, int) or self.floor_tokens < 1:
+            raise ConfigurationError("spikes.floor_tokens", "must be an integer >= 1")
+        if not isinstance(self.window_hours, int) or not (1 <= self.window_hours <= 168):
+            raise ConfigurationError("spikes.window_hours", "must be 1..168")
 
 
 Limit = RequestRate | TokenRate | Concurrency | TokenQuota | Budget

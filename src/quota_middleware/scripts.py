@@ -29,4 +29,13 @@ def source(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
 
 
-SCRIPT_NAMES = ("admit", "settle", "read", "key_lookup", "key_put", "key_revoke", "key_list")
+SCRIPT_NAMES = (
+    "admit",
+    "settle",
+    "read",
+    "outbox_add",
+    "key_lookup",
+    "key_put",
+    "key_revoke",
+    "key_list",
+)

@@ -14,7 +14,7 @@ from .backends.base import SyncBackend
 from .backends.factory import sync_backend
 from .config import QuotaConfig
 from .engine import Decision, Engine, drive_sync
-from .errors import IdentificationError, StorageError
+from .errors import IdentificationError
 from .identity import Identifier
 from .metering import Meter
 from .reports import UsageReader
@@ -100,13 +100,8 @@ class WSGIQuotaMiddleware:
     def _settle(self, decision: Decision, meter: Meter | None) -> None:
         usage = meter.finish() if meter is not None else None
         cost = meter.cost(usage) if meter is not None and usage is not None else 0
-        call = self.engine.plan_settle(decision, usage, cost)
-        if call is None:
-            return
-        try:
-            self.backend.run(call)
-        except StorageError as e:
-            log.warning("quota_middleware: settle failed (%s); lease will expire", e)
+        if decision.needs_settle:
+            drive_sync(self.engine.settle(decision, usage, cost), self.backend)
 
 
 class _Metered:

@@ -21,6 +21,7 @@ SCRIPTS: dict[str, ScriptImpl] = {
     "admit": memory_scripts.admit,
     "settle": memory_scripts.settle,
     "read": memory_scripts.read,
+    "outbox_add": memory_scripts.outbox_add,
 }
 
 

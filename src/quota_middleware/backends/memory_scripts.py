@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from .memstore import MemoryStore, lua_number
 
@@ -157,10 +158,11 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
     return out
 
 
-def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> int:
+def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[Any]:
     now = _now(store, argv[0])
     if not store.set(keys[0], b"1", nx=True, px=_i(argv[2])):
-        return 0
+        return [0]
+    out: list[Any] = [1]
     rid = _s(argv[1])
     n = _i(argv[3])
     live: dict[str, bool] = {}
@@ -170,7 +172,8 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> int:
         kidx = _i(argv[base + 1])
         key = keys[kidx - 1]
         f = _s(argv[base + 2])
-        p1, p2 = _i(argv[base + 3]), _i(argv[base + 4])
+        p1 = _i(argv[base + 3])
+        p2 = _i(argv[base + 4]) if kind not in ("t", "h") else 0
         if kind == "c":
             store.zrem(key, rid)
         elif kind == "b":
@@ -198,9 +201,41 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> int:
         elif kind == "u":
             store.hincrby(key, f, p2)
             store.pexpire(key, p1)
+        elif kind == "t":
+            used = lua_number(store.hget(key, f)) or 0
+            for pct in _s(argv[base + 4]).split(","):
+                if not pct.isdigit():
+                    continue
+                marker = f"{f}@{pct}"
+                if used * 100 >= int(pct) * p1 and store.hget(key, marker) is None:
+                    store.hset(key, {marker: 1})
+                    out += [b"t", f.encode(), int(pct), used]
+        elif kind == "h":
+            hour = now // 3_600_000_000
+            multiple, floor, window = (int(x) for x in _s(argv[base + 4]).split(","))
+            current = store.hincrby(key, str(hour), p1)
+            past = 0
+            for field, value in list(store.hgetall(key).items()):
+                if field.lstrip("-").isdigit():
+                    h = int(field)
+                    if h < hour - window:
+                        store.hdel(key, field)
+                    elif h < hour:
+                        past += int(value)
+                elif field != f"spike@{hour}":
+                    store.hdel(key, field)
+            marker = f"spike@{hour}"
+            if (
+                current >= floor
+                and current * window * 1000 > multiple * past
+                and store.hget(key, marker) is None
+            ):
+                store.hset(key, {marker: 1})
+                out += [b"h", b"spike", hour, current]
+            store.pexpire(key, (window + 2) * 3_600_000)
         else:
             raise ValueError(f"settle: unknown operation {kind}")
-    return 1
+    return out
 
 
 def read(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[list[bytes]]:
@@ -211,3 +246,11 @@ def read(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[l
             flat += [f.encode(), v]
         out.append(flat)
     return out
+
+
+def outbox_add(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> int:
+    maxlen = _i(argv[0])
+    for event in argv[1:]:
+        data = event if isinstance(event, bytes) else str(event).encode()
+        store.xadd(keys[0], {"event": data}, maxlen=maxlen)
+    return len(argv) - 1

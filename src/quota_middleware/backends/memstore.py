@@ -180,6 +180,40 @@ class MemoryStore:
             return []
         return sorted(((m, s) for m, s in z.items() if lo <= s <= hi), key=lambda t: (t[1], t[0]))
 
+    # -- streams (the alert outbox) -------------------------------------------------------
+    def xadd(self, key: str, fields: dict[str, bytes], maxlen: int | None = None) -> str:
+        entries = self._get(key, "stream")
+        if entries is None:
+            entries = self.data[key] = []
+            self.types[key] = "stream"
+        ms = self.time_us() // 1000
+        last_ms, last_seq = (0, -1)
+        if entries:
+            a, b = entries[-1][0].split("-")
+            last_ms, last_seq = int(a), int(b)
+        seq = last_seq + 1 if ms <= last_ms else 0
+        entry_id = f"{max(ms, last_ms)}-{seq}"
+        entries.append((entry_id, dict(fields)))
+        if maxlen is not None and len(entries) > maxlen:
+            del entries[: len(entries) - maxlen]
+        return entry_id
+
+    def xrange(self, key: str, after: str | None = None) -> list[tuple[str, dict[str, bytes]]]:
+        """Entries with an id greater than ``after`` (all when None), oldest first."""
+        entries = self._get(key, "stream") or []
+        if after is None:
+            return list(entries)
+
+        def order(entry_id: str) -> tuple[int, int]:
+            a, b = entry_id.split("-")
+            return int(a), int(b)
+
+        floor = order(after)
+        return [e for e in entries if order(e[0]) > floor]
+
+    def xlen(self, key: str) -> int:
+        return len(self._get(key, "stream") or [])
+
     # -- sets -----------------------------------------------------------------------------
     def sadd(self, key: str, member: str) -> int:
         s = self._get_or_create(key, "set")

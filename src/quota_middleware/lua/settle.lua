@@ -16,7 +16,22 @@
 --        While the reservation is live the counter moves by actual - reserved; if its lease
 --        already ran out (and admit gave it back), the whole actual is charged.
 --   "u"  usage record: HINCRBY KEYS[k] f by p2 and keep the key p1 ms
--- returns 1 when applied, 0 when this request was already settled
+--   "t"  thresholds of counter f in hash KEYS[k] (after the "q" ops): p1 = the limit, p2 = the
+--        percentages ("50,80,100"). Each one crossed for the first time this period (marker
+--        field "f@pct", set with HSETNX, so concurrent settles crossing together fire once)
+--        becomes an event.
+--   "h"  usage spike: hash KEYS[k] holds tokens per hour (field = hour number); p1 = tokens to
+--        add, p2 = "multiple_milli,floor,window_hours". When this hour exceeds multiple x the
+--        average of the trailing window and floor, one event per hour (marker "spike@hour").
+-- returns {1, events...} when applied ({0} when this request was already settled); each event
+--         is 4 values: kind ("t" or "h"), name, percentage or hour, used
+
+local function event(out, kind, name, level, used)
+  out[#out + 1] = kind
+  out[#out + 1] = name
+  out[#out + 1] = level
+  out[#out + 1] = used
+end
 
 local now
 if ARGV[1] ~= '' then
@@ -26,8 +41,9 @@ else
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', tonumber(ARGV[3])) then
-  return 0
+  return {0}
 end
+local out = {1}
 local rid = ARGV[2]
 local n = tonumber(ARGV[4])
 local live = {}
@@ -71,8 +87,40 @@ for i = 1, n do
   elseif kind == 'u' then
     redis.call('HINCRBY', key, f, string.format('%d', p2))
     redis.call('PEXPIRE', key, p1)
+  elseif kind == 't' then
+    local used = tonumber(redis.call('HGET', key, f)) or 0
+    for pct in string.gmatch(ARGV[base + 5], '%d+') do
+      if used * 100 >= tonumber(pct) * p1 and redis.call('HSETNX', key, f .. '@' .. pct, 1) == 1 then
+        event(out, 't', f, tonumber(pct), used)
+      end
+    end
+  elseif kind == 'h' then
+    local hour = math.floor(now / 3600000000)
+    local multiple, floor, window = string.match(ARGV[base + 5], '(%d+),(%d+),(%d+)')
+    multiple, floor, window = tonumber(multiple), tonumber(floor), tonumber(window)
+    local current = redis.call('HINCRBY', key, hour, string.format('%d', p1))
+    local past = 0
+    local fields = redis.call('HGETALL', key)
+    for j = 1, #fields, 2 do
+      local h = tonumber(fields[j])
+      if h then
+        if h < hour - window then
+          redis.call('HDEL', key, fields[j])
+        elseif h < hour then
+          past = past + tonumber(fields[j + 1])
+        end
+      elseif fields[j] ~= 'spike@' .. hour then
+        redis.call('HDEL', key, fields[j])  -- markers of earlier hours
+      end
+    end
+    -- current > multiple/1000 * past/window, in integers
+    if current >= floor and current * window * 1000 > multiple * past
+        and redis.call('HSETNX', key, 'spike@' .. hour, 1) == 1 then
+      event(out, 'h', 'spike', hour, current)
+    end
+    redis.call('PEXPIRE', key, (window + 2) * 3600000)
   else
     return redis.error_reply('settle: unknown operation ' .. tostring(kind))
   end
 end
-return 1
+return out
