@@ -5,10 +5,12 @@ Run from the repository root (see README.md next to this file)::
     flask --app examples/flask_app/app.py run --port 8001
 
 Without ``OPENAI_BASE_URL`` the AI routes answer from the built-in fake upstream, in-process.
+``QUOTA_POLICY`` names a policy file to use instead of ``policy.toml`` next to this file.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +19,21 @@ from typing import Any
 import httpx
 from flask import Flask, Response, jsonify, request, stream_with_context
 
-from quota_middleware import Decision, QuotaConfig, WSGIQuotaMiddleware
+from quota_middleware import QuotaConfig, WSGIQuotaMiddleware
 from quota_middleware.wsgi import ENVIRON_KEY
 
 _EXAMPLES = str(Path(__file__).resolve().parents[1])  # examples/, for the shared modules
 if _EXAMPLES not in sys.path:
     sys.path.insert(0, _EXAMPLES)
-from demo_common import ensure_demo_secret, forward_headers, upstream_for  # noqa: E402
+from demo_common import (  # noqa: E402
+    describe,
+    ensure_demo_secret,
+    error_body,
+    forward_headers,
+    upstream_for,
+    usage_days,
+    usage_report,
+)
 from fake_upstream import FakeUpstreamTransport  # noqa: E402
 
 POLICY_FILE = Path(__file__).with_name("policy.toml")
@@ -31,13 +41,16 @@ _fake = FakeUpstreamTransport()
 
 
 def load_policy() -> QuotaConfig:
+    """The policy in ``QUOTA_POLICY`` if set, else ``policy.toml`` next to this file."""
     ensure_demo_secret()  # demo-only default for DEMO_JWT_SECRET; set your own in production
-    return QuotaConfig.from_toml(POLICY_FILE)
+    return QuotaConfig.from_toml(os.environ.get("QUOTA_POLICY") or POLICY_FILE)
 
 
 def create_app(config: QuotaConfig | None = None) -> Flask:
     app = Flask(__name__)
-    app.wsgi_app = WSGIQuotaMiddleware(app.wsgi_app, config=config or load_policy())  # type: ignore[method-assign]
+    quota = WSGIQuotaMiddleware(app.wsgi_app, config=config or load_policy())
+    app.wsgi_app = quota  # type: ignore[method-assign]
+    app.extensions["quota"] = quota  # for quota.reader() and quota.stats
 
     @app.get("/health")
     def health() -> Any:
@@ -46,6 +59,21 @@ def create_app(config: QuotaConfig | None = None) -> Flask:
     @app.get("/v1/me")
     def me() -> Any:
         return jsonify(describe(request.environ[ENVIRON_KEY]))
+
+    @app.get("/v1/usage")
+    def usage() -> Any:
+        """The caller's usage today (``?days=N``: the last N days) and what is left."""
+        days = usage_days(request.args.get("days"))
+        if days is None:
+            return jsonify(error_body("days must be 1..35", "invalid_days")), 400
+        decision = request.environ[ENVIRON_KEY]
+        if decision.caller is None:  # the store was down when the caller was identified
+            return jsonify(error_body("usage is unavailable", "unavailable")), 503
+        caller = decision.caller
+        reader = quota.reader()
+        records = reader.usage(caller.id, tenant=caller.tenant, days=days, plan=decision.plan)
+        left = reader.remaining(caller.id, tenant=caller.tenant, plan=decision.plan)
+        return jsonify(usage_report(decision, records, left))
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response:
@@ -56,25 +84,6 @@ def create_app(config: QuotaConfig | None = None) -> Flask:
         return forward("anthropic", "/messages")
 
     return app
-
-
-def describe(decision: Decision) -> dict[str, Any]:
-    caller = decision.caller
-    return {
-        "caller": caller.id if caller else None,
-        "source": caller.source if caller else None,
-        "plan": decision.plan,
-        "limits": [
-            {
-                "name": s.name,
-                "kind": s.kind,
-                "quota": s.quota,
-                "remaining": s.remaining,
-                "reset": s.reset,
-            }  # fmt: skip
-            for s in decision.statuses
-        ],
-    }
 
 
 def forward(kind: str, suffix: str) -> Response:
