@@ -494,6 +494,7 @@ class Identifier:
         self.config = config
         self.prefix = prefix
         self._plans = frozenset(plans) if plans is not None else None
+        self._peer_ids: dict[str, str] = {}
         self._clock = clock
         jc = config.jwt
         self._jwt_cache: TTLCache[bytes, Caller] = TTLCache(jc.cache_size if jc else 0, clock)
@@ -645,12 +646,23 @@ class Identifier:
 
     def client_id(self, info: RequestInfo) -> str:
         """The client's IP (or IPv6 network), walking X-Forwarded-For through trusted proxies."""
+        cached = self._peer_ids.get(info.client) if info.client else None
+        if cached is not None:
+            return cached
         peer = parse_ip(info.client) if info.client else None
         if peer is None:
             # Not an IP (a unix socket, a test client name): the server's label is all we have.
             raw = info.client or ""
             return raw if raw.isascii() and raw.isprintable() and 0 < len(raw) <= 64 else "unknown"
         addr = peer
+        if not self._trusted(peer):
+            # Only an untrusted peer's id depends on the peer alone (no header): worth caching,
+            # as parsing addresses is most of the cost of identifying an anonymous caller.
+            if len(self._peer_ids) >= 10_000:
+                self._peer_ids.clear()
+            caller_id = self._format(peer)
+            self._peer_ids[info.client or ""] = caller_id
+            return caller_id
         if self._trusted(peer):
             hops = ",".join(info.headers.getlist("x-forwarded-for")).split(",")
             for entry in reversed(hops[-_XFF_MAX_HOPS:]):
@@ -660,6 +672,9 @@ class Identifier:
                 addr = nxt
                 if not self._trusted(nxt):
                     break
+        return self._format(addr)
+
+    def _format(self, addr: IPAddress) -> str:
         if isinstance(addr, ipaddress.IPv6Address):
             return str(ipaddress.IPv6Network((addr, self.config.ipv6_prefix), strict=False))
         return str(addr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import ConfigurationError
@@ -72,7 +72,10 @@ def _check_models(models: Sequence[str] | None, where: str) -> tuple[str, ...] |
 
 def path_matches(patterns: Sequence[str], path: str) -> bool:
     """Glob match: ``*`` matches within and across segments, ``/v1/*`` matches ``/v1/x/y``."""
-    return any(p == path or fnmatch.fnmatchcase(path, p) for p in patterns)
+    for p in patterns:
+        if p == "*" or p == path or fnmatch.fnmatchcase(path, p):
+            return True
+    return False
 
 
 def model_matches(patterns: Sequence[str], model: str | None) -> bool:
@@ -109,6 +112,7 @@ class _Bucket(_Scoped):
     __slots__ = ()
     rate: str
     burst: int | None
+    interval_us: int
 
     def _bucket(self, prefix: str) -> None:
         count, period = parse_rate(self.rate, where=f"limit {self.name or self.rate!r}.rate")
@@ -121,13 +125,8 @@ class _Bucket(_Scoped):
         if interval * burst >= _MAX_US:
             raise ConfigurationError(f"limit {self.rate!r}.burst", "burst * period is too large")
         object.__setattr__(self, "burst", burst)
+        object.__setattr__(self, "interval_us", interval)
         self._scope(_rate_name(prefix, count, period))
-
-    @property
-    def interval_us(self) -> int:
-        """Microseconds to refill one unit."""
-        count, period = parse_rate(self.rate)
-        return int(period * 1_000_000 // count)
 
     @property
     def capacity(self) -> int:
@@ -148,6 +147,9 @@ class RequestRate(_Bucket):
     paths: Sequence[str] | None = None
     models: Sequence[str] | None = None
 
+    #: microseconds to refill one unit (derived from ``rate``)
+    interval_us: int = field(default=0, init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         self._bucket("")
 
@@ -165,6 +167,9 @@ class TokenRate(_Bucket):
     name: str | None = None
     paths: Sequence[str] | None = None
     models: Sequence[str] | None = None
+
+    #: microseconds to refill one unit (derived from ``rate``)
+    interval_us: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._bucket("tok")

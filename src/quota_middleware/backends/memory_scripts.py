@@ -16,11 +16,14 @@ Arg = int | str | bytes
 
 
 def _s(a: Arg) -> str:
+    if type(a) is str:
+        return a
     return a.decode() if isinstance(a, bytes) else str(a)
 
 
 def _i(a: Arg) -> int:
-    return int(_s(a))
+    # ints arrive as ints from the engine; Redis would see their decimal text, same value
+    return a if type(a) is int else int(_s(a))
 
 
 def _now(store: MemoryStore, arg: Arg) -> int:

@@ -7,6 +7,8 @@ becomes :class:`StorageError`; the circuit breaker turns a run of errors into in
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +18,7 @@ import redis as redis_sync
 import redis.asyncio as redis_async
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ..errors import StorageError
 from ..scripts import ScriptCall, source
@@ -68,7 +70,12 @@ class _ScriptCache:
         return script
 
 
-class SyncRedisBackend:
+_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+class _Base:
+    """Breaker, error mapping and the latency observer, shared by the sync and async backends."""
+
     def __init__(
         self,
         client: Any,
@@ -81,56 +88,137 @@ class SyncRedisBackend:
         self._scripts = _ScriptCache(client)
         self._observer = observer
 
+    def _failed(self, what: str, start: float, error: BaseException) -> StorageError:
+        self.breaker.failure()
+        self._observe(what, start, False)
+        return StorageError(f"redis {what} failed: {type(error).__name__}", error)
+
+    def _ok(self, what: str, start: float) -> None:
+        self.breaker.success()
+        self._observe(what, start, True)
+
+    def _observe(self, name: str, start: float, ok: bool) -> None:
+        if self._observer is not None:
+            self._observer(name, time.perf_counter() - start, ok)
+
+
+class SyncRedisBackend(_Base):
     def run(self, call: ScriptCall) -> Any:
         self.breaker.before()
         start = time.perf_counter()
         try:
             reply = self._scripts.get(call.name)(keys=call.keys, args=call.args)
-        except (RedisError, RedisClusterException, OSError) as e:
-            self.breaker.failure()
-            self._observe(call.name, start, False)
-            raise StorageError(f"redis {call.name} failed: {type(e).__name__}", e) from None
-        self.breaker.success()
-        self._observe(call.name, start, True)
+        except _ERRORS as e:
+            raise self._failed(call.name, start, e) from None
+        self._ok(call.name, start)
         return reply
-
-    def _observe(self, name: str, start: float, ok: bool) -> None:
-        if self._observer is not None:
-            self._observer(name, time.perf_counter() - start, ok)
 
     def close(self) -> None:
         self.client.close()
 
 
-class AsyncRedisBackend:
+class AsyncRedisBackend(_Base):
+    """Async backend. With ``batch=True`` (the default on a single Redis), the calls that
+    concurrent requests of one process make in the same event-loop iteration go out as one
+    pipeline: one write and one read for all of them instead of one round trip each. Each call
+    is still its own script, so atomicity per request is unchanged."""
+
     def __init__(
         self,
         client: Any,
         *,
         breaker: CircuitBreaker | None = None,
         observer: Observer | None = None,
+        batch: bool | None = None,
     ) -> None:
-        self.client = client
-        self.breaker = breaker or CircuitBreaker()
-        self._scripts = _ScriptCache(client)
-        self._observer = observer
+        super().__init__(client, breaker=breaker, observer=observer)
+        # Cluster pipelines split by node and retry on their own; batching targets one server.
+        self._batch = not isinstance(client, AsyncRedisCluster) if batch is None else batch
+        self._queue: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
+        self._shas: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def run_async(self, call: ScriptCall) -> Any:
         self.breaker.before()
+        if not self._batch:
+            return await self._run_one(call)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((call, future))
+        if len(self._queue) == 1:
+            # Runs after the callbacks already scheduled for this iteration, so every request
+            # that reaches its admit now joins the same pipeline.
+            loop.call_soon(self._flush_soon)
+        return await future
+
+    async def _run_one(self, call: ScriptCall) -> Any:
         start = time.perf_counter()
         try:
             reply = await self._scripts.get(call.name)(keys=call.keys, args=call.args)
-        except (RedisError, RedisClusterException, OSError) as e:
-            self.breaker.failure()
-            self._observe(call.name, start, False)
-            raise StorageError(f"redis {call.name} failed: {type(e).__name__}", e) from None
-        self.breaker.success()
-        self._observe(call.name, start, True)
+        except _ERRORS as e:
+            raise self._failed(call.name, start, e) from None
+        self._ok(call.name, start)
         return reply
 
-    def _observe(self, name: str, start: float, ok: bool) -> None:
-        if self._observer is not None:
-            self._observer(name, time.perf_counter() - start, ok)
+    def _flush_soon(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> None:
+        if len(batch) == 1:
+            call, future = batch[0]
+            try:
+                result = await self._run_one(call)
+            except StorageError as e:
+                _settle(future, error=e)
+            else:
+                _settle(future, result)
+            return
+        start = time.perf_counter()
+        try:
+            replies = await self._pipeline(batch)
+        except _ERRORS as e:
+            error = self._failed("pipeline", start, e)
+            for _, future in batch:
+                _settle(future, error=error)
+            return
+        self._ok("pipeline", start)
+        for (call, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, BaseException):
+                _settle(future, error=StorageError(f"redis {call.name} failed: {reply}", reply))
+            else:
+                _settle(future, reply)
+
+    async def _pipeline(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> list[Any]:
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for call, _ in batch:
+                pipe.evalsha(self._sha(call.name), len(call.keys), *call.keys, *call.args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                # Redis restarted or failed over and lost its script cache: load and rerun.
+                for name in {call.name for call, _ in batch}:
+                    await self.client.script_load(source(name))
+                continue
+            return replies
+        return replies
+
+    def _sha(self, name: str) -> str:
+        sha = self._shas.get(name)
+        if sha is None:
+            sha = self._shas[name] = hashlib.sha1(source(name).encode()).hexdigest()
+        return sha
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _settle(future: asyncio.Future[Any], result: Any = None, *, error: Any = None) -> None:
+    if future.done():  # the waiting request was cancelled (client went away)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
