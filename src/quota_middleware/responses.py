@@ -50,13 +50,22 @@ def _policy_item(s: LimitStatus) -> str:
     return f'"{s.name}";q={s.quota}{window}{_UNIT.get(s.kind, "")}'
 
 
+_POLICIES: dict[tuple[tuple[str, str, int, int], ...], bytes] = {}
+
+
 def rate_limit_headers(statuses: Sequence[LimitStatus]) -> RawHeaders:
     """``RateLimit-Policy`` and ``RateLimit``, one list member per limit that applied."""
     if not statuses:
         return []
-    policy = ", ".join(_policy_item(s) for s in statuses)
+    # The policy header only changes with the configuration: build it once per limit set.
+    shape = tuple((s.name, s.kind, s.quota, s.window) for s in statuses)
+    policy = _POLICIES.get(shape)
+    if policy is None:
+        if len(_POLICIES) > 1024:
+            _POLICIES.clear()
+        policy = _POLICIES[shape] = ", ".join(_policy_item(s) for s in statuses).encode()
     state = ", ".join(f'"{s.name}";r={s.remaining};t={s.reset}' for s in statuses)
-    return [(b"ratelimit-policy", policy.encode()), (b"ratelimit", state.encode())]
+    return [(b"ratelimit-policy", policy), (b"ratelimit", state.encode())]
 
 
 def _duration(seconds: int) -> str:

@@ -38,7 +38,13 @@ class MemoryBackend:
             _load_extensions()
             impl = SCRIPTS[call.name]
         with self._lock:
-            return impl(self.store, call.keys, call.args)
+            store = self.store
+            store.frozen_us = None
+            store.frozen_us = store.time_us()
+            try:
+                return impl(store, call.keys, call.args)
+            finally:
+                store.frozen_us = None
 
     async def run_async(self, call: ScriptCall) -> Any:
         # Each script is a few microseconds of dict work: cheaper to run inline than to hop threads.

@@ -26,9 +26,13 @@ class MemoryStore:
         self.types: dict[str, str] = {}
         self.expires: dict[str, int] = {}  # key -> unix ms
         self._last_us = 0
+        #: set while a script runs: like Redis, one script sees one instant
+        self.frozen_us: int | None = None
 
     # -- time -----------------------------------------------------------------------------
     def time_us(self) -> int:
+        if self.frozen_us is not None:
+            return self.frozen_us
         # Like the scripts' clamp: never let time run backwards, whatever the wall clock does.
         now = time.time_ns() // 1000
         if now < self._last_us:
