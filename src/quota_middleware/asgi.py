@@ -9,6 +9,7 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from .alerts import in_process_delivery
 from .backends.base import AsyncBackend
 from .backends.factory import async_backend
 from .config import QuotaConfig
@@ -43,6 +44,7 @@ class QuotaMiddleware:
         ``config.storage.url``.
     :param backend: any :class:`~quota_middleware.backends.AsyncBackend` (tests, custom stores).
     :param identifier: replaces the identifier built from ``config.identity``.
+    :param metrics: a :class:`~quota_middleware.metrics.PrometheusMetrics`.
 
     The decision is in ``scope["state"]["quota"]`` (``request.state.quota`` in Starlette/FastAPI).
     """
@@ -56,19 +58,24 @@ class QuotaMiddleware:
         backend: AsyncBackend | None = None,
         identifier: Identifier | None = None,
         clock: Callable[[], int] | None = None,
+        metrics: Any = None,
     ) -> None:
         self.app = app
         self.config = load_config(config)
-        self.engine = Engine(self.config, identifier=identifier, clock=clock)
+        self.engine = Engine(self.config, identifier=identifier, clock=clock, metrics=metrics)
+        self._observer = metrics.store if metrics is not None else None
         self._redis = redis
         self._backend = backend
         if backend is None and redis is None and self.config.storage.url.startswith("memory://"):
-            self._backend = async_backend(self.config.storage)
+            self._backend = async_backend(self.config.storage, observer=self._observer)
         # A redis.asyncio connection belongs to the loop that opened it; a test client or a
         # server reload may run us on a new loop, so a Redis backend built here is per loop.
         self._per_loop = self._backend is None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: set[asyncio.Task[Any]] = set()
+        #: the in-process alert dispatcher (``config.alerts.deliver_in_process``), started by the
+        #: first request; ``.stop()`` it on shutdown (it is also stopped at exit)
+        self.alerts = in_process_delivery(self.config, redis)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -88,7 +95,9 @@ class QuotaMiddleware:
             return self._backend
         loop = asyncio.get_running_loop()
         if self._backend is None or self._loop is not loop:
-            self._backend = async_backend(self.config.storage, self._redis)
+            self._backend = async_backend(
+                self.config.storage, self._redis, observer=self._observer
+            )
             self._loop = loop
         return self._backend
 
@@ -97,6 +106,8 @@ class QuotaMiddleware:
             await self.app(scope, receive, send)
             return
         backend = self._get_backend()
+        if self.alerts is not None:
+            self.alerts.ensure(backend)
         info = RequestInfo.from_scope(scope)
         route = self.engine.ai_route(info)
         if route is not None:

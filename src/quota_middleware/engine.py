@@ -155,8 +155,11 @@ class Engine:
         *,
         identifier: Identifier | None = None,
         clock: Callable[[], int] | None = None,
+        metrics: Any = None,
     ) -> None:
         self.config = config
+        #: a :class:`~quota_middleware.metrics.PrometheusMetrics` (or anything with its hooks)
+        self.metrics = metrics
         self.identifier = identifier or Identifier(config.identity, prefix=config.storage.prefix)
         #: microseconds override for deterministic tests; None means Redis server time
         self.clock = clock
@@ -180,6 +183,19 @@ class Engine:
     # -- admit ----------------------------------------------------------------------------
     def admit(self, info: RequestInfo) -> Flow:
         """The admission flow. Raises :class:`IdentificationError` for a 401."""
+        try:
+            decision = yield from self._admit(info)
+        except IdentificationError:
+            if self.metrics is not None:
+                self.metrics.decisions.labels("denied", "unauthenticated", "").inc()
+            raise
+        if self.metrics is not None and decision.limited | decision.degraded | (
+            not decision.allowed
+        ):
+            self.metrics.decision(decision)
+        return decision
+
+    def _admit(self, info: RequestInfo) -> Flow:
         rid = new_request_id()
         if not self.config.routes.is_limited(info.path):
             self.stats.incr("exempt")
@@ -527,6 +543,8 @@ class Engine:
         outbox. A store error ends it with a warning: slots and reservations free themselves
         when their leases end."""
         events: list[AlertEvent] = []
+        if self.metrics is not None and usage is not None:
+            self.metrics.usage(usage, cost)
         try:
             call = self.plan_settle(decision, usage, cost)
             if call is not None:
@@ -539,6 +557,8 @@ class Engine:
             if events:
                 for e in events:
                     self.stats.incr(f"alerts_{e.type}")
+                    if self.metrics is not None:
+                        self.metrics.alert(e, "fired")
                 yield outbox_call(self._prefix, events)
         except StorageError as e:
             self.stats.incr("settle_failed")

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from .alerts import in_process_delivery
 from .backends.base import SyncBackend
 from .backends.factory import sync_backend
 from .config import QuotaConfig
@@ -48,11 +49,18 @@ class WSGIQuotaMiddleware:
         backend: SyncBackend | None = None,
         identifier: Identifier | None = None,
         clock: Callable[[], int] | None = None,
+        metrics: Any = None,
     ) -> None:
         self.app = app
         self.config = config if isinstance(config, QuotaConfig) else QuotaConfig.from_toml(config)
-        self.engine = Engine(self.config, identifier=identifier, clock=clock)
-        self.backend = backend or sync_backend(self.config.storage, redis)
+        self.engine = Engine(self.config, identifier=identifier, clock=clock, metrics=metrics)
+        self._observer = metrics.store if metrics is not None else None
+        self.backend = backend or sync_backend(
+            self.config.storage, redis, observer=self._observer
+        )
+        #: the in-process alert dispatcher (``config.alerts.deliver_in_process``), started by the
+        #: first request; ``.stop()`` it on shutdown (it is also stopped at exit)
+        self.alerts = in_process_delivery(self.config, redis)
 
     def reader(self) -> UsageReader:
         """A :class:`~quota_middleware.reports.UsageReader` on this middleware's store."""
@@ -63,6 +71,8 @@ class WSGIQuotaMiddleware:
         return self.engine.stats.snapshot()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.alerts is not None:
+            self.alerts.ensure(self.backend)
         info = RequestInfo.from_environ(environ)
         route = self.engine.ai_route(info)
         if route is not None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..config import StorageConfig
 from ..errors import ConfigurationError
 from .base import AsyncBackend, CircuitBreaker, SyncBackend
 from .memory import MemoryBackend
+
+#: ``(call name, seconds, ok)`` after each store call, e.g. ``PrometheusMetrics.store``
+Observer = Callable[[str, float, bool], None]
 
 
 def _breaker(storage: StorageConfig) -> CircuitBreaker:
@@ -21,7 +25,9 @@ def _is_async_client(client: Any) -> bool:
     return isinstance(client, redis_async.Redis | RedisCluster)
 
 
-def sync_backend(storage: StorageConfig, client: Any = None) -> SyncBackend:
+def sync_backend(
+    storage: StorageConfig, client: Any = None, *, observer: Observer | None = None
+) -> SyncBackend:
     """A sync backend for ``storage.url``, or over ``client`` (``redis.Redis``/``RedisCluster``)."""
     if client is None and storage.url.startswith("memory://"):
         return MemoryBackend()
@@ -30,10 +36,12 @@ def sync_backend(storage: StorageConfig, client: Any = None) -> SyncBackend:
     if client is not None and _is_async_client(client):
         raise ConfigurationError("redis", "the WSGI middleware needs a sync redis client")
     client = client or client_from_url(storage.url, timeout=storage.timeout, asyncio=False)
-    return SyncRedisBackend(client, breaker=_breaker(storage))
+    return SyncRedisBackend(client, breaker=_breaker(storage), observer=observer)
 
 
-def async_backend(storage: StorageConfig, client: Any = None) -> AsyncBackend:
+def async_backend(
+    storage: StorageConfig, client: Any = None, *, observer: Observer | None = None
+) -> AsyncBackend:
     """An async backend for ``storage.url``, or over a ``redis.asyncio`` client."""
     if client is None and storage.url.startswith("memory://"):
         return MemoryBackend()
@@ -42,4 +50,4 @@ def async_backend(storage: StorageConfig, client: Any = None) -> AsyncBackend:
     if client is not None and not _is_async_client(client):
         raise ConfigurationError("redis", "the ASGI middleware needs a redis.asyncio client")
     client = client or client_from_url(storage.url, timeout=storage.timeout, asyncio=True)
-    return AsyncRedisBackend(client, breaker=_breaker(storage))
+    return AsyncRedisBackend(client, breaker=_breaker(storage), observer=observer)
