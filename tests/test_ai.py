@@ -379,3 +379,32 @@ def test_reservation_of_a_dead_worker_is_freed_when_its_lease_ends(backend: Any)
     assert sync.run(call)[0] == 1
     assert sync.run(call) == [0]
     assert reader.remaining("192.0.2.99")[0].used == before + 30
+
+
+def test_wsgi_iterable_dropped_without_close_is_still_settled_once(backend: Any) -> None:
+    """Some servers lose the iterable when the client vanishes mid-stream (werkzeug's dev server
+    skips close() if reading the socket fails); the charge must not be lost."""
+    import gc
+    import io
+
+    if backend.name == "fakeredis":
+        pytest.skip(
+            "fakeredis' Lua runtime (lupa) keeps the calling frame alive, so the "
+            "iterable is never collected in this process; real Redis is tested"
+        )
+    h = AIHarness("wsgi", backend, config())
+    try:
+        raw = json.dumps(chat(stream=True, x_prompt=40, x_completion=30)).encode()
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": PATH, "REMOTE_ADDR": "192.0.2.10",
+                   "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(raw)),
+                   "wsgi.input": io.BytesIO(raw)}  # fmt: skip
+        it = iter(h.mw(environ, lambda s, hd, e=None: None))
+        for _ in range(4):  # role chunk + 3 words
+            next(it)
+        del it
+        gc.collect()
+        usage = h.usage()
+        assert usage["requests"] == 1 and usage["estimated"] == 1
+        assert usage["output"] == count_tokens("w0 w1 w2", "gpt-4o-mini")
+    finally:
+        h.close()

@@ -85,7 +85,10 @@ class QuotaMiddleware:
         """A :class:`~quota_middleware.reports.UsageReader` on this middleware's store; call it
         from inside a request (it uses the running loop's connection)::
 
-            records = await request.app.state.quota.reader().ausage(caller_id)
+            records = await quota.reader().ausage(request.state.quota.caller_id)
+
+        where ``quota`` is this middleware instance (``examples/fastapi_app`` shows how to find
+        it when it was added with ``app.add_middleware``).
         """
         return UsageReader(self.config, self._get_backend())
 

@@ -118,7 +118,8 @@ class _Metered:
     """The app's body, metered as it is iterated; ``close()`` closes the app's iterable and then
     settles, exactly once (a ``ClosingIterator`` that also counts)."""
 
-    __slots__ = ("mw", "decision", "_start_response", "_extra", "meter", "app_iter", "_closed")
+    __slots__ = ("mw", "decision", "_start_response", "_extra", "meter", "app_iter", "_closed",
+                 "_settled")
 
     def __init__(
         self,
@@ -134,6 +135,7 @@ class _Metered:
         self.meter = Meter(decision.ai) if decision.ai is not None else None
         self.app_iter: Iterable[bytes] = ()
         self._closed = False
+        self._settled = False
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
@@ -157,10 +159,27 @@ class _Metered:
         meter = self.meter
         if meter is None:
             yield from self.app_iter
-            return
-        for chunk in self.app_iter:
-            meter.feed(chunk)
-            yield chunk
+        else:
+            for chunk in self.app_iter:
+                meter.feed(chunk)
+                yield chunk
+        # The whole body went to the server: settle now. Servers may skip close() (werkzeug's
+        # dev server does when the client resets the connection after the last byte).
+        self._settle_once()
+
+    def _settle_once(self) -> None:
+        if not self._settled:
+            self._settled = True
+            self.mw._settle(self.decision, self.meter)
+
+    def __del__(self) -> None:
+        # Last resort for servers that drop the iterable without close() when the client
+        # vanished mid-stream (werkzeug's dev server can): charge what was relayed, once.
+        if not self._settled:
+            try:
+                self._settle_once()
+            except Exception:  # never raise from a finalizer
+                log.exception("quota_middleware: settle from finalizer failed")
 
     def close(self) -> None:
         if self._closed:
@@ -171,7 +190,7 @@ class _Metered:
             if close is not None:
                 close()
         finally:
-            self.mw._settle(self.decision, self.meter)
+            self._settle_once()
 
 
 def _read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:

@@ -1,0 +1,443 @@
+"""The official ``openai`` and ``anthropic`` SDKs against the example apps served for real:
+``examples/fastapi_app`` under uvicorn and ``examples/flask_app`` under werkzeug's threaded
+server, each in a subprocess on a free loopback port, sharing a real redis-server, answering from
+the in-process fake upstream.
+
+What the SDK reports as usage is what the middleware charged, exactly (tokens and cost); a stream
+without usage is charged from an estimate and marked so; a 429 surfaces as the SDK's
+``RateLimitError``, is retried after ``Retry-After`` when it is about pace, and not retried when it
+is ``insufficient_quota``.
+
+The servers run the example policy plus the test-only plans in ``tests/data/sdk_plans.toml``
+(``QUOTA_POLICY``), so a pace limit refills in 2 s and a token quota runs out after one request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from quota_middleware import (
+    AIRoute,
+    Plan,
+    QuotaConfig,
+    TokenQuota,
+    UsageReader,
+    UsageRecord,
+    WSGIQuotaMiddleware,
+)
+from quota_middleware.backends.memory import MemoryBackend
+from quota_middleware.backends.redis import SyncRedisBackend
+from quota_middleware.estimate import parse_request
+from quota_middleware.pricing import PriceTable, cost_micros
+from quota_middleware.usage import Usage
+from servers import free_port
+
+openai = pytest.importorskip("openai")
+anthropic = pytest.importorskip("anthropic")
+pytest.importorskip("fastapi")
+pytest.importorskip("flask")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import demo_common  # noqa: E402
+import fake_upstream  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+GPT = "gpt-4o-mini"
+CLAUDE = "claude-haiku-4-5"
+PROMPT = [{"role": "user", "content": "Tell me something about rate limits"}]
+#: environment the servers must not see: the examples would forward to a real provider
+_PROVIDER_ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY")
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    reader: UsageReader
+    clients: list[Any] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def _policy_file(tmp: Path) -> Path:
+    """The example policy (the same file for both apps) plus the test-only plans."""
+    example = (EXAMPLES / "fastapi_app" / "policy.toml").read_text()
+    extra = (Path(__file__).parent / "data" / "sdk_plans.toml").read_text()
+    path = tmp / "policy.toml"
+    path.write_text(example + "\n" + extra)
+    return path
+
+
+def _command(name: str, port: int) -> list[str]:
+    if name == "fastapi":
+        return [sys.executable, "-m", "uvicorn", "--app-dir", str(EXAMPLES), "fastapi_app.app:app",
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    code = (
+        f"import sys; sys.path.insert(0, {str(EXAMPLES)!r}); "
+        "from flask_app.app import app; from werkzeug.serving import run_simple; "
+        f"run_simple('127.0.0.1', {port}, app, threaded=True)"
+    )
+    return [sys.executable, "-c", code]
+
+
+def _wait_healthy(server: Server) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=0.5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{server.name} did not start:\n{server.log_tail()}")
+
+
+@pytest.fixture(scope="module", params=["fastapi", "flask"])
+def server(
+    request: pytest.FixtureRequest, redis_server: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    name: str = request.param
+    tmp = tmp_path_factory.mktemp(f"sdk-{name}")
+    policy = _policy_file(tmp)
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()  # the free plan's API-key callers have fixed ids: start them from full
+    demo_common.ensure_demo_secret()  # the test signs the JWTs the server verifies
+    env = {k: v for k, v in os.environ.items() if k not in _PROVIDER_ENV}
+    env.update(
+        QUOTA_POLICY=str(policy),
+        QUOTA_REDIS_URL=redis_server.url,
+        DEMO_JWT_SECRET=os.environ["DEMO_JWT_SECRET"],
+        FAKE_UPSTREAM_DELAY_MS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    port = free_port()
+    log = tmp / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            _command(name, port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    config = QuotaConfig.from_toml(policy)
+    reader = UsageReader(config, SyncRedisBackend(client))
+    srv = Server(name, port, proc, log, reader)
+    try:
+        _wait_healthy(srv)
+        yield srv
+    finally:
+        for c in srv.clients:
+            c.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        client.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_sdk_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The SDKs read these; the tests pass base_url and credentials explicitly.
+    for name in (*_PROVIDER_ENV, "ANTHROPIC_AUTH_TOKEN", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def wsgi_settles_without_close() -> bool:
+    """Whether :class:`WSGIQuotaMiddleware` charges a response once the server has iterated its
+    body to the end, without waiting for ``close()``.
+
+    Werkzeug's dev server calls ``close()`` only after draining the socket's read side
+    (``werkzeug/serving.py``, ``execute``); when the client resets the connection right after the
+    last byte, that read raises ``ConnectionResetError`` and ``close()`` is never called. The sync
+    ``openai`` SDK does exactly that: on ``data: [DONE]`` it closes the response without reading
+    the chunked terminator, so its kernel answers the terminator with RST. A middleware that
+    settles only in ``close()`` then loses the charge (and holds the concurrency slot and the
+    reservations until their leases end), at random, depending on timing.
+    """
+    body = json.dumps({"model": GPT, "messages": PROMPT, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()  # fmt: skip
+    reply = fake_upstream.handle("POST", "/v1/chat/completions", body)
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("content-type", reply.content_type)])
+        return iter(reply.chunks)
+
+    config = QuotaConfig(
+        plans=[Plan(name="p", limits=[TokenQuota(tokens=1_000_000)])],
+        ai_routes=[AIRoute(path="/v1/chat/completions", format="openai-chat")],
+    )
+    mw = WSGIQuotaMiddleware(app, config=config, backend=MemoryBackend())
+    environ = {
+        "REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "QUERY_STRING": "",
+        "SERVER_NAME": "test", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1", "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(body)), "wsgi.input": __import__("io").BytesIO(body),
+        "wsgi.url_scheme": "http",
+    }  # fmt: skip
+    for _ in mw(environ, lambda status, headers, exc_info=None: None):  # never closed
+        pass
+    return bool(mw.reader().usage("127.0.0.1", days=1))
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _caller(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class Attempts:
+    """Every HTTP request the SDK sends and the status and time of every response it gets."""
+
+    def __init__(self) -> None:
+        self.sent: list[float] = []
+        self.responses: list[tuple[float, int, dict[str, str]]] = []
+
+    def on_request(self, request: Any) -> None:
+        self.sent.append(time.monotonic())
+
+    def on_response(self, response: Any) -> None:
+        headers = {k.lower(): v for k, v in response.headers.items()}
+        self.responses.append((time.monotonic(), response.status_code, headers))
+
+    @property
+    def statuses(self) -> list[int]:
+        return [status for _, status, _ in self.responses]
+
+
+def _openai(server: Server, api_key: str, *, max_retries: int = 0,
+            attempts: Attempts | None = None) -> Any:  # fmt: skip
+    http_client = None
+    if attempts is not None:
+        http_client = openai.DefaultHttpxClient(
+            event_hooks={"request": [attempts.on_request], "response": [attempts.on_response]}
+        )
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key,
+                           max_retries=max_retries, http_client=http_client)  # fmt: skip
+    server.clients.append(client)
+    return client
+
+
+def _anthropic(server: Server, api_key: str) -> Any:
+    client = anthropic.Anthropic(base_url=server.url, api_key=api_key, max_retries=0)
+    server.clients.append(client)
+    return client
+
+
+def _charged(server: Server, caller: str, plan: str, requests: int) -> UsageRecord:
+    """The caller's one usage record today, once ``requests`` requests have settled (the charge
+    lands right after the last byte is sent, so a fast client can read a moment before it)."""
+    deadline = time.monotonic() + 5
+    while True:
+        records = server.reader.usage(caller, days=1, plan=plan)
+        if sum(r.requests for r in records) >= requests or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert len(records) == 1, records
+    assert records[0].requests == requests, records
+    return records[0]
+
+
+def _cost(model: str, usage: Usage) -> int:
+    price = PriceTable().lookup(model)
+    assert price is not None, model
+    return cost_micros(usage, price)
+
+
+def _usage_route(server: Server, auth: dict[str, str]) -> dict[str, Any]:
+    r = httpx.get(f"{server.url}/v1/usage", headers=auth, timeout=10)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def _as_route_record(rec: UsageRecord) -> dict[str, Any]:
+    return {**dataclasses.asdict(rec), "cost_usd": rec.cost_usd}
+
+
+# -- openai: what the SDK sees is what was charged ------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream-include-usage"])
+def test_openai_usage_is_charged_exactly(
+    server: Server, stream: bool, request: pytest.FixtureRequest
+) -> None:
+    sub = _caller("oai")
+    token = demo_common.make_token(sub, "pro")
+    client = _openai(server, token)
+    if stream:
+        usage, text = None, ""
+        for chunk in client.chat.completions.create(
+            model=GPT, messages=PROMPT, max_tokens=25, stream=True,
+            stream_options={"include_usage": True},
+        ):  # fmt: skip
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            usage = chunk.usage or usage
+    else:
+        completion = client.chat.completions.create(model=GPT, messages=PROMPT, max_tokens=25)
+        usage, text = completion.usage, completion.choices[0].message.content or ""
+    assert usage is not None and text.startswith("This is a fake reply to: Tell me")
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    rec = _charged(server, sub, "pro", 1)
+    assert (rec.model, rec.estimated) == (GPT, 0)
+    assert (rec.input_tokens, rec.output_tokens, rec.cached_tokens) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        cached or 0,
+    )
+    assert rec.output_tokens == 25  # the fake answers max_tokens words, one token each
+    sdk = Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+                cached_tokens=cached or 0)  # fmt: skip
+    assert rec.cost_micros == _cost(GPT, sdk) > 0
+    # the app's own route reports the same record, and the quota and budget it came out of
+    report = _usage_route(server, {"authorization": f"Bearer {token}"})
+    assert (report["caller"], report["plan"]) == (sub, "pro")
+    assert report["usage"] == [_as_route_record(rec)]
+    left = {q["name"]: q for q in report["remaining"]}
+    assert left["tokens-day"]["used"] == usage.total_tokens == rec.total_tokens
+    assert left["usd-month"]["used"] == rec.cost_micros
+
+
+def test_openai_stream_without_usage_is_charged_from_an_estimate(
+    server: Server, request: pytest.FixtureRequest
+) -> None:
+    sub = _caller("oai-est")
+    client = _openai(server, demo_common.make_token(sub, "pro"))
+    chunks = list(
+        client.chat.completions.create(model=GPT, messages=PROMPT, max_tokens=25, stream=True)
+    )
+    assert chunks and all(c.usage is None for c in chunks)  # nothing to read the usage from
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    rec = _charged(server, sub, "pro", 1)
+    assert (rec.model, rec.requests, rec.estimated) == (GPT, 1, 1)
+    # tiktoken counts of the prompt and of the relayed text: near the fake's one token per word
+    assert rec.input_tokens > 0 and abs(rec.output_tokens - len(text.split())) <= 8
+    estimate = Usage(input_tokens=rec.input_tokens, output_tokens=rec.output_tokens)
+    assert rec.cost_micros == _cost(GPT, estimate)
+
+
+# -- anthropic ------------------------------------------------------------------------------------
+def _anthropic_charge(usage: Any) -> Usage:
+    """Anthropic's ``input_tokens`` is the uncached part; ours counts every prompt token."""
+    read = usage.cache_read_input_tokens or 0
+    write = usage.cache_creation_input_tokens or 0
+    return Usage(input_tokens=usage.input_tokens + read + write, output_tokens=usage.output_tokens,
+                 cached_tokens=read, cache_write_tokens=write)  # fmt: skip
+
+
+def test_anthropic_message_with_a_demo_api_key(server: Server) -> None:
+    # anthropic 2.x sends api_key as "Authorization: Bearer"; the demo policy accepts its API keys
+    # there as well as in X-API-Key.
+    key = demo_common.DEMO_KEYS["svc-batch"]
+    before = server.reader.usage("svc-batch", days=1, plan="free")
+    assert before == []  # the fixture flushed the store
+    client = _anthropic(server, key)
+    msg = client.messages.create(model=CLAUDE, max_tokens=30, system="Be brief.", messages=PROMPT)
+    assert msg.content[0].text.startswith("This is a fake reply")
+    rec = _charged(server, "svc-batch", "free", 1)
+    charge = _anthropic_charge(msg.usage)
+    assert (rec.model, rec.estimated) == (CLAUDE, 0)
+    assert (rec.input_tokens, rec.output_tokens) == (charge.input_tokens, charge.output_tokens)
+    assert (rec.cached_tokens, rec.cache_write_tokens) == (0, 0)
+    assert rec.cost_micros == _cost(CLAUDE, charge) > 0
+    report = _usage_route(server, {"x-api-key": key})
+    assert (report["caller"], report["plan"]) == ("svc-batch", "free")
+    assert report["usage"] == [_as_route_record(rec)]
+
+
+def test_anthropic_stream_with_a_jwt(server: Server, request: pytest.FixtureRequest) -> None:
+    sub = _caller("claude")
+    client = _anthropic(server, demo_common.make_token(sub, "pro"))
+    with client.messages.stream(
+        model=CLAUDE, max_tokens=30, system="Be brief.", messages=PROMPT
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == final.content[0].text and final.usage.output_tokens == 30
+    rec = _charged(server, sub, "pro", 1)
+    charge = _anthropic_charge(final.usage)
+    assert (rec.model, rec.estimated) == (CLAUDE, 0)
+    assert (rec.input_tokens, rec.output_tokens) == (charge.input_tokens, charge.output_tokens)
+    assert rec.cost_micros == _cost(CLAUDE, charge)
+
+
+# -- 429s as the openai SDK sees them -------------------------------------------------------------
+def test_rate_limit_error_then_retry_after_is_honoured(server: Server) -> None:
+    token = demo_common.make_token(_caller("tight"), "tight")  # 1 request per 2 s
+    no_retry = _openai(server, token)
+    no_retry.chat.completions.create(model=GPT, messages=PROMPT, max_tokens=5)
+    with pytest.raises(openai.RateLimitError) as info:
+        no_retry.chat.completions.create(model=GPT, messages=PROMPT, max_tokens=5)
+    error = info.value
+    assert error.code == "rate_limit_exceeded" and error.status_code == 429
+    assert isinstance(error.body, dict) and error.body["limit"] == "1-2s"
+    retry_after = int(error.response.headers["retry-after"])
+    assert 1 <= retry_after <= 2
+    assert error.response.headers.get("x-should-retry") is None
+
+    attempts = Attempts()
+    retrying = _openai(server, token, max_retries=2, attempts=attempts)
+    completion = retrying.chat.completions.create(model=GPT, messages=PROMPT, max_tokens=5)
+    assert completion.usage is not None and completion.usage.completion_tokens == 5
+    assert attempts.statuses == [429, 200]
+    (refused_at, _, refused), _ = attempts.responses
+    waited = attempts.sent[1] - refused_at
+    assert waited >= int(refused["retry-after"]) - 0.05, (waited, refused)
+    assert waited < int(refused["retry-after"]) + 1.5
+
+
+def test_insufficient_quota_is_not_retried(server: Server) -> None:
+    sub = _caller("quota")
+    token = demo_common.make_token(sub, "quota")  # 100 tokens a day
+    attempts = Attempts()
+    client = _openai(server, token, max_retries=2, attempts=attempts)
+    first = client.chat.completions.create(model=GPT, messages=PROMPT, max_tokens=10)
+    assert first.usage is not None
+    used = first.usage.total_tokens
+    # a prompt bigger than what is left, but not than the whole quota (that would be a 413)
+    long_prompt = [{"role": "user", "content": "please count " + "one two three " * 26}]
+    asks = parse_request(
+        "openai-chat", json.dumps({"model": GPT, "messages": long_prompt}).encode()
+    ).prompt_tokens
+    assert 100 - used < asks and asks + 10 <= 100, (used, asks)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model=GPT, messages=long_prompt, max_tokens=10)
+    error = info.value
+    assert error.code == "insufficient_quota"
+    assert isinstance(error.body, dict) and error.body["limit"] == "tokens-day"
+    assert error.response.headers["x-should-retry"] == "false"
+    assert int(error.response.headers["retry-after"]) >= 1
+    # max_retries=2, yet the refused request was sent once
+    assert attempts.statuses == [200, 429] and len(attempts.sent) == 2
+    rec = _charged(server, sub, "quota", 1)  # only the first request was charged
+    assert rec.total_tokens == used
+    (left,) = server.reader.remaining(sub, plan="quota")
+    assert (left.name, left.used, left.remaining) == ("tokens-day", used, 100 - used)
+
+
+# -- the WSGI adapter and servers that skip close() -----------------------------------------------
+def test_wsgi_settles_once_the_body_is_exhausted() -> None:
+    assert wsgi_settles_without_close()
