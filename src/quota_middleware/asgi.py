@@ -98,9 +98,7 @@ class QuotaMiddleware:
             return self._backend
         loop = asyncio.get_running_loop()
         if self._backend is None or self._loop is not loop:
-            self._backend = async_backend(
-                self.config.storage, self._redis, observer=self._observer
-            )
+            self._backend = async_backend(self.config.storage, self._redis, observer=self._observer)
             self._loop = loop
         return self._backend
 

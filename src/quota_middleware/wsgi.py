@@ -55,9 +55,7 @@ class WSGIQuotaMiddleware:
         self.config = config if isinstance(config, QuotaConfig) else QuotaConfig.from_toml(config)
         self.engine = Engine(self.config, identifier=identifier, clock=clock, metrics=metrics)
         self._observer = metrics.store if metrics is not None else None
-        self.backend = backend or sync_backend(
-            self.config.storage, redis, observer=self._observer
-        )
+        self.backend = backend or sync_backend(self.config.storage, redis, observer=self._observer)
         #: the in-process alert dispatcher (``config.alerts.deliver_in_process``), started by the
         #: first request; ``.stop()`` it on shutdown (it is also stopped at exit)
         self.alerts = in_process_delivery(self.config, redis)
@@ -118,8 +116,16 @@ class _Metered:
     """The app's body, metered as it is iterated; ``close()`` closes the app's iterable and then
     settles, exactly once (a ``ClosingIterator`` that also counts)."""
 
-    __slots__ = ("mw", "decision", "_start_response", "_extra", "meter", "app_iter", "_closed",
-                 "_settled")
+    __slots__ = (
+        "mw",
+        "decision",
+        "_start_response",
+        "_extra",
+        "meter",
+        "app_iter",
+        "_closed",
+        "_settled",
+    )
 
     def __init__(
         self,
