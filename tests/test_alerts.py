@@ -541,7 +541,6 @@ def test_thresholds_fire_once_under_concurrency(redis_server: Any, server: str) 
         deadline = time.monotonic() + 10
         while True:
             events = outbox_events(client, "qm")
-            used = max((e.used for e in events), default=0)
             if len(events) >= 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -554,18 +553,14 @@ def test_thresholds_fire_once_under_concurrency(redis_server: Any, server: str) 
     assert sorted((e.type, e.limit, e.threshold) for e in events) == [
         ("threshold", "tpd", 50), ("threshold", "tpd", 80)
     ]  # fmt: skip
-    # ``used`` may include reservations of requests still in flight (see the xfail below)
-    assert len({e.id for e in events}) == 2 and used >= 5760
+    # ``used`` is actual usage (whole 300-token requests), never reservations in flight
+    assert len({e.id for e in events}) == 2
+    assert all(e.used % 300 == 0 and e.used <= 6000 for e in events)
     for e in events:
         assert e.caller == "127.0.0.1" and e.limit_value == 7200 and e.unit == "tokens"
         assert e.used * 100 >= (e.threshold or 0) * 7200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settle.lua 't' reads the quota counter, which includes "
-    "the reservations of requests still in flight, not only actual usage",
-)
 def test_threshold_counts_actual_usage_not_reservations_in_flight() -> None:
     from quota_middleware.engine import Engine, drive_sync
     from quota_middleware.request import Headers, RequestInfo
@@ -580,7 +575,7 @@ def test_threshold_counts_actual_usage_not_reservations_in_flight() -> None:
 
     a, _b, _c = admit(), admit(), admit()  # three in flight, ~308 tokens reserved each
     events = drive_sync(engine.settle(a, Usage(input_tokens=10, output_tokens=10)), backend)
-    # 20 of 1000 tokens used (2%), yet a "50%" event fires with used=636
+    # 20 of 1000 tokens used (2%): the 924 reserved in flight must not fire the 50% alert
     assert events == []
 
 

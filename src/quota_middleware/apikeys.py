@@ -167,7 +167,7 @@ def parse_record(key_id: str, reply: Any) -> KeyRecord | None:
 
 
 class KeyStore:
-    """Create, list, revoke and read API keys in a store, through the ``key_*`` scripts.
+    """Create, list, revoke, rotate and read API keys in a store, through the ``key_*`` scripts.
 
     ``backend`` is any sync backend (``.run(ScriptCall)``): ``MemoryBackend()`` or
     ``SyncRedisBackend(redis.Redis(...))``. ``prefix`` is the storage key prefix and must match
@@ -275,6 +275,42 @@ class KeyStore:
             "key_revoke", (record_key(self.prefix, key_id),), (self._now(), self.retention_ms)
         )
         return int(self.backend.run(call)) == 1
+
+
+    def rotate(self, key_id: str, *, grace: float) -> tuple[str, KeyRecord]:
+        """Replace ``key_id`` with a new key for the same caller, plan and tenant (and the same
+        remaining lifetime, if it has one); the old key keeps working for ``grace`` more seconds
+        (never longer than it would have), then expires. Returns the new plain key (shown this
+        once) and its record. Raises ``ValueError`` when ``key_id`` is unknown, revoked or
+        expired. App servers may accept the old key for up to their cache TTL after the grace.
+        """
+        if not isinstance(grace, int | float) or not 0 <= grace <= 366 * 86400:
+            raise ValueError("grace must be between 0 seconds and 366 days")
+        old = self.get(key_id)
+        if old is None:
+            raise ValueError(f"no API key {key_id!r}")
+        if not old.active:
+            raise ValueError(f"API key {key_id} is {old.status}: only active keys can be rotated")
+        expires_in = None
+        if old.expires is not None:
+            now = self._clock() if self._clock is not None else time.time()
+            expires_in = old.expires - now
+            if expires_in <= 0:
+                raise ValueError(f"API key {key_id} is expired: only active keys can be rotated")
+        key, rec = self.create(old.caller, old.plan, tenant=old.tenant, expires_in=expires_in)
+        call = ScriptCall(
+            "key_expire",
+            (record_key(self.prefix, old.key_id),),
+            (self._now(), int(grace * _US), self.retention_ms),
+        )
+        reply = self.backend.run(call)
+        if int(reply[0]) != 1:
+            # Revoked or expired in the meantime: the new key must not outlive the old one.
+            self.revoke(rec.key_id)
+            raise ValueError(
+                f"API key {key_id} is {_str(reply[1])}: only active keys can be rotated"
+            )
+        return key, rec
 
 
 # -- request-time verification ----------------------------------------------------------------
@@ -540,6 +576,24 @@ def _key_revoke(store: MemoryStore, keys: Sequence[str], argv: Sequence[ScriptAr
     return 1
 
 
+def _key_expire(store: MemoryStore, keys: Sequence[str], argv: Sequence[ScriptArg]) -> list[Any]:
+    now = _twin_now(store, argv[0])
+    h = store.hgetall(keys[0])
+    if "caller" not in h:
+        return [0, b"missing"]
+    if h.get("revoked") == b"1":
+        return [0, b"revoked"]
+    expires = int(h.get("expires", b"0"))
+    if 0 < expires <= now:
+        return [0, b"expired"]
+    at = now + int(_a(argv[1]))
+    if expires == 0 or at < expires:
+        expires = at
+        store.hset(keys[0], {"expires": expires})
+        store.pexpireat(keys[0], expires // 1000 + int(_a(argv[2])))
+    return [1, expires]
+
+
 def _key_list(store: MemoryStore, keys: Sequence[str], argv: Sequence[ScriptArg]) -> Any:
     op = _a(argv[0])
     if op == "add":
@@ -556,6 +610,7 @@ SCRIPTS.update(
         "key_lookup": _key_lookup,
         "key_put": _key_put,
         "key_revoke": _key_revoke,
+        "key_expire": _key_expire,
         "key_list": _key_list,
     }
 )

@@ -524,17 +524,24 @@ class Engine:
         key_list = [f"{self._app_tag}:s:{decision.request_id}"]
         ops: list[ScriptArg] = []
         index: dict[str, int] = {}
-        for b in self.config.app_budgets:
+        budgets = self._app_budget_ops()
+        for b in budgets:
             key, _ = self.app_period_key(b)
             if key not in index:
                 key_list += [key, key + ":r"]
                 index[key] = len(key_list) - 1
             ops += ["q", index[key], b.name or "", 0, cost]
+        for b in budgets:
             if b.thresholds:
+                key, _ = self.app_period_key(b)
                 ops += ["t", index[key], b.name or "", b.micros, ",".join(map(str, b.thresholds))]
         args: list[ScriptArg] = [self._now_arg(), decision.request_id, SETTLE_MARKER_MS,
                                  len(ops) // 5]  # fmt: skip
         return ScriptCall("settle", tuple(key_list), tuple(args + ops))
+
+    def _app_budget_ops(self) -> tuple[AppBudget, ...]:
+        """The app budgets, in the order their "q" operations open the app settle call."""
+        return tuple(self.config.app_budgets)
 
     def settle(
         self, decision: Decision, usage: Usage | None = None, cost: int = 0
@@ -553,7 +560,15 @@ class Engine:
             app_call = self.plan_app_settle(decision, cost) if decision.ai is not None else None
             if app_call is not None:
                 reply = yield app_call
-                events += self._events(decision, parse_settle_events(reply), app=True)
+                # each budget's period is the one it was charged in, read off the call's keys
+                periods = {
+                    b.name or "": app_call.keys[int(app_call.args[5 + 5 * i])
+                                                - 1].rsplit(":q:", 1)[-1][1:]
+                    for i, b in enumerate(self._app_budget_ops())
+                }  # fmt: skip
+                events += self._events(
+                    decision, parse_settle_events(reply), app=True, periods=periods
+                )
             if events:
                 for e in events:
                     self.stats.incr(f"alerts_{e.type}")
@@ -566,7 +581,12 @@ class Engine:
         return events
 
     def _events(
-        self, decision: Decision, raw: Sequence[tuple[str, str, int, int]], *, app: bool
+        self,
+        decision: Decision,
+        raw: Sequence[tuple[str, str, int, int]],
+        *,
+        app: bool,
+        periods: dict[str, str] | None = None,
     ) -> list[AlertEvent]:
         caller = decision.caller
         out = []
@@ -584,8 +604,7 @@ class Engine:
                 ))  # fmt: skip
             elif app:
                 b = budgets.get(name)
-                period, _ = self.app_period_key(b) if b is not None else ("", 0)
-                pid = period.rsplit(":q:", 1)[-1][1:]
+                pid = (periods or {}).get(name, "")
                 out.append(AlertEvent(
                     id=f"app:{name}:{pid}:{level}", type="app_threshold", caller=None,
                     tenant=None, plan=None, limit=name, period=pid, threshold=level, used=used,

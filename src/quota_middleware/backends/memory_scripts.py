@@ -199,13 +199,15 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
             delta = p2 - p1 if live[key] else p2
             if delta != 0 and store.hincrby(key, f, delta) < 0:
                 store.hset(key, {f: 0})
+            if p2 > 0:
+                store.hincrby(key, f + "#", p2)
             if store.pttl(key) < 0:
                 store.pexpire(key, 86_400_000)
         elif kind == "u":
             store.hincrby(key, f, p2)
             store.pexpire(key, p1)
         elif kind == "t":
-            used = lua_number(store.hget(key, f)) or 0
+            used = lua_number(store.hget(key, f + "#")) or 0
             for pct in _s(argv[base + 4]).split(","):
                 if not pct.isdigit():
                     continue

@@ -14,9 +14,11 @@
 --        into debt, which later requests wait out.
 --   "q"  calendar counter hash KEYS[k] field f, ledger KEYS[k+1]: p1 = reserved, p2 = actual.
 --        While the reservation is live the counter moves by actual - reserved; if its lease
---        already ran out (and admit gave it back), the whole actual is charged.
+--        already ran out (and admit gave it back), the whole actual is charged. Field "f#"
+--        adds up the actual usage alone.
 --   "u"  usage record: HINCRBY KEYS[k] f by p2 and keep the key p1 ms
---   "t"  thresholds of counter f in hash KEYS[k] (after the "q" ops): p1 = the limit, p2 = the
+--   "t"  thresholds of the actual usage "f#" in hash KEYS[k] (after the "q" ops, so reservations
+--        of requests still in flight never trigger an alert): p1 = the limit, p2 = the
 --        percentages ("50,80,100"). Each one crossed for the first time this period (marker
 --        field "f@pct", set with HSETNX, so concurrent settles crossing together fire once)
 --        becomes an event.
@@ -83,12 +85,14 @@ for i = 1, n do
         redis.call('HSET', key, f, 0)
       end
     end
+    -- "f#" counts actual usage only (no reservations in flight): what thresholds are about
+    if p2 > 0 then redis.call('HINCRBY', key, f .. '#', string.format('%d', p2)) end
     if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, 86400000) end
   elseif kind == 'u' then
     redis.call('HINCRBY', key, f, string.format('%d', p2))
     redis.call('PEXPIRE', key, p1)
   elseif kind == 't' then
-    local used = tonumber(redis.call('HGET', key, f)) or 0
+    local used = tonumber(redis.call('HGET', key, f .. '#')) or 0
     for pct in string.gmatch(ARGV[base + 5], '%d+') do
       if used * 100 >= tonumber(pct) * p1 and redis.call('HSETNX', key, f .. '@' .. pct, 1) == 1 then
         event(out, 't', f, tonumber(pct), used)
