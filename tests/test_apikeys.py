@@ -377,3 +377,78 @@ def test_through_fakeredis_backend() -> None:
     v = ApiKeyVerifier(ApiKeyConfig(), prefix="app")
     m, calls = drive(v.verify(key), backend)
     assert m.key_id == rec.key_id and calls[0].keys == (f"app:key:{{{rec.key_id}}}",)
+
+
+# -- rotation (key_expire) ----------------------------------------------------------------------
+
+
+def test_rotate_keeps_owner_and_expiry_and_gives_the_old_key_a_grace(backend: Any) -> None:
+    clock = Clock(T0)
+    store = KeyStore(backend, clock=clock)
+    old_key, old = store.create("svc", "pro", tenant="acme", expires_in=3600)
+    clock.t = T0 + 100
+    new_key, new = store.rotate(old.key_id, grace=60)
+    assert new_key != old_key and parse_key(new_key) == new.key_id != old.key_id
+    assert (new.caller, new.plan, new.tenant) == ("svc", "pro", "acme")
+    assert new.expires == pytest.approx(T0 + 3600)  # the same remaining lifetime
+    assert store.get(old.key_id).expires == T0 + 160  # type: ignore[union-attr]
+    clock.t = T0 + 159
+    assert store.get(old.key_id).status == "active"  # type: ignore[union-attr]
+    clock.t = T0 + 160
+    assert store.get(old.key_id).status == "expired"  # type: ignore[union-attr]
+    assert store.get(new.key_id).status == "active"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="expired"):
+        store.rotate(old.key_id, grace=10)
+
+
+def test_rotate_never_extends_and_refuses_dead_keys(backend: Any) -> None:
+    clock = Clock(T0)
+    store = KeyStore(backend, clock=clock)
+    _, short = store.create("svc", expires_in=30)
+    _, new = store.rotate(short.key_id, grace=3600)  # grace beyond the key's own end
+    assert store.get(short.key_id).expires == T0 + 30  # type: ignore[union-attr]
+    assert new.expires == pytest.approx(T0 + 30)
+    _, forever = store.create("svc")
+    _, new2 = store.rotate(forever.key_id, grace=0)
+    assert new2.expires is None
+    assert store.get(forever.key_id).status == "expired"  # type: ignore[union-attr]
+    store.revoke(new2.key_id)
+    with pytest.raises(ValueError, match="revoked"):
+        store.rotate(new2.key_id, grace=1)
+    with pytest.raises(ValueError, match="no API key"):
+        store.rotate("AAAAAAAAAAAA", grace=1)
+    with pytest.raises(ValueError, match="grace"):
+        store.rotate(new.key_id, grace=-1)
+    assert sum(r.caller == "svc" for r in store.list()) == 4  # no stray key from the refusals
+
+
+def test_key_expire_twins_agree() -> None:
+    fakeredis = pytest.importorskip("fakeredis")
+    pytest.importorskip("lupa")
+    from quota_middleware.backends.redis import SyncRedisBackend
+
+    assert "KEYS[1]" in source("key_expire") and "returns" in source("key_expire")
+    now = int(T0 * 1_000_000)
+    k1, k2, k3 = (record_key("qm", c * 12) for c in "ABC")
+    script = [
+        ScriptCall("key_expire", (k1,), (now, 5_000_000, 1000)),
+        ScriptCall("key_put", (k1,), (now, "a", "pro", "t", 0, "d" * 64, 1000)),
+        ScriptCall("key_put", (k2,), (now, "b", "", "default", 5_000_000, "e" * 64, 1000)),
+        ScriptCall("key_put", (k3,), (now, "c", "", "default", 0, "f" * 64, 1000)),
+        ScriptCall("key_expire", (k1,), (now + 1, 2_000_000, 1000)),
+        ScriptCall("key_expire", (k1,), (now + 2, 9_000_000, 1000)),  # never extends
+        ScriptCall("key_lookup", (k1,), (now + 2_000_000,)),
+        ScriptCall("key_lookup", (k1,), (now + 2_000_001,)),
+        ScriptCall("key_expire", (k1,), (now + 2_000_001, 1, 1000)),
+        ScriptCall("key_expire", (k2,), (now, 1_000_000, 1000)),
+        ScriptCall("key_lookup", (k2,), (now + 999_999,)),
+        ScriptCall("key_revoke", (k3,), (now, 1000)),
+        ScriptCall("key_expire", (k3,), (now, 1_000_000, 1000)),
+    ]
+    mem, red = MemoryBackend(), SyncRedisBackend(fakeredis.FakeRedis())
+    for call in script:
+        assert _norm(mem.run(call)) == _norm(red.run(call)), call
+    for k in (k1, k2, k3):
+        assert _norm(sorted(mem.store.hgetall(k).items())) == _norm(
+            sorted((f.decode(), v) for f, v in red.client.hgetall(k).items())
+        ), k

@@ -75,3 +75,22 @@ def test_model_labels_are_bounded(backend: Any) -> None:
         for m in registry.collect() for s in m.samples if "model" in s.labels
     }  # fmt: skip
     assert models == {"m0", "m1", "other"}
+
+
+def test_alert_deliveries_are_counted() -> None:
+    from quota_middleware.alerts import AlertsConfig, Dispatcher
+    from quota_middleware.backends.memory import MemoryBackend
+    from quota_middleware.events import AlertEvent, outbox_call
+
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    got: list[AlertEvent] = []
+    backend = MemoryBackend()
+    event = AlertEvent(id="x", type="threshold", caller="a", tenant="default", plan="p",
+                       limit="tpd", period="2026-11-28", threshold=50, used=5, limit_value=10,
+                       unit="tokens", at=0.0)  # fmt: skip
+    backend.run(outbox_call("qm", [event]))
+    d = Dispatcher(backend, AlertsConfig(callables=[got.append], log=False), metrics=metrics)
+    assert d.run_once() == 1
+    assert got == [event]
+    assert value(registry, "quota_alerts_total", type="threshold", state="delivered") == 1

@@ -3,6 +3,7 @@ ASGI and WSGI middleware backed by Redis."""
 
 from __future__ import annotations
 
+from .alerts import AlertsConfig, WebhookSink
 from .asgi import QuotaMiddleware
 from .config import AIRoute, Plan, QuotaConfig, Routes, RouteWeight, StorageConfig
 from .engine import Decision, LimitStatus
@@ -15,14 +16,18 @@ from .errors import (
     RequestTooLarge,
     StorageError,
 )
+from .events import AlertEvent
 from .identity import Caller, IdentityConfig
-from .limits import Budget, Concurrency, RequestRate, TokenQuota, TokenRate
+from .limits import AppBudget, Budget, Concurrency, RequestRate, SpikeRule, TokenQuota, TokenRate
 from .reports import Remaining, UsageReader, UsageRecord
 from .usage import Usage
 from .wsgi import WSGIQuotaMiddleware
 
 __all__ = [
     "AIRoute",
+    "AlertEvent",
+    "AlertsConfig",
+    "AppBudget",
     "Budget",
     "Caller",
     "Concurrency",
@@ -43,6 +48,7 @@ __all__ = [
     "RouteWeight",
     "Routes",
     "StorageConfig",
+    "SpikeRule",
     "StorageError",
     "TokenQuota",
     "TokenRate",
@@ -50,4 +56,5 @@ __all__ = [
     "UsageReader",
     "UsageRecord",
     "WSGIQuotaMiddleware",
+    "WebhookSink",
 ]

@@ -649,7 +649,10 @@ class Dispatcher:
         prefix: str | None = None,
         consumer: str | None = None,
         storage: StorageConfig | None = None,
+        metrics: Any = None,
     ) -> None:
+        #: a :class:`~quota_middleware.metrics.PrometheusMetrics`: deliveries and failures
+        self.metrics = metrics
         if isinstance(config, QuotaConfig):
             if config.alerts is None:
                 raise ConfigurationError("alerts", "no [alerts] sinks configured")
@@ -764,7 +767,11 @@ class Dispatcher:
         try:
             sink.send(event)
         except Exception as e:
+            if self.metrics is not None:
+                self.metrics.alert(event, "failed")
             return str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}"
+        if self.metrics is not None:
+            self.metrics.alert(event, "delivered")
         return None
 
     def dead_fields(
@@ -995,9 +1002,10 @@ class InProcessDelivery:
     """One dispatcher per middleware instance and process, started lazily by the first request
     (after a pre-fork server forked its workers) in a daemon thread; stopped at exit."""
 
-    def __init__(self, config: QuotaConfig, redis: Any = None) -> None:
+    def __init__(self, config: QuotaConfig, redis: Any = None, metrics: Any = None) -> None:
         self.config = config
         self._redis = redis
+        self._metrics = metrics
         self._lock = threading.Lock()
         self._pid: int | None = None
         self.dispatcher: Dispatcher | None = None
@@ -1013,7 +1021,7 @@ class InProcessDelivery:
             self._pid = os.getpid()
             source = backend if isinstance(backend, MemoryBackend) else (self._redis or backend)
             try:
-                self.dispatcher = Dispatcher(source, self.config)
+                self.dispatcher = Dispatcher(source, self.config, metrics=self._metrics)
                 self.dispatcher.start()
             except Exception as e:
                 self.dispatcher = None
@@ -1031,12 +1039,14 @@ class InProcessDelivery:
             d.stop(timeout)
 
 
-def in_process_delivery(config: QuotaConfig, redis: Any = None) -> InProcessDelivery | None:
+def in_process_delivery(
+    config: QuotaConfig, redis: Any = None, metrics: Any = None
+) -> InProcessDelivery | None:
     """The adapters' hook: None unless ``config.alerts.deliver_in_process``."""
     alerts = config.alerts
     if alerts is None or not getattr(alerts, "deliver_in_process", False):
         return None
-    return InProcessDelivery(config, redis)
+    return InProcessDelivery(config, redis, metrics)
 
 
 # -- the CLI commands (wired in cli.py) ----------------------------------------------------------

@@ -276,7 +276,6 @@ class KeyStore:
         )
         return int(self.backend.run(call)) == 1
 
-
     def rotate(self, key_id: str, *, grace: float) -> tuple[str, KeyRecord]:
         """Replace ``key_id`` with a new key for the same caller, plan and tenant (and the same
         remaining lifetime, if it has one); the old key keeps working for ``grace`` more seconds

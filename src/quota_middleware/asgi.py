@@ -75,7 +75,7 @@ class QuotaMiddleware:
         self._pending: set[asyncio.Task[Any]] = set()
         #: the in-process alert dispatcher (``config.alerts.deliver_in_process``), started by the
         #: first request; ``.stop()`` it on shutdown (it is also stopped at exit)
-        self.alerts = in_process_delivery(self.config, redis)
+        self.alerts = in_process_delivery(self.config, redis, metrics)
 
     @property
     def stats(self) -> dict[str, int]:

@@ -58,7 +58,7 @@ class WSGIQuotaMiddleware:
         self.backend = backend or sync_backend(self.config.storage, redis, observer=self._observer)
         #: the in-process alert dispatcher (``config.alerts.deliver_in_process``), started by the
         #: first request; ``.stop()`` it on shutdown (it is also stopped at exit)
-        self.alerts = in_process_delivery(self.config, redis)
+        self.alerts = in_process_delivery(self.config, redis, metrics)
 
     def reader(self) -> UsageReader:
         """A :class:`~quota_middleware.reports.UsageReader` on this middleware's store."""
