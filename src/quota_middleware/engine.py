@@ -47,7 +47,9 @@ _KINDS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+# Plain slotted classes rather than frozen ones: a frozen dataclass sets each field through
+# object.__setattr__, which the hot path pays for every request. Treat them as read-only.
+@dataclass(slots=True)
 class LimitStatus:
     """One limit as this request left it, for the ``RateLimit`` headers and the app."""
 
@@ -64,7 +66,7 @@ class LimitStatus:
     denied: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hold:
     """What an admitted request holds until it is settled: a concurrency slot (``c``), tokens
     reserved in a bucket (``b``) or on a calendar counter (``q``, with its ledger)."""
@@ -82,7 +84,7 @@ class Hold:
     period: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """What the middleware decided for one request. The app reads it from ``scope["state"]``
     (ASGI) or ``environ["quota_middleware.decision"]`` (WSGI)."""
@@ -138,6 +140,10 @@ class Stats:
             return dict(self.counts)
 
 
+#: what a request-rate limit holds: nothing to give back at settle
+_NO_HOLD = Hold("b", "", "", 0)
+
+
 def new_request_id() -> str:
     return os.urandom(9).hex()
 
@@ -168,14 +174,19 @@ class Engine:
         self._prices, self._default_price = price_table(config)
         self._retention_ms = config.usage_retention_days * 86_400_000
         self._app_tag = f"{self._prefix}:{caller_tag('app', '*')}"
+        self._routes_seen: dict[tuple[str, str], tuple[bool, AIRoute | None, int]] = {}
+        self._limits_seen: dict[tuple[str, str], tuple[Limit, ...]] = {}
+        self._plain_seen: dict[
+            tuple[int, int], tuple[Sequence[Limit], tuple[bytes, ...], tuple[str, ...]]
+        ] = {}
         # app budget name -> (period key, spent micros, limit micros, fetched at monotonic s)
         self._app_seen: dict[str, tuple[str, int, int, float]] = {}
 
     def ai_route(self, info: RequestInfo) -> AIRoute | None:
         """The AI route this request is on, if any: the adapter then buffers its body first."""
-        if not self.config.ai_routes or not self.config.routes.is_limited(info.path):
+        if not self.config.ai_routes:
             return None
-        return self.config.ai_route(info.method, info.path)
+        return self._route_facts(info.method, info.path)[1]
 
     def _now_us(self) -> int:
         return self.clock() if self.clock is not None else time.time_ns() // 1000
@@ -195,9 +206,39 @@ class Engine:
             self.metrics.decision(decision)
         return decision
 
+    def _route_facts(self, method: str, path: str) -> tuple[bool, AIRoute | None, int]:
+        """(limited?, AI route, weight) of a path: pure functions of the configuration,
+        memoised, since glob matching every request is a visible share of the hot path."""
+        key = (method, path)
+        facts = self._routes_seen.get(key)
+        if facts is None:
+            routes = self.config.routes
+            limited = routes.is_limited(path)
+            route = self.config.ai_route(method, path) if limited else None
+            facts = (limited, route, routes.weight(method, path))
+            if len(self._routes_seen) >= 4096:  # paths are client-chosen: stay bounded
+                self._routes_seen.clear()
+            self._routes_seen[key] = facts
+        return facts
+
+    def _plain_limits(self, plan: Plan, path: str) -> tuple[Limit, ...]:
+        """The request and concurrency limits of ``plan`` that apply to ``path`` (memoised)."""
+        key = (plan.name, path)
+        limits = self._limits_seen.get(key)
+        if limits is None:
+            limits = tuple(
+                lim for lim in plan.limits
+                if isinstance(lim, RequestRate | Concurrency) and lim.applies(path, None)
+            )  # fmt: skip
+            if len(self._limits_seen) >= 4096:
+                self._limits_seen.clear()
+            self._limits_seen[key] = limits
+        return limits
+
     def _admit(self, info: RequestInfo) -> Flow:
         rid = new_request_id()
-        if not self.config.routes.is_limited(info.path):
+        limited, route, weight = self._route_facts(info.method, info.path)
+        if not limited:
             self.stats.incr("exempt")
             return Decision(allowed=True, request_id=rid)
         try:
@@ -208,10 +249,8 @@ class Engine:
             self.stats.incr("unauthenticated")
             raise
         plan = self.config.plan(caller.plan)
-        route = self.ai_route(info)
-        model = None
         ai: AIRequest | None = None
-        limits = [lim for lim in plan.limits if lim.applies(info.path, None)]
+        limits: Sequence[Limit]
         if route is not None:
             try:
                 ai = self._prepare(route, info, plan)
@@ -219,23 +258,21 @@ class Engine:
                 return self._refuse(rid, caller, plan, "model", f"model {e.model!r}")
             except UnpricedModel as e:
                 return self._refuse(rid, caller, plan, "unpriced", f"model {e.model!r}")
-            model = ai.model
-            limits = [lim for lim in plan.limits if lim.applies(info.path, model)]
+            limits = [lim for lim in plan.limits if lim.applies(info.path, ai.model)]
             stopped = yield from self._app_gate()
             if stopped is not None:
                 budget, end_us = stopped
                 return self._refuse(rid, caller, plan, "budget", budget.name or "app",
                                     retry_us=end_us - self._now_us())  # fmt: skip
         else:
-            limits = [lim for lim in limits if isinstance(lim, RequestRate | Concurrency)]
-        now_us = self._now_us()
-        day = day_id(now_us, plan.zone) if ai is not None else None
+            limits = self._plain_limits(plan, info.path)
+        now_us = self._now_us() if ai is not None else None
+        day = day_id(now_us, plan.zone) if now_us is not None else None
         if not limits:
             self.stats.incr("allowed")
             return Decision(
                 allowed=True, request_id=rid, caller=caller, plan=plan.name, ai=ai, day=day
             )
-        weight = self.config.routes.weight(info.method, info.path)
         call, holds = self.plan_admit(caller, plan, limits, weight, rid, ai, now_us)
         try:
             reply = yield call
@@ -263,9 +300,11 @@ class Engine:
         """The admit call, and for each limit what it would hold if admitted (charged amounts
         come from the reply)."""
         keys = CallerKeys(self._prefix, caller.tenant, caller.id)
+        if ai is None:
+            return self._plan_plain(keys, limits, weight, rid)
         key_list: list[str] = [keys.buckets]
         index: dict[str, int] = {}
-        lease_us = int(ai.route.lease * 1_000_000) if ai is not None else 0
+        lease_us = int(ai.route.lease * 1_000_000)
         args: list[ScriptArg] = [self._now_arg(), rid, lease_us, len(limits)]
         holds: list[Hold] = []
         now = now_us if now_us is not None else self._now_us()
@@ -300,6 +339,44 @@ class Engine:
                 holds.append(Hold("q", pkey, lim.name, 0, unit, keys.ledger(pkey),
                                   lim.amount, tuple(lim.thresholds), pid[1:]))  # fmt: skip
         return ScriptCall("admit", tuple(key_list), tuple(args)), tuple(holds)
+
+    def _plan_plain(
+        self, keys: CallerKeys, limits: Sequence[Limit], weight: int, rid: str
+    ) -> tuple[ScriptCall, tuple[Hold, ...]]:
+        """``plan_admit`` for request and concurrency limits: everything but the time, the
+        request id and the caller's key names is fixed by the configuration, so it is built
+        once per limit set and weight (as bytes, which the Redis client sends as they are)."""
+        shape = (id(limits), weight)
+        cached = self._plain_seen.get(shape)
+        if cached is None or cached[0] is not limits:
+            tail: list[ScriptArg] = []
+            slots: list[str] = []
+            for lim in limits:
+                assert lim.name is not None
+                if isinstance(lim, RequestRate):
+                    interval = lim.interval_us
+                    tail += ["b", 1, lim.name, interval, interval * lim.capacity, weight, weight]
+                elif isinstance(lim, Concurrency):
+                    slots.append(lim.name)
+                    tail += ["c", len(slots) + 1, "", lim.max, int(lim.lease * 1_000_000), 1, 1]
+            encoded = tuple(str(a).encode() if not isinstance(a, bytes) else a for a in tail)
+            cached = (limits, (b"0", str(len(limits)).encode(), *encoded), tuple(slots))
+            if len(self._plain_seen) >= 1024:
+                self._plain_seen.clear()
+            self._plain_seen[shape] = cached
+        _, tail_bytes, slot_names = cached
+        key_list = (keys.buckets, *(keys.concurrency(name) for name in slot_names))
+        if slot_names:
+            # aligned with ``limits``, as ``decide`` reads them by position
+            slot_keys = iter(key_list[1:])
+            holds = tuple(
+                Hold("c", next(slot_keys), lim.name or "", 0) if isinstance(lim, Concurrency)
+                else _NO_HOLD
+                for lim in limits
+            )  # fmt: skip
+        else:
+            holds = ()
+        return ScriptCall("admit", key_list, (self._now_arg(), rid, *tail_bytes)), holds
 
     def decide(
         self,

@@ -495,6 +495,10 @@ class Identifier:
         self.prefix = prefix
         self._plans = frozenset(plans) if plans is not None else None
         self._peer_ids: dict[str, str] = {}
+        self._ip_callers: dict[str, Caller] = {}
+        self._wants_bearer = config.jwt is not None or (
+            config.api_keys is not None and config.api_keys.bearer
+        )
         self._clock = clock
         jc = config.jwt
         self._jwt_cache: TTLCache[bytes, Caller] = TTLCache(jc.cache_size if jc else 0, clock)
@@ -505,7 +509,7 @@ class Identifier:
 
     def identify(self, info: RequestInfo) -> Generator[ScriptCall, Any, Caller]:
         """Yield store calls (API key lookups), return the Caller; raise IdentificationError."""
-        bearer = self._bearer(info)
+        bearer = self._bearer(info) if self._wants_bearer else None
         for method in self.config.order or ():
             if method == "jwt":
                 if bearer is not None and not self._is_key(bearer):
@@ -523,7 +527,7 @@ class Identifier:
                 if caller is not None:
                     return caller
             else:
-                return Caller(self.client_id(info), source="ip")
+                return self._ip_caller(info)
         raise MissingCredentials("credentials required", scheme=self._scheme)
 
     # -- credentials -----------------------------------------------------------------------
@@ -643,6 +647,19 @@ class Identifier:
         return Caller(sub, plan, tenant, source="jwt")
 
     # -- client address ---------------------------------------------------------------------
+
+    def _ip_caller(self, info: RequestInfo) -> Caller:
+        client = info.client
+        caller = self._ip_callers.get(client) if client else None
+        if caller is None:
+            caller = Caller(self.client_id(info), source="ip")
+            # only peers whose id does not depend on X-Forwarded-For are cached (client_id
+            # cached them in _peer_ids)
+            if client and client in self._peer_ids:
+                if len(self._ip_callers) >= 10_000:
+                    self._ip_callers.clear()
+                self._ip_callers[client] = caller
+        return caller
 
     def client_id(self, info: RequestInfo) -> str:
         """The client's IP (or IPv6 network), walking X-Forwarded-For through trusted proxies."""

@@ -14,21 +14,33 @@ class Headers(Mapping[str, str]):
     list-valued fields; :meth:`getlist` returns each occurrence.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_raw")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items = [(k.lower(), v) for k, v in items]
+        self._items: list[tuple[str, str]] | None = [(k.lower(), v) for k, v in items]
+        self._raw: Iterable[tuple[bytes, bytes]] = ()
 
     @classmethod
     def from_raw(cls, raw: Iterable[tuple[bytes, bytes]]) -> Headers:
+        # Decoded on first use: most requests (anonymous callers by IP) never read a header.
         h = cls.__new__(cls)
-        # latin-1 is what ASGI servers hand over; it round-trips every byte.
-        h._items = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw]
+        h._items = None
+        h._raw = raw
         return h
+
+    @property
+    def items_(self) -> list[tuple[str, str]]:
+        if self._items is None:
+            # latin-1 is what ASGI servers hand over; it round-trips every byte.
+            self._items = [
+                (bytes(k).decode("latin-1").lower(), bytes(v).decode("latin-1"))
+                for k, v in self._raw
+            ]
+        return self._items
 
     def getlist(self, key: str) -> list[str]:
         key = key.lower()
-        return [v for k, v in self._items if k == key]
+        return [v for k, v in self.items_ if k == key]
 
     def __getitem__(self, key: str) -> str:
         values = self.getlist(key)
@@ -37,20 +49,20 @@ class Headers(Mapping[str, str]):
         return ", ".join(values)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and any(k == key.lower() for k, _ in self._items)
+        return isinstance(key, str) and any(k == key.lower() for k, _ in self.items_)
 
     def __iter__(self) -> Iterator[str]:
         seen: dict[str, None] = {}
-        for k, _ in self._items:
+        for k, _ in self.items_:
             seen.setdefault(k)
         return iter(seen)
 
     def __len__(self) -> int:
-        return len({k for k, _ in self._items})
+        return len({k for k, _ in self.items_})
 
     def __repr__(self) -> str:
         # Never print credentials.
-        masked = [(k, "***" if k in _SECRET_HEADERS else v) for k, v in self._items]
+        masked = [(k, "***" if k in _SECRET_HEADERS else v) for k, v in self.items_]
         return f"Headers({masked!r})"
 
 

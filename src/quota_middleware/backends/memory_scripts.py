@@ -23,7 +23,7 @@ def _s(a: Arg) -> str:
 
 def _i(a: Arg) -> int:
     # ints arrive as ints from the engine; Redis would see their decimal text, same value
-    return a if type(a) is int else int(_s(a))
+    return a if type(a) is int else int(a)  # int() reads str and bytes alike
 
 
 def _now(store: MemoryStore, arg: Arg) -> int:
