@@ -12,8 +12,9 @@ from typing import Any
 from .alerts import in_process_delivery
 from .backends.base import AsyncBackend
 from .backends.factory import async_backend
+from .backends.memory import MemoryBackend
 from .config import QuotaConfig
-from .engine import Decision, Engine, drive_async
+from .engine import Decision, Engine, drive_async, drive_sync
 from .errors import IdentificationError
 from .identity import Identifier
 from .metering import Meter
@@ -71,6 +72,7 @@ class QuotaMiddleware:
         # A redis.asyncio connection belongs to the loop that opened it; a test client or a
         # server reload may run us on a new loop, so a Redis backend built here is per loop.
         self._per_loop = self._backend is None
+        self._sync_backend = self._backend if isinstance(self._backend, MemoryBackend) else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: set[asyncio.Task[Any]] = set()
         #: the in-process alert dispatcher (``config.alerts.deliver_in_process``), started by the
@@ -119,7 +121,11 @@ class QuotaMiddleware:
             info.body = body
             receive = _replay(body, receive)
         try:
-            decision = await drive_async(self.engine.admit(info), backend)
+            if self._sync_backend is not None:
+                # the embedded store answers in microseconds: no coroutine per store call
+                decision = drive_sync(self.engine.admit(info), self._sync_backend)
+            else:
+                decision = await drive_async(self.engine.admit(info), backend)
         except IdentificationError as e:
             await _send_response(send, unauthorized(e))
             return

@@ -69,7 +69,9 @@ class Plan:
             seen.add(lim.name)
         object.__setattr__(self, "limits", limits)
         if self.models is not None:
-            if isinstance(self.models, str) or not all(isinstance(m, str) for m in self.models):
+            if not isinstance(self.models, list | tuple) or not all(
+                isinstance(m, str) for m in self.models
+            ):
                 raise ConfigurationError(f"plans.{self.name}.models", "must be a list of patterns")
             object.__setattr__(self, "models", tuple(self.models))
         try:
@@ -275,6 +277,20 @@ class QuotaConfig:
             raise ConfigurationError("unpriced", "one of 'refuse', 'default', 'tokens-only'")
         if self.unpriced == "default" and not self.default_price:
             raise ConfigurationError("default_price", "required when unpriced = 'default'")
+        if not isinstance(self.prices, Mapping):
+            raise ConfigurationError("prices", "must be a table of models")
+        # priced now, so a bad price is a startup error like every other one
+        from .pricing import ModelPrice, PriceTable
+
+        PriceTable().with_overrides(self.prices)
+        if self.default_price is not None:
+            if not isinstance(self.default_price, Mapping):
+                raise ConfigurationError("default_price", "must be a table")
+            ModelPrice.from_usd(
+                self.default_price.get("input"), self.default_price.get("output"),
+                self.default_price.get("cached_input"), self.default_price.get("cache_write"),
+                where="default_price",
+            )  # fmt: skip
         if not isinstance(self.usage_retention_days, int) or not (
             1 <= self.usage_retention_days <= 3660
         ):
@@ -324,7 +340,9 @@ class QuotaConfig:
         routes_d = _table(data, "routes")
         _known(routes_d, {"include", "exempt", "weights"}, "routes")
         weights = []
-        for i, w in enumerate(routes_d.get("weights", [])):
+        for i, w in enumerate(_list(routes_d, "weights", "routes")):
+            if not isinstance(w, Mapping):
+                raise ConfigurationError(f"routes.weights[{i}]", "must be a table")
             _known(w, {"path", "weight", "methods"}, f"routes.weights[{i}]")
             weights.append(RouteWeight(**w))
         routes = Routes(
@@ -336,7 +354,7 @@ class QuotaConfig:
         _known(storage_d, set(StorageConfig.__dataclass_fields__), "storage")
         identity = IdentityConfig.from_dict(_table(data, "identity"), base_dir=base_dir)
         ai_routes = []
-        for i, r in enumerate(data.get("ai_routes", [])):
+        for i, r in enumerate(_list(data, "ai_routes", "")):
             if not isinstance(r, Mapping):
                 raise ConfigurationError(f"ai_routes[{i}]", "must be a table")
             _known(r, set(AIRoute.__dataclass_fields__), f"ai_routes[{i}]")
@@ -347,7 +365,7 @@ class QuotaConfig:
             if k in data
         }
         app_budgets = []
-        for i, b in enumerate(data.get("app_budgets", [])):
+        for i, b in enumerate(_list(data, "app_budgets", "")):
             if not isinstance(b, Mapping):
                 raise ConfigurationError(f"app_budgets[{i}]", "must be a table")
             _known(b, set(AppBudget.__dataclass_fields__), f"app_budgets[{i}]")
@@ -390,6 +408,18 @@ def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
+def _init_fields(cls: Any) -> set[str]:
+    """The fields a user may set (derived ones, like a bucket's interval, are not)."""
+    return {name for name, f in cls.__dataclass_fields__.items() if f.init}
+
+
+def _list(data: Mapping[str, Any], key: str, where: str) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigurationError(f"{where}.{key}" if where else key, "must be a list")
+    return value
+
+
 def _known(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
     for key in data:
         if key not in allowed:
@@ -403,7 +433,7 @@ def _plan_from_dict(name: str, d: Any) -> Plan:
         raise ConfigurationError(where, "must be a table")
     _known(d, {"limits", "shadow", "on_error", "models", "timezone"}, where)
     limits: list[Limit] = []
-    for i, lim in enumerate(d.get("limits", [])):
+    for i, lim in enumerate(_list(d, "limits", where)):
         lw = f"{where}.limits[{i}]"
         if not isinstance(lim, Mapping) or "type" not in lim:
             raise ConfigurationError(lw, f"needs a 'type' ({', '.join(LIMIT_TYPES)})")
@@ -411,7 +441,7 @@ def _plan_from_dict(name: str, d: Any) -> Plan:
         if kind is None:
             raise ConfigurationError(f"{lw}.type", f"unknown limit type {lim['type']!r}")
         params = {k: v for k, v in lim.items() if k != "type"}
-        _known(params, set(kind.__dataclass_fields__), lw)
+        _known(params, _init_fields(kind), lw)
         try:
             limits.append(kind(**params))
         except ConfigurationError as e:

@@ -8,6 +8,7 @@ Nothing here does I/O. A phase that needs the store is a generator that ``yield`
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -144,8 +145,23 @@ class Stats:
 _NO_HOLD = Hold("b", "", "", 0)
 
 
-def new_request_id() -> str:
-    return os.urandom(9).hex()
+class _RequestIds:
+    """Unique request ids without a syscall per request: a random per-process prefix and a
+    counter. Re-seeded after fork, so workers of a pre-fork server never share ids."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(6).hex()
+        self.counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+new_request_id = _RequestIds()
 
 
 def _ceil_s(us: int) -> int:

@@ -54,7 +54,9 @@ def _rate_name(prefix: str, count: int, period: float) -> str:
 def _check_patterns(patterns: Sequence[str] | None, where: str) -> tuple[str, ...] | None:
     if patterns is None:
         return None
-    if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+    if not isinstance(patterns, list | tuple) or not all(
+        isinstance(p, str) and p for p in patterns
+    ):
         raise ConfigurationError(where, "must be a list of non-empty path patterns")
     for p in patterns:
         if not p.startswith("/") and p != "*":
@@ -65,7 +67,7 @@ def _check_patterns(patterns: Sequence[str] | None, where: str) -> tuple[str, ..
 def _check_models(models: Sequence[str] | None, where: str) -> tuple[str, ...] | None:
     if models is None:
         return None
-    if isinstance(models, str) or not all(isinstance(m, str) and m for m in models):
+    if not isinstance(models, list | tuple) or not all(isinstance(m, str) and m for m in models):
         raise ConfigurationError(where, "must be a list of model name patterns")
     return tuple(models)
 
@@ -198,7 +200,7 @@ DEFAULT_THRESHOLDS = (50, 80, 100)
 
 
 def _check_thresholds(values: Sequence[int], where: str) -> tuple[int, ...]:
-    if isinstance(values, str) or not all(
+    if not isinstance(values, list | tuple) or not all(
         isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000 for v in values
     ):
         raise ConfigurationError(where, "thresholds are whole percentages from 1 to 1000")

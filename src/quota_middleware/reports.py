@@ -7,7 +7,6 @@ backend, the ``a``-prefixed ones on an async backend.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -255,10 +254,13 @@ class AppBudgetStatus:
 
 def _redis_client(source: Any) -> Any:
     """The sync redis-py client of ``source`` (a client or a ``SyncRedisBackend``)."""
-    client = getattr(source, "client", source)
+    client = source if hasattr(source, "scan_iter") else getattr(source, "client", None)
     if not hasattr(client, "scan_iter") or not hasattr(client, "pipeline"):
         raise TypeError(f"need a sync redis client or backend, got {type(source).__name__}")
-    if asyncio.iscoroutinefunction(getattr(client, "ping", None)):
+    from redis.asyncio import Redis as AsyncRedis
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    if isinstance(client, AsyncRedis | AsyncRedisCluster):
         raise TypeError("need a sync redis client, not a redis.asyncio one")
     return client
 

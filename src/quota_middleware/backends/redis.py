@@ -18,7 +18,7 @@ import redis as redis_sync
 import redis.asyncio as redis_async
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from ..errors import StorageError
 from ..scripts import ScriptCall, source
@@ -192,18 +192,43 @@ class AsyncRedisBackend(_Base):
                 _settle(future, reply)
 
     async def _pipeline(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> list[Any]:
-        for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for call, _ in batch:
-                pipe.evalsha(self._sha(call.name), len(call.keys), *call.keys, *call.args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                # Redis restarted or failed over and lost its script cache: load and rerun.
-                for name in {call.name for call, _ in batch}:
-                    await self.client.script_load(source(name))
-                continue
-            return replies
+        calls = [call for call, _ in batch]
+        replies = await self._send(calls)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            # Redis restarted or failed over and lost its script cache: load and rerun only
+            # the calls that did not run (the others did, and must not run twice).
+            for name in {calls[i].name for i in missing}:
+                await self.client.script_load(source(name))
+            rerun = await self._send([calls[i] for i in missing])
+            for i, reply in zip(missing, rerun, strict=True):
+                replies[i] = reply
         return replies
+
+    async def _send(self, calls: list[ScriptCall]) -> list[Any]:
+        """EVALSHA each call on one connection: one write, then one read per reply. The RESP
+        is packed here, from arguments that are mostly pre-encoded bytes: redis-py's general
+        packing is the largest cost of a pipelined call."""
+        pool = self.client.connection_pool
+        conn = await _get_connection(pool)
+        try:
+            await conn.send_packed_command([_pack(self._sha_bytes(c.name), c) for c in calls])
+            replies: list[Any] = []
+            for _ in calls:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as e:  # a script error or NOSCRIPT: this call only
+                    replies.append(e)
+        except BaseException:
+            # cancelled or failed halfway: the connection's state is unknown, drop it
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        return replies
+
+    def _sha_bytes(self, name: str) -> bytes:
+        return self._sha(name).encode()
 
     def _sha(self, name: str) -> str:
         sha = self._shas.get(name)
@@ -213,6 +238,31 @@ class AsyncRedisBackend(_Base):
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def _get_connection(pool: Any) -> Any:
+    try:
+        return await pool.get_connection()
+    except TypeError:  # redis-py 5.x wants the command name
+        return await pool.get_connection("EVALSHA")
+
+
+def _arg(a: Any) -> bytes:
+    if type(a) is bytes:
+        return a
+    if type(a) is str:
+        return a.encode()
+    return str(a).encode()
+
+
+def _pack(sha: bytes, call: ScriptCall) -> bytes:
+    parts = [b"EVALSHA", sha, str(len(call.keys)).encode()]
+    parts += [k.encode() for k in call.keys]
+    parts += [_arg(a) for a in call.args]
+    out = [b"*%d\r\n" % len(parts)]
+    for p in parts:
+        out.append(b"$%d\r\n%b\r\n" % (len(p), p))
+    return b"".join(out)
 
 
 def _settle(future: asyncio.Future[Any], result: Any = None, *, error: Any = None) -> None:
