@@ -424,3 +424,57 @@ def _stop_all() -> None:
     for s in servers:
         with contextlib.suppress(Exception):
             s.stop()
+
+
+# -- serving a test app with a real HTTP server ---------------------------------------------------
+APPS_DIR = Path(__file__).resolve().parent / "apps"
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Until ``port`` accepts connections; the server's stderr if it died first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError((proc.stderr.read() if proc.stderr else b"").decode()[-2000:])
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ServerError(f"server on port {port} did not start")
+
+
+def serve_app(
+    kind: str, module: str, env: dict[str, str], *, workers: int = 2
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """Serve ``module.asgi_app`` with uvicorn (``workers`` processes) or ``module.wsgi_app``
+    with werkzeug's threaded server, from ``tests/apps``, on a free loopback port."""
+    port = free_port()
+    environ = {**os.environ, "PYTHONPATH": str(APPS_DIR), **env}
+    environ.pop("QUOTA_REDIS_URL", None)  # the app's own QM_TEST_URL decides
+    if kind == "uvicorn":
+        cmd = [sys.executable, "-m", "uvicorn", f"{module}:asgi_app", "--port", str(port),
+               "--host", "127.0.0.1", "--workers", str(workers),
+               "--log-level", "warning"]  # fmt: skip
+    else:
+        code = (
+            f"import {module}; from werkzeug.serving import run_simple; "
+            f"run_simple('127.0.0.1', {port}, {module}.wsgi_app, threaded=True)"
+        )
+        cmd = [sys.executable, "-c", code]
+    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, proc)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return port, proc
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -50,7 +49,7 @@ from quota_middleware.events import AlertEvent, outbox_call, outbox_key
 from quota_middleware.limits import AppBudget, SpikeRule
 from quota_middleware.pricing import PriceTable, cost_micros
 from quota_middleware.usage import Usage
-from servers import free_port
+from servers import free_port, serve_app, stop_process
 from test_ai import PATH, AIHarness, chat
 
 APPS = Path(__file__).parent / "apps"
@@ -493,39 +492,15 @@ STREAM_BODY = {
 }
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((proc.stderr.read() if proc.stderr else b"").decode()[-2000:])
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not start")
-
-
 @pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.parametrize("server", ["uvicorn", "werkzeug"])
 def test_thresholds_fire_once_under_concurrency(redis_server: Any, server: str) -> None:
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
-    port = free_port()
-    env = {**os.environ, "QM_TEST_URL": redis_server.url, "PYTHONPATH": str(APPS),
-           "QM_TEST_TOKENS": "7200"}  # fmt: skip
-    env.pop("QUOTA_REDIS_URL", None)
-    if server == "uvicorn":
-        cmd = [sys.executable, "-m", "uvicorn", "ai_server:asgi_app", "--port", str(port),
-               "--host", "127.0.0.1", "--workers", "2", "--log-level", "warning"]  # fmt: skip
-    else:
-        code = ("import ai_server; from werkzeug.serving import run_simple; "
-                f"run_simple('127.0.0.1', {port}, ai_server.wsgi_app, threaded=True)")  # fmt: skip
-        cmd = [sys.executable, "-c", code]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    port, proc = serve_app(server, "ai_server",
+                           {"QM_TEST_URL": redis_server.url, "QM_TEST_TOKENS": "7200"})  # fmt: skip
     try:
-        _wait_port(port, proc)
 
         def one(_: int) -> int:
             with httpx.Client(timeout=30) as c:
@@ -547,8 +522,7 @@ def test_thresholds_fire_once_under_concurrency(redis_server: Any, server: str) 
         time.sleep(0.3)  # late settles would add duplicates now
         events = outbox_events(client, "qm")
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
         client.close()
     assert sorted((e.type, e.limit, e.threshold) for e in events) == [
         ("threshold", "tpd", 50), ("threshold", "tpd", 80)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from servers import free_port
+from servers import serve_app, stop_process
 
 APPS = Path(__file__).parent / "apps"
 BURST = 50
@@ -44,20 +43,6 @@ def _client_process(port: int, n: int) -> list[int]:
         return list(pool.map(_hit, [port] * n))
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"server exited early: {err[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not start")
-
-
 @pytest.fixture
 def serve(redis_server: Any) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
@@ -66,30 +51,15 @@ def serve(redis_server: Any) -> Iterator[Any]:
         import redis
 
         redis.Redis.from_url(redis_server.url).flushall()
-        port = free_port()
-        env = {**os.environ, "QM_TEST_URL": redis_server.url, "QM_TEST_BURST": str(BURST),
-               "PYTHONPATH": str(APPS)}  # fmt: skip
-        if kind == "uvicorn":
-            cmd = [sys.executable, "-m", "uvicorn", "exact_app:asgi_app", "--port", str(port),
-                   "--host", "127.0.0.1", "--workers", "2", "--log-level", "warning"]  # fmt: skip
-        else:
-            code = (
-                "import exact_app; from werkzeug.serving import run_simple; "
-                f"run_simple('127.0.0.1', {port}, exact_app.wsgi_app, threaded=True)"
-            )
-            cmd = [sys.executable, "-c", code]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        port, proc = serve_app(
+            kind, "exact_app", {"QM_TEST_URL": redis_server.url, "QM_TEST_BURST": str(BURST)}
+        )
         procs.append(proc)
-        _wait_port(port, proc)
         return port
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.mark.slow

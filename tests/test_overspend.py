@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +22,7 @@ from quota_middleware.estimate import parse_request
 from quota_middleware.pricing import PriceTable, cost_micros
 from quota_middleware.reports import UsageReader
 from quota_middleware.usage import Usage
-from servers import free_port
+from servers import serve_app, stop_process
 
 APPS = Path(__file__).parent / "apps"
 BODY = {
@@ -41,48 +38,19 @@ PROMPT_ESTIMATE = parse_request("openai-chat", json.dumps(BODY).encode()).prompt
 ACTUAL = 40 + 260
 
 
-def _wait(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((proc.stderr.read() if proc.stderr else b"").decode()[-2000:])
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not start")
-
-
 @pytest.fixture
 def serve(redis_server: Any) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(kind: str, **env: str) -> int:
         redis.Redis.from_url(redis_server.url).flushall()
-        port = free_port()
-        environ = {**os.environ, "QM_TEST_URL": redis_server.url, "PYTHONPATH": str(APPS), **env}
-        if kind == "uvicorn":
-            cmd = [sys.executable, "-m", "uvicorn", "ai_server:asgi_app", "--port", str(port),
-                   "--host", "127.0.0.1", "--workers", "2", "--log-level", "warning"]  # fmt: skip
-        else:
-            code = (
-                "import ai_server; from werkzeug.serving import run_simple; "
-                f"run_simple('127.0.0.1', {port}, ai_server.wsgi_app, threaded=True)"
-            )
-            cmd = [sys.executable, "-c", code]
-        proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        port, proc = serve_app(kind, "ai_server", {"QM_TEST_URL": redis_server.url, **env})
         procs.append(proc)
-        _wait(port, proc)
         return port
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def _stream(port: int) -> int:

@@ -28,7 +28,7 @@ from .limits import AppBudget, Budget, Concurrency, Limit, RequestRate, TokenQuo
 from .metering import AIRequest, ModelNotAllowed, UnpricedModel, prepare, price_table
 from .periods import day_id, period_of
 from .request import RequestInfo
-from .scripts import ScriptArg, ScriptCall
+from .scripts import ScriptArg, ScriptCall, hash_pairs
 from .usage import Usage
 
 log = logging.getLogger("quota_middleware")
@@ -507,7 +507,7 @@ class Engine:
             values = dict(zip(keys, reply, strict=False))
             for b, key in stale:
                 assert b.name is not None
-                fields = _pairs(values.get(key, []))
+                fields = hash_pairs(values.get(key, []))
                 limit = fields.get(f"{b.name}:limit", b.micros)
                 self._app_seen[b.name] = (key, fields.get(b.name, 0), limit, now)
         for b in stops:
@@ -718,17 +718,6 @@ class Engine:
 
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(self.clock())
-
-
-def _pairs(flat: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for i in range(0, len(flat) - 1, 2):
-        field = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
-        try:
-            out[field] = int(flat[i + 1])
-        except (TypeError, ValueError):
-            continue
-    return out
 
 
 # -- drivers -------------------------------------------------------------------------------

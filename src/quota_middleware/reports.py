@@ -22,7 +22,7 @@ from .engine import drive_async, drive_sync
 from .keys import CallerKeys, caller_tag
 from .limits import Budget, TokenQuota
 from .periods import period_of
-from .scripts import ScriptCall
+from .scripts import ScriptCall, hash_pairs
 
 _FIELDS = {
     "requests": "requests",
@@ -82,17 +82,6 @@ class Remaining:
         return "usd_micros" if self.kind == "budget" else "tokens"
 
 
-def _pairs(flat: Sequence[Any]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for i in range(0, len(flat) - 1, 2):
-        field = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
-        try:
-            out[field] = int(flat[i + 1])
-        except (TypeError, ValueError):
-            continue
-    return out
-
-
 class UsageReader:
     """Reads usage records and remaining quotas for callers of ``config``."""
 
@@ -114,7 +103,7 @@ class UsageReader:
         records: list[UsageRecord] = []
         for day, flat in zip(day_ids, reply, strict=False):
             per_model: dict[str, dict[str, int]] = {}
-            for field, value in _pairs(flat).items():
+            for field, value in hash_pairs(flat).items():
                 model, _, counter = field.rpartition("|")
                 if counter in _FIELDS:
                     per_model.setdefault(model, {})[_FIELDS[counter]] = value
@@ -135,7 +124,7 @@ class UsageReader:
         if not key_names:
             return []
         reply = yield ScriptCall("read", tuple(key_names), ())
-        values = {k: _pairs(flat) for k, flat in zip(key_names, reply, strict=False)}
+        values = {k: hash_pairs(flat) for k, flat in zip(key_names, reply, strict=False)}
         out = []
         for lim, (pid, end_us) in zip(limits, periods, strict=True):
             assert lim.name is not None
@@ -290,7 +279,7 @@ def read_hashes(source: Any, keys: Sequence[str]) -> list[dict[str, int]]:
         batch = list(keys[i : i + _READ_BATCH])
         if isinstance(store, MemoryStore):
             replies = source.run(ScriptCall("read", tuple(batch), ()))
-            out += [_pairs(flat) for flat in replies]
+            out += [hash_pairs(flat) for flat in replies]
             continue
         pipe = _redis_client(source).pipeline(transaction=False)
         for key in batch:
@@ -299,7 +288,7 @@ def read_hashes(source: Any, keys: Sequence[str]) -> list[dict[str, int]]:
             flat: list[Any] = []
             for f, v in h.items():
                 flat += [f, v]
-            out.append(_pairs(flat))
+            out.append(hash_pairs(flat))
     return out
 
 
@@ -398,7 +387,7 @@ def app_budget_status(
     where = [(b, *engine.app_period_key(b, now_us)) for b in config.app_budgets]
     key_names = tuple(sorted({key for _, key, _ in where}))
     reply = drive_sync(_read_flow(key_names), backend)
-    values = {k: _pairs(flat) for k, flat in zip(key_names, reply, strict=False)}
+    values = {k: hash_pairs(flat) for k, flat in zip(key_names, reply, strict=False)}
     out = []
     for b, key, end_us in where:
         assert b.name is not None

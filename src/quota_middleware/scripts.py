@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Any
 
 ScriptArg = int | str | bytes
 
@@ -21,6 +22,19 @@ class ScriptCall:
     name: str
     keys: tuple[str, ...]
     args: tuple[ScriptArg, ...]
+
+
+def hash_pairs(flat: Any) -> dict[str, int]:
+    """A flat ``HGETALL`` reply (``[field, value, ...]``) as ``{field: int}``; fields whose
+    value is not an integer (markers, reservations) are left out."""
+    out: dict[str, int] = {}
+    for i in range(0, len(flat) - 1, 2):
+        field = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
+        try:
+            out[field] = int(flat[i + 1])
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 @cache
