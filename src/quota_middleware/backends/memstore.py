@@ -40,22 +40,27 @@ class MemoryStore:
         self._last_us = now
         return now
 
-    def _alive(self, key: str, now_ms: int | None = None) -> bool:
+    def _alive(self, key: str) -> bool:
         if key not in self.data:
             return False
         exp = self.expires.get(key)
-        now = now_ms if now_ms is not None else self.time_us() // 1000
-        if exp is not None and exp <= now:
+        if exp is not None and exp <= self.time_us() // 1000:
             self.delete(key)
             return False
         return True
 
     def _get(self, key: str, kind: str) -> Any:
-        if not self._alive(key):
+        # _alive inlined: the scripts' twins call this a few dozen times per request
+        value = self.data.get(key)
+        if value is None:
+            return None
+        exp = self.expires.get(key)
+        if exp is not None and exp <= self.time_us() // 1000:
+            self.delete(key)
             return None
         if self.types[key] != kind:
             raise TypeError(f"WRONGTYPE {key} holds a {self.types[key]}")
-        return self.data[key]
+        return value
 
     def _get_or_create(self, key: str, kind: str) -> Any:
         v = self._get(key, kind)
