@@ -507,3 +507,23 @@ def test_lua_matches_python_twin(twin_backends: Any, p: dict[str, int], steps: l
         call = _build(step, p, now)
         replies = {name: ints(b[name].run(call)) for name in ("memory", "fakeredis", "real")}
         assert replies["memory"] == replies["fakeredis"] == replies["real"], (i, call, replies)
+
+
+def test_memory_store_expires_keys_of_callers_that_never_come_back() -> None:
+    """Like Redis' active expiry: keys nobody reads again are dropped as the store is used."""
+    import time
+
+    from quota_middleware.backends.memory import MemoryBackend
+
+    backend = MemoryBackend()
+    # 2,000 one-off callers, each with a bucket that is full again (key expires) ~1 s later
+    for i in range(2000):
+        lim = ("b", 1, "req", 1_000, 1_000_000, 1, 1)
+        backend.run(ScriptCall("admit", (f"qm:{{default:c{i}}}",), ("", f"r{i}", 0, 1, *lim)))
+    assert len(backend.store.data) == 2000
+    time.sleep(1.2)
+    # one caller keeps using the store; the others' keys go away without being touched
+    for i in range(300):
+        lim = ("b", 1, "req", 1, 1_000_000, 1, 1)
+        backend.run(ScriptCall("admit", ("qm:{default:steady}",), ("", f"s{i}", 0, 1, *lim)))
+    assert len(backend.store.data) <= 2

@@ -44,6 +44,7 @@ class MemoryBackend:
             try:
                 return impl(store, call.keys, call.args)
             finally:
+                store.sweep_some()
                 store.frozen_us = None
 
     async def run_async(self, call: ScriptCall) -> Any:

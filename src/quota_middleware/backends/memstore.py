@@ -28,6 +28,7 @@ class MemoryStore:
         self._last_us = 0
         #: set while a script runs: like Redis, one script sees one instant
         self.frozen_us: int | None = None
+        self._cursor: list[str] = []
 
     # -- time -----------------------------------------------------------------------------
     def time_us(self) -> int:
@@ -69,6 +70,24 @@ class MemoryStore:
             self.data[key] = v
             self.types[key] = kind
         return v
+
+    def sweep_some(self, budget: int = 20) -> int:
+        """Check ``budget`` keys for expiry, round-robin over every key with a TTL, and drop the
+        expired ones. Like Redis' active expiry: keys of callers who never come back must not
+        stay in memory forever. Amortised O(budget) per call."""
+        if not self._cursor:
+            if not self.expires:
+                return 0
+            self._cursor = list(self.expires)  # one snapshot per full pass
+        now_ms = self.time_us() // 1000
+        dropped = 0
+        for _ in range(min(budget, len(self._cursor))):
+            key = self._cursor.pop()
+            exp = self.expires.get(key)
+            if exp is not None and exp <= now_ms:
+                self.delete(key)
+                dropped += 1
+        return dropped
 
     def sweep(self) -> int:
         """Drop every expired key; returns how many."""
