@@ -35,6 +35,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -117,7 +118,9 @@ def _amount(value: int | None, unit: str) -> str:
     if value is None:
         return "?"
     if unit == "usd_micros":
-        return f"${value / 1_000_000:,.2f}"
+        usd = value / 1_000_000
+        # cents hide small budgets ("$0.00 / $0.00"): show micro-dollars below a dollar
+        return f"${usd:,.2f}" if usd >= 1 or usd == 0 else f"${usd:.6f}".rstrip("0")
     return f"{value:,}"
 
 
@@ -161,6 +164,14 @@ def format_text(event: AlertEvent) -> str:
     if event.type == "test":
         return ":white_check_mark: quota-middleware test alert: this sink is reachable"
     return f":bell: {event.type} alert {event.id}"
+
+
+_EMOJI = re.compile(r":[a-z_]+: ")
+
+
+def plain_text(event: AlertEvent) -> str:
+    """:func:`format_text` without Slack's emoji codes, for logs and terminals."""
+    return _EMOJI.sub("", format_text(event), count=1)
 
 
 def _mask(url: str, *, hide_path: bool = False) -> str:
@@ -357,7 +368,7 @@ class LogSink:
         return "log (logger quota_middleware.alerts)"
 
     def send(self, event: AlertEvent) -> None:
-        log.warning("quota alert %s: %s", event.id, format_text(event))
+        log.warning("quota alert %s: %s", event.id, plain_text(event))
 
 
 @dataclass(frozen=True, slots=True)
