@@ -290,7 +290,7 @@ def test_usage_of_one_caller_and_app_budgets(policy: str, app: WSGIQuotaMiddlewa
     assert daily["override_micros"] is None and daily["spent_out"] is True
     assert daily["percent"] == round(100 * spent / 1000, 2)
     # an operator raises the limit in the store: the override shows
-    key = next(iter(redis.Redis.from_url(app.config.storage.url).scan_iter(match="qm:{app:*}:q:*")))
+    key = next(iter(redis.Redis.from_url(app.config.storage.url).scan_iter(match="qm:{@app}:q:*")))
     redis.Redis.from_url(app.config.storage.url).hset(key, "daily:limit", 1_000_000_000)
     table = cli("usage", "--app", "--policy", policy).stdout
     assert "daily" in table and "$1000.000000" in table and "is spent" not in table

@@ -125,7 +125,7 @@ class QuotaMiddleware:
                 # the embedded store answers in microseconds: no coroutine per store call
                 decision = drive_sync(self.engine.admit(info), self._sync_backend)
             else:
-                decision = await drive_async(self.engine.admit(info), backend)
+                decision = await self._admit(info, backend)
         except IdentificationError as e:
             await _send_response(send, unauthorized(e))
             return
@@ -145,6 +145,24 @@ class QuotaMiddleware:
             await self.app(scope, receive, responder.send)
         finally:
             await responder.settle()
+
+    async def _admit(self, info: RequestInfo, backend: AsyncBackend) -> Decision:
+        # Shielded: if the client goes away while the admit call is in flight, the call still
+        # completes in Redis, and what it took (a slot, a reservation) must be given back now,
+        # not when its lease ends.
+        task = self._spawn(drive_async(self.engine.admit(info), backend))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: self._release_orphan(t, backend))
+            raise
+
+    def _release_orphan(self, task: asyncio.Task[Any], backend: AsyncBackend) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        decision: Decision = task.result()
+        if decision.allowed and decision.needs_settle:
+            self._spawn(drive_async(self.engine.settle(decision), backend))
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

@@ -415,12 +415,9 @@ def load_config(args: argparse.Namespace) -> QuotaConfig:
 
 def mask_url(url: str) -> str:
     """``url`` with any password replaced by ``***``."""
-    return re.sub(r"://([^@/]*)@", lambda m: "://" + _mask_userinfo(m.group(1)) + "@", url)
+    from .config import mask_url as config_mask_url
 
-
-def _mask_userinfo(userinfo: str) -> str:
-    user, sep, _ = userinfo.partition(":")
-    return f"{user}:***" if sep else "***"
+    return config_mask_url(url)
 
 
 @contextmanager

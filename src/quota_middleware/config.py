@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ConfigurationError
@@ -209,8 +210,28 @@ class AIRoute:
 Unpriced = Literal["refuse", "default", "tokens-only"]
 
 
-def _mask_url(url: str) -> str:
-    return re.sub(r"://([^@/]*)@", "://***@", url)
+def mask_url(url: str) -> str:
+    """``url`` with its credentials (user info, even with '@' in the password, and a
+    ``password`` query parameter) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if "@" not in parts.netloc and "pass" not in parts.query.lower() and "pwd" not in parts.query:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = (f"{user}:***" if colon else "***") + "@" + host
+    query = "&".join(
+        f"{k}=***" if k.lower() in ("password", "pass", "pwd") else f"{k}={v}"
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_mask_url = mask_url
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,13 +23,13 @@ from .config import AIRoute, Plan, QuotaConfig
 from .errors import IdentificationError, StorageError
 from .events import AlertEvent, outbox_call, parse_settle_events
 from .identity import Caller, Identifier
-from .keys import CallerKeys, caller_tag
+from .keys import CallerKeys, app_tag
 from .limits import AppBudget, Budget, Concurrency, Limit, RequestRate, TokenQuota, TokenRate
 from .metering import AIRequest, ModelNotAllowed, UnpricedModel, prepare, price_table
 from .periods import day_id, period_of
 from .request import RequestInfo
 from .scripts import ScriptArg, ScriptCall, hash_pairs
-from .usage import Usage
+from .usage import Usage, clean_model
 
 log = logging.getLogger("quota_middleware")
 
@@ -79,10 +79,11 @@ class Hold:
     #: bucket refill interval (``b``), or the counter's unit: 0 tokens, 1 micro-dollars (``q``)
     param: int = 0
     ledger: str | None = None
-    #: ``q``: the counter's size and alert thresholds (percent), and its period id
+    #: ``q``: the counter's size and alert thresholds (percent), its period id and end
     amount: int = 0
     thresholds: tuple[int, ...] = ()
     period: str = ""
+    until_us: int = 0
 
 
 @dataclass(slots=True)
@@ -189,7 +190,7 @@ class Engine:
         self._prefix = config.storage.prefix
         self._prices, self._default_price = price_table(config)
         self._retention_ms = config.usage_retention_days * 86_400_000
-        self._app_tag = f"{self._prefix}:{caller_tag('app', '*')}"
+        self._app_tag = app_tag(self._prefix)
         self._routes_seen: dict[tuple[str, str], tuple[bool, AIRoute | None, int]] = {}
         self._limits_seen: dict[tuple[str, str], tuple[Limit, ...]] = {}
         self._plain_seen: dict[
@@ -356,7 +357,7 @@ class Engine:
                     cost, least, unit = ai.reserve_tokens, ai.min_tokens, 0
                 args += ["q", index[pkey], lim.name, lim.amount, end_us, cost, least]
                 holds.append(Hold("q", pkey, lim.name, 0, unit, keys.ledger(pkey),
-                                  lim.amount, tuple(lim.thresholds), pid[1:]))  # fmt: skip
+                                  lim.amount, tuple(lim.thresholds), pid[1:], end_us))  # fmt: skip
         return ScriptCall("admit", tuple(key_list), tuple(args)), tuple(holds)
 
     def _plan_plain(
@@ -431,7 +432,7 @@ class Engine:
             if holds and charged > 0 and not isinstance(lim, RequestRate):
                 h = holds[i]
                 held.append(Hold(h.kind, h.key, h.name, charged, h.param, h.ledger, h.amount,
-                                 h.thresholds, h.period))  # fmt: skip
+                                 h.thresholds, h.period, h.until_us))  # fmt: skip
             elif holds and isinstance(lim, TokenQuota | Budget):
                 held.append(holds[i])  # nothing reserved (tokens-only), still charged at settle
         del now_us
@@ -581,6 +582,12 @@ class Engine:
             else:
                 actual = cost if h.param == 1 else tokens
                 ops += ["q", key(h.key, h.ledger), h.name, h.charged, actual]
+        now_us = self._now_us()
+        kept: set[str] = set()
+        for h in decision.holds:
+            if h.kind == "q" and h.key not in kept:
+                kept.add(h.key)
+                ops += ["e", key(h.key), "", _period_ttl_ms(h.until_us, now_us), 0]
         for h in decision.holds:
             if h.kind == "q" and h.thresholds and (cost if h.param == 1 else tokens):
                 pcts = ",".join(str(t) for t in h.thresholds)
@@ -591,7 +598,7 @@ class Engine:
             ops += ["h", key(keys.hourly), "", tokens, params]
         if usage is not None and decision.day is not None:
             ukey = key(keys.usage(decision.day))
-            model = (usage.model or "unknown").replace("|", "_")[:100]
+            model = (clean_model(usage.model) or "unknown").replace("|", "_")[:100]
             for field, value in (
                 ("requests", 1),
                 ("input", usage.input_tokens),
@@ -621,12 +628,17 @@ class Engine:
         ops: list[ScriptArg] = []
         index: dict[str, int] = {}
         budgets = self._app_budget_ops()
+        ends: dict[str, int] = {}
         for b in budgets:
-            key, _ = self.app_period_key(b)
+            key, end_us = self.app_period_key(b)
             if key not in index:
                 key_list += [key, key + ":r"]
                 index[key] = len(key_list) - 1
+                ends[key] = end_us
             ops += ["q", index[key], b.name or "", 0, cost]
+        now_us = self._now_us()
+        for key, end_us in ends.items():
+            ops += ["e", index[key], "", _period_ttl_ms(end_us, now_us), 0]
         for b in budgets:
             if b.thresholds:
                 key, _ = self.app_period_key(b)
@@ -643,19 +655,27 @@ class Engine:
         self, decision: Decision, usage: Usage | None = None, cost: int = 0
     ) -> Generator[ScriptCall, Any, list[AlertEvent]]:
         """The settle flow: the caller's settle, the app budgets', then any alert events to the
-        outbox. A store error ends it with a warning: slots and reservations free themselves
-        when their leases end."""
+        outbox. Each step runs even if an earlier one failed: the app's spend is charged when
+        the caller's keys are unreachable, and events already decided (their markers are set,
+        they will not fire again) still reach the outbox, or at least the log."""
         events: list[AlertEvent] = []
         if self.metrics is not None and usage is not None:
             self.metrics.usage(usage, cost)
-        try:
-            call = self.plan_settle(decision, usage, cost)
-            if call is not None:
+        call = self.plan_settle(decision, usage, cost)
+        if call is not None:
+            try:
                 reply = yield call
+            except StorageError as e:
+                self._settle_failed("caller", e)
+            else:
                 events += self._events(decision, parse_settle_events(reply), app=False)
-            app_call = self.plan_app_settle(decision, cost) if decision.ai is not None else None
-            if app_call is not None:
+        app_call = self.plan_app_settle(decision, cost) if decision.ai is not None else None
+        if app_call is not None:
+            try:
                 reply = yield app_call
+            except StorageError as e:
+                self._settle_failed("app budget", e)
+            else:
                 # each budget's period is the one it was charged in, read off the call's keys
                 periods = {
                     b.name or "": app_call.keys[int(app_call.args[5 + 5 * i])
@@ -665,16 +685,26 @@ class Engine:
                 events += self._events(
                     decision, parse_settle_events(reply), app=True, periods=periods
                 )
-            if events:
-                for e in events:
-                    self.stats.incr(f"alerts_{e.type}")
-                    if self.metrics is not None:
-                        self.metrics.alert(e, "fired")
+        if events:
+            for event in events:
+                self.stats.incr(f"alerts_{event.type}")
+                if self.metrics is not None:
+                    self.metrics.alert(event, "fired")
+            try:
                 yield outbox_call(self._prefix, events)
-        except StorageError as e:
-            self.stats.incr("settle_failed")
-            log.warning("quota_middleware: settle failed (%s); leases will expire", e)
+            except StorageError as e:
+                self._settle_failed("outbox", e)
+                for event in events:
+                    # the last place these events exist: never drop them silently
+                    log.warning("quota_middleware: alert not queued: %s", event.to_json())
         return events
+
+    def _settle_failed(self, what: str, error: StorageError) -> None:
+        self.stats.incr("settle_failed")
+        log.warning(
+            "quota_middleware: %s settle failed (%s); slots and reservations free themselves "
+            "when their leases end", what, error,
+        )  # fmt: skip
 
     def _events(
         self,
@@ -721,6 +751,11 @@ class Engine:
 
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(self.clock())
+
+
+def _period_ttl_ms(until_us: int, now_us: int) -> int:
+    """How long a period's counters are kept: until the period ends, plus an hour."""
+    return max(0, until_us - now_us) // 1000 + 3_600_000
 
 
 # -- drivers -------------------------------------------------------------------------------

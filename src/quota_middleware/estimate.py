@@ -28,7 +28,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from .errors import QuotaError
-from .usage import Format
+from .usage import Format, clean_model
 
 if TYPE_CHECKING:
     import tiktoken
@@ -410,7 +410,7 @@ def _output_cap(fmt: Format, body: dict[str, Any]) -> int | None:
 def _from_bytes(fmt: Format, body: bytes, path: str) -> RequestEstimate:
     m = _GEMINI_MODEL.search(path)
     return RequestEstimate(
-        model=m.group(1) if m else None,
+        model=clean_model(m.group(1)) if m else None,
         prompt_tokens=-(-len(body) // BYTES_PER_TOKEN),
         max_output_tokens=None,
         stream="streamGenerateContent" in path,
@@ -431,9 +431,7 @@ def parse_request(format: Format, body: bytes, *, path: str = "") -> RequestEsti
     if not isinstance(obj, dict):
         return _from_bytes(fmt, body, path)
     m = _GEMINI_MODEL.search(path) if fmt == "gemini" else None
-    model = m.group(1) if m else obj.get("model")
-    if not isinstance(model, str) or not model:
-        model = None
+    model = clean_model(m.group(1) if m else obj.get("model"))
     try:
         counter = _Counter()
         _count_body(fmt, obj, counter)

@@ -7,18 +7,27 @@ import hashlib
 import re
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.@:/=+-]{1,80}$")
+# A tenant never contains ':', so "{tenant:caller}" splits at its first ':' unambiguously.
+_SAFE_TENANT = re.compile(r"^[A-Za-z0-9_.@/=+-]{1,80}$")
+_HASHED = re.compile(r"^h-[0-9a-f]{32}$")
 
 
-def _part(value: str) -> str:
+def _part(value: str, safe: re.Pattern[str] = _SAFE) -> str:
     # Braces would break the hash tag and odd bytes make keys hard to read in redis-cli; long or
-    # unusual ids become a digest (stable, so the caller still maps to one key).
-    if _SAFE.match(value):
+    # unusual ids become a digest (stable, so the caller still maps to one key). An id that
+    # already looks like a digest is hashed too, so no raw id can collide with a hashed one.
+    if safe.match(value) and not _HASHED.match(value):
         return value
     return "h-" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def caller_tag(tenant: str, caller: str) -> str:
-    return "{" + _part(tenant) + ":" + _part(caller) + "}"
+    return "{" + _part(tenant, _SAFE_TENANT) + ":" + _part(caller) + "}"
+
+
+def app_tag(prefix: str) -> str:
+    """The app-wide keys' tag: ``{@app}`` has no ':', so no caller's tag can ever equal it."""
+    return f"{prefix}:{{@app}}"
 
 
 class CallerKeys:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
+from .usage import clean_model
+
 if TYPE_CHECKING:
     from .engine import Decision
     from .events import AlertEvent
@@ -56,7 +58,7 @@ class PrometheusMetrics:
         self._lock = threading.Lock()
 
     def _model(self, model: str | None) -> str:
-        name = model or "unknown"
+        name = clean_model(model) or "unknown"
         if name in self._models:
             return name
         with self._lock:

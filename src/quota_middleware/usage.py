@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Format", "Usage", "UsageParser"]
+__all__ = ["Format", "Usage", "UsageParser", "clean_model"]
 
 Format = Literal[
     "openai-chat",
@@ -35,6 +35,21 @@ Format = Literal[
 # Counts go to Lua as integers; anything above 2**53 would lose precision there.
 _MAX_COUNT = (1 << 53) - 1
 _MAX_ERROR_CHARS = 500
+
+
+def clean_model(value: object) -> str | None:
+    """A model name fit to become a key field, a log line or a metrics label, else None.
+
+    Model names come from request and response bodies: valid JSON can carry lone surrogates
+    (unencodable), control characters or megabytes of text.
+    """
+    if not isinstance(value, str) or not value or len(value) > 200 or not value.isprintable():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,8 +572,10 @@ class UsageParser:
         return False
 
     def _set_model(self, model: object) -> None:
-        if isinstance(model, str) and model:
-            self._model = model.removeprefix("models/")[:200]
+        if isinstance(model, str):
+            cleaned = clean_model(model.removeprefix("models/"))
+            if cleaned is not None:
+                self._model = cleaned
 
     def _merge(self, usage: object, fields: tuple[tuple[str, str], ...]) -> None:
         """Later non-null values replace earlier ones: every provider reports cumulative counts."""

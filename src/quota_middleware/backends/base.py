@@ -59,6 +59,14 @@ class CircuitBreaker:
                 raise StorageError("store unavailable (circuit open)")
             self._probing = True
 
+    def abandon(self) -> None:
+        """The call was cancelled, or failed for a reason that says nothing about the store:
+        record neither outcome, but never leave the circuit waiting for a probe that will not
+        report (it would stay open forever)."""
+        if self._probing:
+            with self._lock:
+                self._probing = False
+
     def success(self) -> None:
         if self._count or self._probing:
             with self._lock:

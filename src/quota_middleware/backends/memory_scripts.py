@@ -206,6 +206,9 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
         elif kind == "u":
             store.hincrby(key, f, p2)
             store.pexpire(key, p1)
+        elif kind == "e":
+            if store.exists(key) and store.pttl(key) < p1:
+                store.pexpire(key, p1)
         elif kind == "t":
             used = lua_number(store.hget(key, f + "#")) or 0
             for pct in _s(argv[base + 4]).split(","):

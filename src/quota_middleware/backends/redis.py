@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from ..scripts import ScriptCall, source
 from .base import CircuitBreaker
 
 Observer = Callable[[str, float, bool], None]
+log = logging.getLogger("quota_middleware")
 
 
 def _cluster_url(url: str) -> str:
@@ -93,6 +95,13 @@ class _Base:
         self._observe(what, start, False)
         return StorageError(f"redis {what} failed: {type(error).__name__}", error)
 
+    def _unexpected(self, what: str, error: Exception) -> StorageError:
+        # Not an outage (an argument the client could not encode, a bug): the request still
+        # gets its plan's store-error policy instead of a 500, and the breaker is left alone.
+        self.breaker.abandon()
+        log.error("quota_middleware: redis %s failed unexpectedly: %r", what, error)
+        return StorageError(f"redis {what} failed: {type(error).__name__}", error)
+
     def _ok(self, what: str, start: float) -> None:
         self.breaker.success()
         self._observe(what, start, True)
@@ -110,6 +119,11 @@ class SyncRedisBackend(_Base):
             reply = self._scripts.get(call.name)(keys=call.keys, args=call.args)
         except _ERRORS as e:
             raise self._failed(call.name, start, e) from None
+        except Exception as e:
+            raise self._unexpected(call.name, e) from None
+        except BaseException:
+            self.breaker.abandon()
+            raise
         self._ok(call.name, start)
         return reply
 
@@ -157,16 +171,36 @@ class AsyncRedisBackend(_Base):
             reply = await self._scripts.get(call.name)(keys=call.keys, args=call.args)
         except _ERRORS as e:
             raise self._failed(call.name, start, e) from None
+        except Exception as e:
+            raise self._unexpected(call.name, e) from None
+        except BaseException:
+            self.breaker.abandon()
+            raise
         self._ok(call.name, start)
         return reply
 
     def _flush_soon(self) -> None:
-        batch, self._queue = self._queue, []
+        # calls whose requests were cancelled while queued are not sent at all
+        batch = [(call, f) for call, f in self._queue if not f.cancelled()]
+        self._queue = []
+        if not batch:
+            return
         task = asyncio.get_running_loop().create_task(self._flush(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _flush(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> None:
+        try:
+            await self._flush_batch(batch)
+        except BaseException as e:
+            # Whatever happened, no request may be left waiting on this batch forever.
+            error = e if isinstance(e, StorageError) else StorageError(f"redis batch: {e!r}", e)
+            for _, future in batch:
+                _settle(future, error=error)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+    async def _flush_batch(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> None:
         if len(batch) == 1:
             call, future = batch[0]
             try:
@@ -184,6 +218,14 @@ class AsyncRedisBackend(_Base):
             for _, future in batch:
                 _settle(future, error=error)
             return
+        except Exception as e:
+            error = self._unexpected("pipeline", e)
+            for _, future in batch:
+                _settle(future, error=error)
+            return
+        except BaseException:
+            self.breaker.abandon()
+            raise
         self._ok("pipeline", start)
         for (call, future), reply in zip(batch, replies, strict=True):
             if isinstance(reply, BaseException):
@@ -250,14 +292,13 @@ async def _get_connection(pool: Any) -> Any:
 def _arg(a: Any) -> bytes:
     if type(a) is bytes:
         return a
-    if type(a) is str:
-        return a.encode()
-    return str(a).encode()
+    # never raises: a lone surrogate from a request body must not kill the whole batch
+    return (a if type(a) is str else str(a)).encode("utf-8", "surrogatepass")
 
 
 def _pack(sha: bytes, call: ScriptCall) -> bytes:
     parts = [b"EVALSHA", sha, str(len(call.keys)).encode()]
-    parts += [k.encode() for k in call.keys]
+    parts += [k.encode("utf-8", "surrogatepass") for k in call.keys]
     parts += [_arg(a) for a in call.args]
     out = [b"*%d\r\n" % len(parts)]
     for p in parts:

@@ -17,6 +17,8 @@
 --        already ran out (and admit gave it back), the whole actual is charged. Field "f#"
 --        adds up the actual usage alone.
 --   "u"  usage record: HINCRBY KEYS[k] f by p2 and keep the key p1 ms
+--   "e"  keep KEYS[k] at least p1 ms (a period's counters live until the period ends + 1 h;
+--        a key settle creates, like the app budgets', gets its lifetime here)
 --   "t"  thresholds of the actual usage "f#" in hash KEYS[k] (after the "q" ops, so reservations
 --        of requests still in flight never trigger an alert): p1 = the limit, p2 = the
 --        percentages ("50,80,100"). Each one crossed for the first time this period (marker
@@ -91,6 +93,10 @@ for i = 1, n do
   elseif kind == 'u' then
     redis.call('HINCRBY', key, f, string.format('%d', p2))
     redis.call('PEXPIRE', key, p1)
+  elseif kind == 'e' then
+    if redis.call('EXISTS', key) == 1 and redis.call('PTTL', key) < p1 then
+      redis.call('PEXPIRE', key, p1)
+    end
   elseif kind == 't' then
     local used = tonumber(redis.call('HGET', key, f .. '#')) or 0
     for pct in string.gmatch(ARGV[base + 5], '%d+') do
