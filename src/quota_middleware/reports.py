@@ -181,8 +181,8 @@ class CallerTotals:
     """One caller's usage summed over the days of a period and every model.
 
     ``tenant`` and ``caller`` are read back from the key's hash tag: ids that were too long or
-    unusual are stored as a digest (``h-<32 hex>``, see :attr:`hashed`), and a tenant containing
-    ``:`` cannot be told apart from a caller containing one (the tag is split at the first ``:``).
+    unusual are stored as a digest (``h-<32 hex>``, see :attr:`hashed`); a tenant never contains
+    ``:`` (such tenants are stored as digests), so the tag splits at its first ``:``.
     """
 
     tenant: str

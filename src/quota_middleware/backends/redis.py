@@ -8,10 +8,11 @@ becomes :class:`StorageError`; the circuit breaker turns a run of errors into in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -90,6 +91,22 @@ class _Base:
         self._scripts = _ScriptCache(client)
         self._observer = observer
 
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """One store call: errors become :class:`StorageError`, outcomes feed the breaker and
+        the observer (the same for the sync and the async backend)."""
+        start = time.perf_counter()
+        try:
+            yield
+        except _ERRORS as e:
+            raise self._failed(what, start, e) from None
+        except Exception as e:
+            raise self._unexpected(what, e) from None
+        except BaseException:
+            self.breaker.abandon()
+            raise
+        self._ok(what, start)
+
     def _failed(self, what: str, start: float, error: BaseException) -> StorageError:
         self.breaker.failure()
         self._observe(what, start, False)
@@ -114,18 +131,8 @@ class _Base:
 class SyncRedisBackend(_Base):
     def run(self, call: ScriptCall) -> Any:
         self.breaker.before()
-        start = time.perf_counter()
-        try:
-            reply = self._scripts.get(call.name)(keys=call.keys, args=call.args)
-        except _ERRORS as e:
-            raise self._failed(call.name, start, e) from None
-        except Exception as e:
-            raise self._unexpected(call.name, e) from None
-        except BaseException:
-            self.breaker.abandon()
-            raise
-        self._ok(call.name, start)
-        return reply
+        with self._guard(call.name):
+            return self._scripts.get(call.name)(keys=call.keys, args=call.args)
 
     def close(self) -> None:
         self.client.close()
@@ -166,18 +173,8 @@ class AsyncRedisBackend(_Base):
         return await future
 
     async def _run_one(self, call: ScriptCall) -> Any:
-        start = time.perf_counter()
-        try:
-            reply = await self._scripts.get(call.name)(keys=call.keys, args=call.args)
-        except _ERRORS as e:
-            raise self._failed(call.name, start, e) from None
-        except Exception as e:
-            raise self._unexpected(call.name, e) from None
-        except BaseException:
-            self.breaker.abandon()
-            raise
-        self._ok(call.name, start)
-        return reply
+        with self._guard(call.name):
+            return await self._scripts.get(call.name)(keys=call.keys, args=call.args)
 
     def _flush_soon(self) -> None:
         # calls whose requests were cancelled while queued are not sent at all
