@@ -14,11 +14,12 @@ class Headers(Mapping[str, str]):
     list-valued fields; :meth:`getlist` returns each occurrence.
     """
 
-    __slots__ = ("_items", "_raw")
+    __slots__ = ("_items", "_raw", "_environ")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] | None = [(k.lower(), v) for k, v in items]
         self._raw: Iterable[tuple[bytes, bytes]] = ()
+        self._environ: Mapping[str, Any] | None = None
 
     @classmethod
     def from_raw(cls, raw: Iterable[tuple[bytes, bytes]]) -> Headers:
@@ -26,16 +27,35 @@ class Headers(Mapping[str, str]):
         h = cls.__new__(cls)
         h._items = None
         h._raw = raw
+        h._environ = None
+        return h
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, Any]) -> Headers:
+        h = cls.__new__(cls)
+        h._items = None
+        h._raw = ()
+        h._environ = environ
         return h
 
     @property
     def items_(self) -> list[tuple[str, str]]:
         if self._items is None:
-            # latin-1 is what ASGI servers hand over; it round-trips every byte.
-            self._items = [
-                (bytes(k).decode("latin-1").lower(), bytes(v).decode("latin-1"))
-                for k, v in self._raw
-            ]
+            environ = self._environ
+            if environ is not None:
+                items: list[tuple[str, str]] = []
+                for key, value in environ.items():
+                    if key.startswith("HTTP_"):
+                        items.append((key[5:].replace("_", "-").lower(), value))
+                    elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+                        items.append((key.replace("_", "-").lower(), value))
+                self._items = items
+            else:
+                # latin-1 is what ASGI servers hand over; it round-trips every byte.
+                self._items = [
+                    (bytes(k).decode("latin-1").lower(), bytes(v).decode("latin-1"))
+                    for k, v in self._raw
+                ]
         return self._items
 
     def getlist(self, key: str) -> list[str]:
@@ -96,12 +116,6 @@ class RequestInfo:
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, Any]) -> RequestInfo:
-        items: list[tuple[str, str]] = []
-        for key, value in environ.items():
-            if key.startswith("HTTP_"):
-                items.append((key[5:].replace("_", "-"), value))
-            elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
-                items.append((key.replace("_", "-"), value))
         path = environ.get("PATH_INFO", "") or "/"
         # PEP 3333: PATH_INFO is latin-1 decoded bytes; re-decode as UTF-8 like ASGI servers do.
         try:
@@ -111,7 +125,8 @@ class RequestInfo:
         return cls(
             method=environ.get("REQUEST_METHOD", "GET"),
             path=path,
-            headers=Headers(items),
+            # decoded on first use, like the ASGI headers
+            headers=Headers.from_environ(environ),
             client=environ.get("REMOTE_ADDR") or None,
             query=environ.get("QUERY_STRING", ""),
         )
