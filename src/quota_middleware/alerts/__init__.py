@@ -1,0 +1,92 @@
+"""Alert delivery: from the durable outbox to webhooks, Slack, the log and Python callables.
+
+The settle script decides each threshold crossing, app-budget threshold and usage spike exactly
+once and appends it to the outbox (``{prefix}:alerts``, a Redis Stream with one ``event`` field of
+JSON; the memory backend keeps the same stream in its store). A :class:`Dispatcher` reads it, off
+the request path, and delivers every event to every configured sink:
+
+- **Redis**: one consumer group per sink (``{group}:{sink}``) on the outbox stream, so a sink that
+  fails never makes the others see an event twice, and many app workers (or ``quota-middleware
+  alerts run`` workers) share each group: an entry is owned by one consumer at a time. A failed
+  delivery stays pending and is retried by its owner with exponential backoff (``backoff``,
+  doubled each attempt, capped at ``max_backoff``); an entry whose owner went silent for
+  ``claim_idle`` seconds is taken over by another consumer (``XCLAIM`` with a minimum idle time,
+  so exactly one wins). After ``max_attempts`` failed attempts the entry goes to the dead-letter
+  stream ``{prefix}:alerts:dead`` (with the sink, the error and the attempts) and is acknowledged.
+- **Memory**: one cursor per sink in the store (claimed atomically, so two dispatchers on one
+  store never both take an entry) and the same retry, backoff and dead-letter rules.
+
+Every event carries an idempotency key, :attr:`AlertEvent.id` (``X-Quota-Event-Id`` on webhooks):
+a receiver that stores the ids it has seen is exactly-once even across a worker crash between a
+successful POST and its acknowledgement.
+
+Webhook signatures: the body is the event's JSON; ``X-Quota-Timestamp`` is the send time in unix
+seconds and ``X-Quota-Signature`` is ``sha256=`` + the hex HMAC-SHA256 of
+``f"{timestamp}.{body}"`` under the sink's secret. Check it with :func:`verify_signature`, which
+also refuses timestamps more than ``tolerance`` seconds away (replays).
+
+Modules: :mod:`.sinks` (webhook signing, the sinks), :mod:`.text` (event text for people),
+:mod:`.config` (:class:`AlertsConfig`), :mod:`.outbox` (keys, the memory backend's outbox scripts,
+reading the outbox), :mod:`.dispatcher` and :mod:`.lanes` (delivery), :mod:`.delivery` (the
+middleware hook) and :mod:`.commands` (``quota-middleware alerts ...``).
+"""
+
+from __future__ import annotations
+
+from .commands import cli_run, cli_tail, cli_test, sample_event
+from .config import AlertsConfig
+from .delivery import InProcessDelivery, in_process_delivery
+from .dispatcher import Dispatcher
+from .outbox import dead_key, outbox_events, read_stream
+from .sinks import (
+    EVENT_ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    CallableSink,
+    DeliveryError,
+    LogSink,
+    Sink,
+    SlackSink,
+    WebhookSink,
+    sign,
+    verify_signature,
+)
+from .text import format_text, plain_text
+
+# Tunables: the lanes read them from this package at run time, so setting
+# ``quota_middleware.alerts.PRUNE_EVERY`` (as the tests do) still takes effect.
+#: entries kept in the dead-letter stream (approximately)
+DEAD_MAXLEN = 10_000
+#: how often (s) a dispatcher removes consumers that hold nothing and were idle PRUNE_IDLE_MS
+PRUNE_EVERY = 600.0
+PRUNE_IDLE_MS = 3_600_000
+
+__all__ = [
+    "DEAD_MAXLEN",
+    "EVENT_ID_HEADER",
+    "PRUNE_EVERY",
+    "PRUNE_IDLE_MS",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "AlertsConfig",
+    "CallableSink",
+    "DeliveryError",
+    "Dispatcher",
+    "InProcessDelivery",
+    "LogSink",
+    "Sink",
+    "SlackSink",
+    "WebhookSink",
+    "cli_run",
+    "cli_tail",
+    "cli_test",
+    "dead_key",
+    "format_text",
+    "in_process_delivery",
+    "outbox_events",
+    "plain_text",
+    "read_stream",
+    "sample_event",
+    "sign",
+    "verify_signature",
+]
