@@ -6,7 +6,7 @@ from __future__ import annotations
 from .alerts import AlertsConfig, WebhookSink
 from .asgi import QuotaMiddleware
 from .config import AIRoute, Plan, QuotaConfig, Routes, RouteWeight, StorageConfig
-from .engine import Decision, LimitStatus
+from .decision import Decision, LimitStatus
 from .errors import (
     ConfigurationError,
     IdentificationError,

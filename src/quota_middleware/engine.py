@@ -3,7 +3,9 @@ settle call that charges it.
 
 Nothing here does I/O. A phase that needs the store is a generator that ``yield``\\ s a
 :class:`~quota_middleware.scripts.ScriptCall` and is sent the reply (the httpx auth-flow pattern);
-``drive_sync`` and ``drive_async`` are the two ~10-line drivers the WSGI and ASGI adapters use.
+``drive_sync`` and ``drive_async`` (in ``flows.py``) are the two drivers the adapters use.
+Admission lives here; settling in ``settlement.py``; the values both hand out in
+``decision.py``.
 """
 
 from __future__ import annotations
@@ -11,17 +13,14 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any
 
-from .backends.base import AsyncBackend, SyncBackend
 from .config import AIRoute, Plan, QuotaConfig
+from .decision import Decision, Hold, LimitStatus, Reason, Stats
 from .errors import IdentificationError, StorageError
-from .events import AlertEvent, outbox_call, parse_settle_events
+from .flows import drive_async, drive_sync
 from .identity import Caller, Identifier
 from .keys import CallerKeys, app_tag
 from .limits import AppBudget, Budget, Concurrency, Limit, RequestRate, TokenQuota, TokenRate
@@ -29,16 +28,11 @@ from .metering import AIRequest, ModelNotAllowed, UnpricedModel, prepare, price_
 from .periods import day_id, period_of
 from .request import RequestInfo
 from .scripts import ScriptArg, ScriptCall, hash_pairs
-from .usage import Usage, clean_model
+from .settlement import SETTLE_MARKER_MS, Settlement
 
 log = logging.getLogger("quota_middleware")
 
-Flow = Generator[ScriptCall, Any, "Decision"]
-Reason = Literal[
-    "rate", "concurrency", "quota", "budget", "unavailable", "model", "unpriced", "too_large"
-]  # fmt: skip
-#: how long a settled request's id is remembered, so a retried settle is a no-op
-SETTLE_MARKER_MS = 15 * 60 * 1000
+Flow = Generator[ScriptCall, Any, Decision]
 _KINDS = {
     RequestRate: "requests",
     TokenRate: "tokens",
@@ -46,100 +40,6 @@ _KINDS = {
     TokenQuota: "token_quota",
     Budget: "budget",
 }
-
-
-# Plain slotted classes rather than frozen ones: a frozen dataclass sets each field through
-# object.__setattr__, which the hot path pays for every request. Treat them as read-only.
-@dataclass(slots=True)
-class LimitStatus:
-    """One limit as this request left it, for the ``RateLimit`` headers and the app."""
-
-    name: str
-    #: ``"requests"``, ``"tokens"``, ``"concurrency"``, ``"token_quota"`` or ``"budget"``
-    kind: str
-    #: capacity (burst), concurrency maximum, or the quota / budget (micro-dollars) per period
-    quota: int
-    #: seconds for an empty bucket to refill, or the period's length; 0 for concurrency
-    window: int
-    remaining: int
-    #: seconds until fully replenished (for a denying limit: until the request fits)
-    reset: int
-    denied: bool = False
-
-
-@dataclass(slots=True)
-class Hold:
-    """What an admitted request holds until it is settled: a concurrency slot (``c``), tokens
-    reserved in a bucket (``b``) or on a calendar counter (``q``, with its ledger)."""
-
-    kind: str
-    key: str
-    name: str
-    charged: int
-    #: bucket refill interval (``b``), or the counter's unit: 0 tokens, 1 micro-dollars (``q``)
-    param: int = 0
-    ledger: str | None = None
-    #: ``q``: the counter's size and alert thresholds (percent), its period id and end
-    amount: int = 0
-    thresholds: tuple[int, ...] = ()
-    period: str = ""
-    until_us: int = 0
-
-
-@dataclass(slots=True)
-class Decision:
-    """What the middleware decided for one request. The app reads it from ``scope["state"]``
-    (ASGI) or ``environ["quota_middleware.decision"]`` (WSGI)."""
-
-    #: whether the request goes on to the app (True for shadow-mode denials)
-    allowed: bool
-    request_id: str
-    caller: Caller | None = None
-    plan: str | None = None
-    #: whether any limit applied (exempt and unlimited routes carry no headers)
-    limited: bool = False
-    #: the first limit that said no (also set in shadow mode)
-    denied_by: str | None = None
-    reason: Reason | None = None
-    #: seconds, >= 1, when denied for a reason that passes
-    retry_after: int | None = None
-    #: the limits would have denied, but the plan is in shadow mode
-    shadow: bool = False
-    #: decided without the store (fail-open admit or fail-closed 503)
-    degraded: bool = False
-    statuses: tuple[LimitStatus, ...] = ()
-    #: the AI request, on AI routes: model, prompt estimate, reservation
-    ai: AIRequest | None = None
-    holds: tuple[Hold, ...] = ()
-    #: the day (plan time zone) the usage record goes to
-    day: str | None = None
-
-    @property
-    def caller_id(self) -> str | None:
-        return self.caller.id if self.caller else None
-
-    @property
-    def needs_settle(self) -> bool:
-        return self.caller is not None and (bool(self.holds) or self.ai is not None)
-
-
-class Stats:
-    """Thread-safe counters of decisions, for logs, tests and the metrics exporter."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.counts: Counter[str] = Counter()
-
-    def incr(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self.counts[name] += n
-
-    def __getitem__(self, name: str) -> int:
-        return self.counts[name]
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.counts)
 
 
 #: what a request-rate limit holds: nothing to give back at settle
@@ -169,7 +69,7 @@ def _ceil_s(us: int) -> int:
     return max(0, -(-int(us) // 1_000_000))
 
 
-class Engine:
+class Engine(Settlement):
     """Decides requests for one :class:`QuotaConfig`. Shared by the ASGI and WSGI adapters."""
 
     def __init__(
@@ -550,244 +450,11 @@ class Engine:
             day=day,
         )
 
-    # -- settle ---------------------------------------------------------------------------
-    def plan_settle(
-        self, decision: Decision, usage: Usage | None = None, cost: int = 0
-    ) -> ScriptCall | None:
-        """The call that gives back what an admitted request held and charges its usage;
-        None when there is nothing to do."""
-        if not decision.needs_settle:
-            return None
-        caller = decision.caller
-        assert caller is not None
-        keys = CallerKeys(self._prefix, caller.tenant, caller.id)
-        key_list = [keys.settled(decision.request_id)]
-        index: dict[str, int] = {}
-
-        def key(name: str, ledger: str | None = None) -> int:
-            if name not in index:
-                key_list.append(name)
-                index[name] = len(key_list)
-                if ledger is not None:
-                    key_list.append(ledger)
-            return index[name]
-
-        ops: list[ScriptArg] = []
-        tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
-        for h in decision.holds:
-            if h.kind == "c":
-                ops += ["c", key(h.key), "", 0, 0]
-            elif h.kind == "b":
-                ops += ["b", key(h.key), h.name, h.param, tokens - h.charged]
-            else:
-                actual = cost if h.param == 1 else tokens
-                ops += ["q", key(h.key, h.ledger), h.name, h.charged, actual]
-        now_us = self._now_us()
-        kept: set[str] = set()
-        for h in decision.holds:
-            if h.kind == "q" and h.key not in kept:
-                kept.add(h.key)
-                ops += ["e", key(h.key), "", _period_ttl_ms(h.until_us, now_us), 0]
-        for h in decision.holds:
-            if h.kind == "q" and h.thresholds and (cost if h.param == 1 else tokens):
-                pcts = ",".join(str(t) for t in h.thresholds)
-                ops += ["t", key(h.key), h.name, h.amount, pcts]
-        spikes = self.config.spikes
-        if spikes is not None and tokens > 0:
-            params = f"{int(spikes.multiple * 1000)},{spikes.floor_tokens},{spikes.window_hours}"
-            ops += ["h", key(keys.hourly), "", tokens, params]
-        if usage is not None and decision.day is not None:
-            ukey = key(keys.usage(decision.day))
-            model = (clean_model(usage.model) or "unknown").replace("|", "_")[:100]
-            for field, value in (
-                ("requests", 1),
-                ("input", usage.input_tokens),
-                ("cached", usage.cached_tokens),
-                ("cache_write", usage.cache_write_tokens),
-                ("output", usage.output_tokens),
-                ("reasoning", usage.reasoning_tokens),
-                ("cost", cost),
-                ("estimated", int(usage.estimated)),
-            ):
-                if value:
-                    ops += ["u", ukey, f"{model}|{field}", self._retention_ms, value]
-        if not ops:
-            return None
-        args: list[ScriptArg] = [
-            self._now_arg(), decision.request_id, SETTLE_MARKER_MS, len(ops) // 5
-        ]  # fmt: skip
-        return ScriptCall("settle", tuple(key_list), tuple(args + ops))
-
-    def plan_app_settle(self, decision: Decision, cost: int) -> ScriptCall | None:
-        """The second settle call: the request's cost on every app budget (their own keys,
-        another cluster slot) and their thresholds. No reservation there: it is a kill switch
-        on actual spend."""
-        if not self.config.app_budgets or cost <= 0:
-            return None
-        key_list = [f"{self._app_tag}:s:{decision.request_id}"]
-        ops: list[ScriptArg] = []
-        index: dict[str, int] = {}
-        budgets = self._app_budget_ops()
-        ends: dict[str, int] = {}
-        for b in budgets:
-            key, end_us = self.app_period_key(b)
-            if key not in index:
-                key_list += [key, key + ":r"]
-                index[key] = len(key_list) - 1
-                ends[key] = end_us
-            ops += ["q", index[key], b.name or "", 0, cost]
-        now_us = self._now_us()
-        for key, end_us in ends.items():
-            ops += ["e", index[key], "", _period_ttl_ms(end_us, now_us), 0]
-        for b in budgets:
-            if b.thresholds:
-                key, _ = self.app_period_key(b)
-                ops += ["t", index[key], b.name or "", b.micros, ",".join(map(str, b.thresholds))]
-        args: list[ScriptArg] = [self._now_arg(), decision.request_id, SETTLE_MARKER_MS,
-                                 len(ops) // 5]  # fmt: skip
-        return ScriptCall("settle", tuple(key_list), tuple(args + ops))
-
-    def _app_budget_ops(self) -> tuple[AppBudget, ...]:
-        """The app budgets, in the order their "q" operations open the app settle call."""
-        return tuple(self.config.app_budgets)
-
-    def settle(
-        self, decision: Decision, usage: Usage | None = None, cost: int = 0
-    ) -> Generator[ScriptCall, Any, list[AlertEvent]]:
-        """The settle flow: the caller's settle, the app budgets', then any alert events to the
-        outbox. Each step runs even if an earlier one failed: the app's spend is charged when
-        the caller's keys are unreachable, and events already decided (their markers are set,
-        they will not fire again) still reach the outbox, or at least the log."""
-        events: list[AlertEvent] = []
-        if self.metrics is not None and usage is not None:
-            self.metrics.usage(usage, cost)
-        call = self.plan_settle(decision, usage, cost)
-        if call is not None:
-            try:
-                reply = yield call
-            except StorageError as e:
-                self._settle_failed("caller", e)
-            else:
-                events += self._events(decision, parse_settle_events(reply), app=False)
-        app_call = self.plan_app_settle(decision, cost) if decision.ai is not None else None
-        if app_call is not None:
-            try:
-                reply = yield app_call
-            except StorageError as e:
-                self._settle_failed("app budget", e)
-            else:
-                # each budget's period is the one it was charged in, read off the call's keys
-                periods = {
-                    b.name or "": app_call.keys[int(app_call.args[5 + 5 * i])
-                                                - 1].rsplit(":q:", 1)[-1][1:]
-                    for i, b in enumerate(self._app_budget_ops())
-                }  # fmt: skip
-                events += self._events(
-                    decision, parse_settle_events(reply), app=True, periods=periods
-                )
-        if events:
-            for event in events:
-                self.stats.incr(f"alerts_{event.type}")
-                if self.metrics is not None:
-                    self.metrics.alert(event, "fired")
-            try:
-                yield outbox_call(self._prefix, events)
-            except StorageError as e:
-                self._settle_failed("outbox", e)
-                for event in events:
-                    # the last place these events exist: never drop them silently
-                    log.warning("quota_middleware: alert not queued: %s", event.to_json())
-        return events
-
-    def _settle_failed(self, what: str, error: StorageError) -> None:
-        self.stats.incr("settle_failed")
-        log.warning(
-            "quota_middleware: %s settle failed (%s); slots and reservations free themselves "
-            "when their leases end", what, error,
-        )  # fmt: skip
-
-    def _events(
-        self,
-        decision: Decision,
-        raw: Sequence[tuple[str, str, int, int]],
-        *,
-        app: bool,
-        periods: dict[str, str] | None = None,
-    ) -> list[AlertEvent]:
-        caller = decision.caller
-        out = []
-        at = self._now_us() / 1_000_000
-        budgets = {b.name: b for b in self.config.app_budgets}
-        holds = {h.name: h for h in decision.holds if h.kind == "q"}
-        for kind, name, level, used in raw:
-            if kind == "h":
-                assert caller is not None
-                out.append(AlertEvent(
-                    id=f"spike:{caller.tenant}:{caller.id}:{level}", type="spike",
-                    caller=caller.id, tenant=caller.tenant, plan=decision.plan, limit="spike",
-                    period=str(level), threshold=None, used=used, limit_value=None,
-                    unit="tokens", at=at,
-                ))  # fmt: skip
-            elif app:
-                b = budgets.get(name)
-                pid = (periods or {}).get(name, "")
-                out.append(AlertEvent(
-                    id=f"app:{name}:{pid}:{level}", type="app_threshold", caller=None,
-                    tenant=None, plan=None, limit=name, period=pid, threshold=level, used=used,
-                    limit_value=b.micros if b else None, unit="usd_micros", at=at,
-                ))  # fmt: skip
-            else:
-                assert caller is not None
-                h = holds.get(name)
-                unit = "usd_micros" if h is not None and h.param == 1 else "tokens"
-                period = h.period if h is not None else ""
-                out.append(AlertEvent(
-                    id=f"threshold:{caller.tenant}:{caller.id}:{name}:{period}:{level}",
-                    type="threshold", caller=caller.id, tenant=caller.tenant,
-                    plan=decision.plan, limit=name, period=period, threshold=level, used=used,
-                    limit_value=h.amount if h is not None else None, unit=unit, at=at,
-                ))  # fmt: skip
-        return out
-
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(self.clock())
 
 
-def _period_ttl_ms(until_us: int, now_us: int) -> int:
-    """How long a period's counters are kept: until the period ends, plus an hour."""
-    return max(0, until_us - now_us) // 1000 + 3_600_000
-
-
-# -- drivers -------------------------------------------------------------------------------
-T = TypeVar("T")
-
-
-def drive_sync(flow: Generator[ScriptCall, Any, T], backend: SyncBackend) -> T:
-    """Run a flow against a sync backend; store errors are thrown into the flow to handle."""
-    try:
-        call = next(flow)
-        while True:
-            try:
-                reply = backend.run(call)
-            except StorageError as e:
-                call = flow.throw(e)
-            else:
-                call = flow.send(reply)
-    except StopIteration as stop:
-        result: T = stop.value
-        return result
-
-
-async def drive_async(flow: Generator[ScriptCall, Any, T], backend: AsyncBackend) -> T:
-    try:
-        call = next(flow)
-        while True:
-            try:
-                reply = await backend.run_async(call)
-            except StorageError as e:
-                call = flow.throw(e)
-            else:
-                call = flow.send(reply)
-    except StopIteration as stop:
-        result: T = stop.value
-        return result
+__all__ = [
+    "SETTLE_MARKER_MS", "Decision", "Engine", "Flow", "Hold", "LimitStatus", "Reason", "Stats",
+    "drive_async", "drive_sync", "new_request_id",
+]  # fmt: skip

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .usage import clean_model
 
 if TYPE_CHECKING:
-    from .engine import Decision
+    from .decision import Decision
     from .events import AlertEvent
     from .usage import Usage
 

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 from .backends.base import AsyncBackend, SyncBackend
 from .backends.memstore import MemoryStore
 from .config import Plan, QuotaConfig
-from .engine import drive_async, drive_sync
+from .flows import drive_async, drive_sync
 from .keys import CallerKeys, caller_tag
 from .limits import Budget, TokenQuota
 from .periods import period_of

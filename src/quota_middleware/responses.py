@@ -9,7 +9,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .engine import Decision, LimitStatus
+from .decision import Decision, LimitStatus
 from .errors import IdentificationError
 
 RawHeaders = list[tuple[bytes, bytes]]

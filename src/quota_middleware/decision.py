@@ -1,0 +1,110 @@
+"""The values the core hands out: a request's :class:`Decision`, the :class:`LimitStatus` of
+each limit it met, and the :class:`Hold` values an admitted request keeps until it is settled."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+from .identity import Caller
+from .metering import AIRequest
+
+Reason = Literal[
+    "rate", "concurrency", "quota", "budget", "unavailable", "model", "unpriced", "too_large"
+]  # fmt: skip
+
+
+# Plain slotted classes rather than frozen ones: a frozen dataclass sets each field through
+# object.__setattr__, which the hot path pays for every request. Treat them as read-only.
+@dataclass(slots=True)
+class LimitStatus:
+    """One limit as this request left it, for the ``RateLimit`` headers and the app."""
+
+    name: str
+    #: ``"requests"``, ``"tokens"``, ``"concurrency"``, ``"token_quota"`` or ``"budget"``
+    kind: str
+    #: capacity (burst), concurrency maximum, or the quota / budget (micro-dollars) per period
+    quota: int
+    #: seconds for an empty bucket to refill, or the period's length; 0 for concurrency
+    window: int
+    remaining: int
+    #: seconds until fully replenished (for a denying limit: until the request fits)
+    reset: int
+    denied: bool = False
+
+
+@dataclass(slots=True)
+class Hold:
+    """What an admitted request holds until it is settled: a concurrency slot (``c``), tokens
+    reserved in a bucket (``b``) or on a calendar counter (``q``, with its ledger)."""
+
+    kind: str
+    key: str
+    name: str
+    charged: int
+    #: bucket refill interval (``b``), or the counter's unit: 0 tokens, 1 micro-dollars (``q``)
+    param: int = 0
+    ledger: str | None = None
+    #: ``q``: the counter's size and alert thresholds (percent), its period id and end
+    amount: int = 0
+    thresholds: tuple[int, ...] = ()
+    period: str = ""
+    until_us: int = 0
+
+
+@dataclass(slots=True)
+class Decision:
+    """What the middleware decided for one request. The app reads it from ``scope["state"]``
+    (ASGI) or ``environ["quota_middleware.decision"]`` (WSGI)."""
+
+    #: whether the request goes on to the app (True for shadow-mode denials)
+    allowed: bool
+    request_id: str
+    caller: Caller | None = None
+    plan: str | None = None
+    #: whether any limit applied (exempt and unlimited routes carry no headers)
+    limited: bool = False
+    #: the first limit that said no (also set in shadow mode)
+    denied_by: str | None = None
+    reason: Reason | None = None
+    #: seconds, >= 1, when denied for a reason that passes
+    retry_after: int | None = None
+    #: the limits would have denied, but the plan is in shadow mode
+    shadow: bool = False
+    #: decided without the store (fail-open admit or fail-closed 503)
+    degraded: bool = False
+    statuses: tuple[LimitStatus, ...] = ()
+    #: the AI request, on AI routes: model, prompt estimate, reservation
+    ai: AIRequest | None = None
+    holds: tuple[Hold, ...] = ()
+    #: the day (plan time zone) the usage record goes to
+    day: str | None = None
+
+    @property
+    def caller_id(self) -> str | None:
+        return self.caller.id if self.caller else None
+
+    @property
+    def needs_settle(self) -> bool:
+        return self.caller is not None and (bool(self.holds) or self.ai is not None)
+
+
+class Stats:
+    """Thread-safe counters of decisions, for logs, tests and the metrics exporter."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def incr(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def __getitem__(self, name: str) -> int:
+        return self.counts[name]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)

@@ -1,0 +1,241 @@
+"""Settling: what an admitted request gives back and is charged once its response is done,
+the app budgets' share of it, and the alert events that come out of it. A mixin of
+:class:`~quota_middleware.engine.Engine`, kept apart because admission is the hot path and this
+is the other half of a request's life."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+from .config import QuotaConfig
+from .decision import Decision, Stats
+from .errors import StorageError
+from .events import AlertEvent, outbox_call, parse_settle_events
+from .keys import CallerKeys
+from .limits import AppBudget
+from .scripts import ScriptArg, ScriptCall
+from .usage import Usage, clean_model
+
+log = logging.getLogger("quota_middleware")
+
+#: how long a settled request's id is remembered, so a retried settle is a no-op
+SETTLE_MARKER_MS = 15 * 60 * 1000
+
+
+class Settlement:
+    """The settle half of the engine (see :class:`~quota_middleware.engine.Engine`)."""
+
+    config: QuotaConfig
+    metrics: Any
+    stats: Stats
+    _prefix: str
+    _app_tag: str
+    _retention_ms: int
+    _now_us: Callable[[], int]
+    _now_arg: Callable[[], str]
+    app_period_key: Callable[..., tuple[str, int]]
+
+    def plan_settle(
+        self, decision: Decision, usage: Usage | None = None, cost: int = 0
+    ) -> ScriptCall | None:
+        """The call that gives back what an admitted request held and charges its usage;
+        None when there is nothing to do."""
+        if not decision.needs_settle:
+            return None
+        caller = decision.caller
+        assert caller is not None
+        keys = CallerKeys(self._prefix, caller.tenant, caller.id)
+        key_list = [keys.settled(decision.request_id)]
+        index: dict[str, int] = {}
+
+        def key(name: str, ledger: str | None = None) -> int:
+            if name not in index:
+                key_list.append(name)
+                index[name] = len(key_list)
+                if ledger is not None:
+                    key_list.append(ledger)
+            return index[name]
+
+        ops: list[ScriptArg] = []
+        tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
+        for h in decision.holds:
+            if h.kind == "c":
+                ops += ["c", key(h.key), "", 0, 0]
+            elif h.kind == "b":
+                ops += ["b", key(h.key), h.name, h.param, tokens - h.charged]
+            else:
+                actual = cost if h.param == 1 else tokens
+                ops += ["q", key(h.key, h.ledger), h.name, h.charged, actual]
+        now_us = self._now_us()
+        kept: set[str] = set()
+        for h in decision.holds:
+            if h.kind == "q" and h.key not in kept:
+                kept.add(h.key)
+                ops += ["e", key(h.key), "", _period_ttl_ms(h.until_us, now_us), 0]
+        for h in decision.holds:
+            if h.kind == "q" and h.thresholds and (cost if h.param == 1 else tokens):
+                pcts = ",".join(str(t) for t in h.thresholds)
+                ops += ["t", key(h.key), h.name, h.amount, pcts]
+        spikes = self.config.spikes
+        if spikes is not None and tokens > 0:
+            params = f"{int(spikes.multiple * 1000)},{spikes.floor_tokens},{spikes.window_hours}"
+            ops += ["h", key(keys.hourly), "", tokens, params]
+        if usage is not None and decision.day is not None:
+            ukey = key(keys.usage(decision.day))
+            model = (clean_model(usage.model) or "unknown").replace("|", "_")[:100]
+            for field, value in (
+                ("requests", 1),
+                ("input", usage.input_tokens),
+                ("cached", usage.cached_tokens),
+                ("cache_write", usage.cache_write_tokens),
+                ("output", usage.output_tokens),
+                ("reasoning", usage.reasoning_tokens),
+                ("cost", cost),
+                ("estimated", int(usage.estimated)),
+            ):
+                if value:
+                    ops += ["u", ukey, f"{model}|{field}", self._retention_ms, value]
+        if not ops:
+            return None
+        args: list[ScriptArg] = [
+            self._now_arg(), decision.request_id, SETTLE_MARKER_MS, len(ops) // 5
+        ]  # fmt: skip
+        return ScriptCall("settle", tuple(key_list), tuple(args + ops))
+
+    def plan_app_settle(self, decision: Decision, cost: int) -> ScriptCall | None:
+        """The second settle call: the request's cost on every app budget (their own keys,
+        another cluster slot) and their thresholds. No reservation there: it is a kill switch
+        on actual spend."""
+        if not self.config.app_budgets or cost <= 0:
+            return None
+        key_list = [f"{self._app_tag}:s:{decision.request_id}"]
+        ops: list[ScriptArg] = []
+        index: dict[str, int] = {}
+        budgets = self._app_budget_ops()
+        ends: dict[str, int] = {}
+        for b in budgets:
+            key, end_us = self.app_period_key(b)
+            if key not in index:
+                key_list += [key, key + ":r"]
+                index[key] = len(key_list) - 1
+                ends[key] = end_us
+            ops += ["q", index[key], b.name or "", 0, cost]
+        now_us = self._now_us()
+        for key, end_us in ends.items():
+            ops += ["e", index[key], "", _period_ttl_ms(end_us, now_us), 0]
+        for b in budgets:
+            if b.thresholds:
+                key, _ = self.app_period_key(b)
+                ops += ["t", index[key], b.name or "", b.micros, ",".join(map(str, b.thresholds))]
+        args: list[ScriptArg] = [self._now_arg(), decision.request_id, SETTLE_MARKER_MS,
+                                 len(ops) // 5]  # fmt: skip
+        return ScriptCall("settle", tuple(key_list), tuple(args + ops))
+
+    def _app_budget_ops(self) -> tuple[AppBudget, ...]:
+        """The app budgets, in the order their "q" operations open the app settle call."""
+        return tuple(self.config.app_budgets)
+
+    def settle(
+        self, decision: Decision, usage: Usage | None = None, cost: int = 0
+    ) -> Generator[ScriptCall, Any, list[AlertEvent]]:
+        """The settle flow: the caller's settle, the app budgets', then any alert events to the
+        outbox. Each step runs even if an earlier one failed: the app's spend is charged when
+        the caller's keys are unreachable, and events already decided (their markers are set,
+        they will not fire again) still reach the outbox, or at least the log."""
+        events: list[AlertEvent] = []
+        if self.metrics is not None and usage is not None:
+            self.metrics.usage(usage, cost)
+        call = self.plan_settle(decision, usage, cost)
+        if call is not None:
+            try:
+                reply = yield call
+            except StorageError as e:
+                self._settle_failed("caller", e)
+            else:
+                events += self._events(decision, parse_settle_events(reply), app=False)
+        app_call = self.plan_app_settle(decision, cost) if decision.ai is not None else None
+        if app_call is not None:
+            try:
+                reply = yield app_call
+            except StorageError as e:
+                self._settle_failed("app budget", e)
+            else:
+                # each budget's period is the one it was charged in, read off the call's keys
+                periods = {
+                    b.name or "": app_call.keys[int(app_call.args[5 + 5 * i])
+                                                - 1].rsplit(":q:", 1)[-1][1:]
+                    for i, b in enumerate(self._app_budget_ops())
+                }  # fmt: skip
+                events += self._events(
+                    decision, parse_settle_events(reply), app=True, periods=periods
+                )
+        if events:
+            for event in events:
+                self.stats.incr(f"alerts_{event.type}")
+                if self.metrics is not None:
+                    self.metrics.alert(event, "fired")
+            try:
+                yield outbox_call(self._prefix, events)
+            except StorageError as e:
+                self._settle_failed("outbox", e)
+                for event in events:
+                    # the last place these events exist: never drop them silently
+                    log.warning("quota_middleware: alert not queued: %s", event.to_json())
+        return events
+
+    def _settle_failed(self, what: str, error: StorageError) -> None:
+        self.stats.incr("settle_failed")
+        log.warning(
+            "quota_middleware: %s settle failed (%s); slots and reservations free themselves "
+            "when their leases end", what, error,
+        )  # fmt: skip
+
+    def _events(
+        self,
+        decision: Decision,
+        raw: Sequence[tuple[str, str, int, int]],
+        *,
+        app: bool,
+        periods: dict[str, str] | None = None,
+    ) -> list[AlertEvent]:
+        caller = decision.caller
+        out = []
+        at = self._now_us() / 1_000_000
+        budgets = {b.name: b for b in self.config.app_budgets}
+        holds = {h.name: h for h in decision.holds if h.kind == "q"}
+        for kind, name, level, used in raw:
+            if kind == "h":
+                assert caller is not None
+                out.append(AlertEvent(
+                    id=f"spike:{caller.tenant}:{caller.id}:{level}", type="spike",
+                    caller=caller.id, tenant=caller.tenant, plan=decision.plan, limit="spike",
+                    period=str(level), threshold=None, used=used, limit_value=None,
+                    unit="tokens", at=at,
+                ))  # fmt: skip
+            elif app:
+                b = budgets.get(name)
+                pid = (periods or {}).get(name, "")
+                out.append(AlertEvent(
+                    id=f"app:{name}:{pid}:{level}", type="app_threshold", caller=None,
+                    tenant=None, plan=None, limit=name, period=pid, threshold=level, used=used,
+                    limit_value=b.micros if b else None, unit="usd_micros", at=at,
+                ))  # fmt: skip
+            else:
+                assert caller is not None
+                h = holds.get(name)
+                unit = "usd_micros" if h is not None and h.param == 1 else "tokens"
+                period = h.period if h is not None else ""
+                out.append(AlertEvent(
+                    id=f"threshold:{caller.tenant}:{caller.id}:{name}:{period}:{level}",
+                    type="threshold", caller=caller.id, tenant=caller.tenant,
+                    plan=decision.plan, limit=name, period=period, threshold=level, used=used,
+                    limit_value=h.amount if h is not None else None, unit=unit, at=at,
+                ))  # fmt: skip
+        return out
+
+
+def _period_ttl_ms(until_us: int, now_us: int) -> int:
+    """How long a period's counters are kept: until the period ends, plus an hour."""
+    return max(0, until_us - now_us) // 1000 + 3_600_000
