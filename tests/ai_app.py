@@ -12,6 +12,18 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+#: a streamed chat request reporting 40 prompt + 260 completion tokens, with include_usage: the
+#: load of the overspend and threshold tests
+STREAM_BODY = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "count to thirty please"}],
+    "max_tokens": 300,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "x_prompt": 40,
+    "x_completion": 260,
+}
+
 
 def _chunk(model: str, delta: dict[str, Any], usage: dict[str, Any] | None = None) -> bytes:
     obj: dict[str, Any] = {

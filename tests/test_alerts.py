@@ -27,6 +27,7 @@ import pytest
 import redis
 from werkzeug.test import Client
 
+from ai_app import STREAM_BODY
 from quota_middleware import AIRoute, Plan, QuotaConfig, StorageConfig, TokenQuota
 from quota_middleware.alerts import (
     AlertsConfig,
@@ -481,15 +482,6 @@ def test_two_worker_processes_deliver_each_event_exactly_once(
 
 
 # -- threshold events exactly once, from real servers with several worker processes ---------------
-STREAM_BODY = {
-    "model": "gpt-4o-mini",
-    "messages": [{"role": "user", "content": "count to thirty please"}],
-    "max_tokens": 300,
-    "stream": True,
-    "stream_options": {"include_usage": True},
-    "x_prompt": 40,
-    "x_completion": 260,
-}
 
 
 @pytest.mark.slow

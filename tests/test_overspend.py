@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis
 
+from ai_app import STREAM_BODY
 from quota_middleware import Budget, Plan, QuotaConfig, StorageConfig, TokenQuota
 from quota_middleware.backends.redis import SyncRedisBackend
 from quota_middleware.estimate import parse_request
@@ -25,15 +26,7 @@ from quota_middleware.usage import Usage
 from servers import serve_app, stop_process
 
 APPS = Path(__file__).parent / "apps"
-BODY = {
-    "model": "gpt-4o-mini",
-    "messages": [{"role": "user", "content": "count to thirty please"}],
-    "max_tokens": 300,
-    "stream": True,
-    "stream_options": {"include_usage": True},
-    "x_prompt": 40,
-    "x_completion": 260,
-}
+BODY = STREAM_BODY
 PROMPT_ESTIMATE = parse_request("openai-chat", json.dumps(BODY).encode()).prompt_tokens
 ACTUAL = 40 + 260
 
