@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -34,6 +34,7 @@ from .limits import (
 )
 
 OnError = Literal["open", "closed"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -429,6 +430,18 @@ def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
+def construct(cls: Callable[..., T], params: Mapping[str, Any], where: str) -> T:
+    """``cls(**params)`` from a policy table; any error becomes a :class:`ConfigurationError`
+    whose field is the table's path (``plans.free.limits[0].rate``), not the class's own."""
+    try:
+        return cls(**params)
+    except ConfigurationError as e:
+        field_name = e.field.split(".")[-1]
+        raise ConfigurationError(f"{where}.{field_name}", str(e).split(": ", 1)[-1]) from None
+    except TypeError as e:
+        raise ConfigurationError(where, str(e)) from None
+
+
 def _init_fields(cls: Any) -> set[str]:
     """The fields a user may set (derived ones, like a bucket's interval, are not)."""
     return {name for name, f in cls.__dataclass_fields__.items() if f.init}
@@ -458,18 +471,12 @@ def _plan_from_dict(name: str, d: Any) -> Plan:
         lw = f"{where}.limits[{i}]"
         if not isinstance(lim, Mapping) or "type" not in lim:
             raise ConfigurationError(lw, f"needs a 'type' ({', '.join(LIMIT_TYPES)})")
-        kind = LIMIT_TYPES.get(lim["type"])
+        kind: Callable[..., Limit] | None = LIMIT_TYPES.get(lim["type"])
         if kind is None:
             raise ConfigurationError(f"{lw}.type", f"unknown limit type {lim['type']!r}")
         params = {k: v for k, v in lim.items() if k != "type"}
         _known(params, _init_fields(kind), lw)
-        try:
-            limits.append(kind(**params))
-        except ConfigurationError as e:
-            field_name = e.field.split(".")[-1]
-            raise ConfigurationError(f"{lw}.{field_name}", str(e).split(": ", 1)[-1]) from None
-        except TypeError as e:
-            raise ConfigurationError(lw, str(e)) from None
+        limits.append(construct(kind, params, lw))
     shadow = d.get("shadow", False)
     if not isinstance(shadow, bool):
         raise ConfigurationError(f"{where}.shadow", "must be true or false")

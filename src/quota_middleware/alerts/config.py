@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import construct
 from ..errors import ConfigurationError
 from ..events import AlertEvent
 from .sinks import CallableSink, LogSink, Sink, SlackSink, WebhookSink, _callable_name, _check_url
@@ -148,13 +149,7 @@ class AlertsConfig:
             params = dict(w)
             if "secret_file" in params and base_dir is not None:
                 params["secret_file"] = str(Path(base_dir) / str(params["secret_file"]))
-            try:
-                webhooks.append(WebhookSink(**params))
-            except ConfigurationError as e:
-                sub = e.field.split(".")[-1]
-                raise ConfigurationError(f"{where}.{sub}", str(e).split(": ", 1)[-1]) from None
-            except TypeError as e:
-                raise ConfigurationError(where, str(e)) from None
+            webhooks.append(construct(WebhookSink, params, where))
         slack = d.get("slack", [])
         if isinstance(slack, str):
             slack = [slack]
