@@ -11,7 +11,9 @@ No network and no key needed. Routes:
   ``content_block_stop``, ``message_delta`` (cumulative ``output_tokens``), ``message_stop``.
 - ``GET /v1/models``: a short model list.
 
-Any ``Authorization`` / ``x-api-key`` header is accepted and ignored.
+Any ``Authorization`` / ``x-api-key`` header is accepted and ignored. Served on a port, it is the
+upstream of both SDK conventions at once: ``OPENAI_BASE_URL=http://127.0.0.1:9000/v1`` and
+``ANTHROPIC_BASE_URL=http://127.0.0.1:9000`` (the host; the Anthropic SDK adds ``/v1/messages``).
 
 Replies are a pure function of the request body (ids and ``created`` are derived from its hash), so
 the same request always gives the same bytes, streamed or not. The reply text is
@@ -24,14 +26,21 @@ the same request always gives the same bytes, streamed or not. The reply text is
 
 The same request has the same usage in JSON and in the stream.
 
-Three ways to use it, all sharing one framework-free core (:func:`handle`):
+Four ways to use it, all sharing one framework-free core (:func:`handle`):
 
 - ``app``: a Starlette ASGI app (``uvicorn fake_upstream:app --app-dir examples --port 9000``);
 - ``wsgi_app``: a plain WSGI callable;
 - ``FakeUpstreamTransport``: an httpx transport (sync and async) that answers in-process and
-  streams chunk by chunk (``httpx.ASGITransport`` would buffer a whole streamed response).
+  streams chunk by chunk (``httpx.ASGITransport`` would buffer a whole streamed response);
+- ``LocalUpstream``: the WSGI app served by werkzeug on a free loopback port in a background
+  thread, recording every request it gets (for tests that point a served app at it).
 
 Chunk delay: ``FAKE_UPSTREAM_DELAY_MS`` (default 5 ms), or ``delay=`` on the transport/app makers.
+
+``FAKE_UPSTREAM_GZIP=1`` (or ``gzip=True`` on the ASGI/WSGI app makers) gzips every reply
+(``Content-Encoding: gzip``) whatever the request's ``Accept-Encoding`` says, as some upstreams
+and proxies do: JSON as one gzip body, SSE as one gzip stream flushed after each event, so events
+still arrive one by one.
 """
 
 from __future__ import annotations
@@ -40,9 +49,12 @@ import asyncio
 import hashlib
 import json
 import os
+import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import httpx
@@ -53,6 +65,7 @@ from starlette.routing import Route
 
 MAX_WORDS = 40
 DEFAULT_DELAY = float(os.environ.get("FAKE_UPSTREAM_DELAY_MS", "5")) / 1000
+DEFAULT_GZIP = os.environ.get("FAKE_UPSTREAM_GZIP", "") not in ("", "0")
 MODELS = ("gpt-4o-mini", "gpt-4o", "claude-3-5-haiku-latest")
 _FILLER = (
     "and here are some more words so that the reply has a realistic length for metering "
@@ -147,7 +160,7 @@ def chat_completion(req: Mapping[str, Any], digest: str) -> FakeResponse:
     }
     finish = "length" if cut else "stop"
     if not req.get("stream"):
-        message = {"role": "assistant", "content": "".join(pieces), "refusal": None,
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces), "refusal": None,
                    "annotations": []}  # fmt: skip
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         return _json(200, {**head, "object": "chat.completion", "choices": [choice],
@@ -269,15 +282,56 @@ async def aiter_chunks(resp: FakeResponse, delay: float = DEFAULT_DELAY) -> Asyn
         yield chunk
 
 
+# -- gzip: one gzip stream per reply, flushed after each chunk ------------------------------------
+class Gzipper:
+    """``encode(chunk)`` for each chunk, then ``finish()``: together, one gzip member whose prefix
+    after each ``encode`` decompresses to the chunks so far (``Z_SYNC_FLUSH``)."""
+
+    def __init__(self) -> None:
+        self._z = zlib.compressobj(wbits=31)  # 16 + 15: a gzip header and trailer
+
+    def encode(self, chunk: bytes) -> bytes:
+        return self._z.compress(chunk) + self._z.flush(zlib.Z_SYNC_FLUSH)
+
+    def finish(self) -> bytes:
+        return self._z.flush()
+
+
+def gzip_body(data: bytes) -> bytes:
+    """The whole body as one gzip member (what :class:`Gzipper` gives for a single chunk)."""
+    z = Gzipper()
+    return z.encode(data) + z.finish()
+
+
+def _gzip_iter(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    z = Gzipper()
+    for chunk in chunks:
+        yield z.encode(chunk)
+    yield z.finish()
+
+
+async def _agzip_iter(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    z = Gzipper()
+    async for chunk in chunks:
+        yield z.encode(chunk)
+    yield z.finish()
+
+
 # -- ASGI (Starlette) ----------------------------------------------------------------------------
-def create_app(delay: float = DEFAULT_DELAY) -> Starlette:
+def create_app(delay: float = DEFAULT_DELAY, *, gzip: bool = DEFAULT_GZIP) -> Starlette:
     async def endpoint(request: Request) -> Response:
         resp = handle(request.method, request.url.path, await request.body())
+        headers = {"content-encoding": "gzip"} if gzip else None
         if resp.stream:
+            chunks = aiter_chunks(resp, delay)
             return StreamingResponse(
-                aiter_chunks(resp, delay), status_code=resp.status, media_type=resp.content_type
+                _agzip_iter(chunks) if gzip else chunks,
+                status_code=resp.status,
+                media_type=resp.content_type,
+                headers=headers,
             )
-        return Response(resp.body, status_code=resp.status, media_type=resp.content_type)
+        body = gzip_body(resp.body) if gzip else resp.body
+        return Response(body, resp.status, headers=headers, media_type=resp.content_type)
 
     paths = ("/v1/chat/completions", "/v1/messages", "/v1/models")
     return Starlette(routes=[Route(p, endpoint, methods=["GET", "POST"]) for p in paths])
@@ -287,16 +341,22 @@ app = create_app()
 
 
 # -- WSGI ----------------------------------------------------------------------------------------
-def make_wsgi_app(delay: float = DEFAULT_DELAY) -> Any:
+def make_wsgi_app(delay: float = DEFAULT_DELAY, *, gzip: bool = DEFAULT_GZIP) -> Any:
     def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length) if length else b""
         resp = handle(environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/"), body)
         headers = [("Content-Type", resp.content_type)]
-        if not resp.stream:
-            headers.append(("Content-Length", str(len(resp.body))))
-        start_response(f"{resp.status} {_REASONS.get(resp.status, 'OK')}", headers)
-        return iter_chunks(resp, delay)
+        if gzip:
+            headers.append(("Content-Encoding", "gzip"))
+        status = f"{resp.status} {_REASONS.get(resp.status, 'OK')}"
+        if resp.stream:
+            start_response(status, headers)
+            chunks = iter_chunks(resp, delay)
+            return _gzip_iter(chunks) if gzip else chunks
+        data = gzip_body(resp.body) if gzip else resp.body
+        start_response(status, [*headers, ("Content-Length", str(len(data)))])
+        return [data]
 
     return wsgi_app
 
@@ -346,3 +406,69 @@ class FakeUpstreamTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         resp, headers = self._answer(request, await request.aread())
         stream = _AsyncStream(resp, self.delay)
         return httpx.Response(resp.status, headers=headers, stream=stream, request=request)
+
+
+# -- served on a loopback port, in a thread --------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SeenRequest:
+    """One request as :class:`LocalUpstream` received it (header names lowercased)."""
+
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class LocalUpstream:
+    """The fake on ``127.0.0.1:<free port>`` (werkzeug, threaded), until :meth:`stop` or the end
+    of the ``with`` block. ``app`` replaces the fake's own WSGI app. Every request is appended to
+    ``requests`` before it is answered."""
+
+    def __init__(
+        self, *, delay: float = DEFAULT_DELAY, gzip: bool = DEFAULT_GZIP, app: Any = None
+    ) -> None:
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        class Quiet(WSGIRequestHandler):
+            def log(self, type: str, message: str, *args: Any) -> None:
+                pass
+
+        inner = app or make_wsgi_app(delay, gzip=gzip)
+        self.requests: list[SeenRequest] = []
+
+        def recording(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            headers = {k[5:].lower().replace("_", "-"): v for k, v in environ.items()
+                       if k.startswith("HTTP_")}  # fmt: skip
+            for k in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                if environ.get(k):
+                    headers[k.lower().replace("_", "-")] = environ[k]
+            seen = SeenRequest(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), headers)
+            self.requests.append(seen)
+            result: Iterable[bytes] = inner(environ, start_response)
+            return result
+
+        self._server = make_server("127.0.0.1", 0, recording, threaded=True, request_handler=Quiet)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="fake-upstream", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``: ``ANTHROPIC_BASE_URL``; ``OPENAI_BASE_URL`` is it + /v1."""
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def start(self) -> LocalUpstream:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def __enter__(self) -> LocalUpstream:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
