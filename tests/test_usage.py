@@ -305,19 +305,28 @@ def test_wrong_types_and_out_of_range_numbers() -> None:
         p = UsageParser("openai-chat", content_type=JSON)
         p.feed(body)
         assert p.finish() is None, body
+    # string and boolean counts make the usage invalid, not zero
+    p = UsageParser("openai-chat", content_type=JSON)
+    p.feed(bodies[2])
+    assert p.finish() is None and p.invalid == "prompt_tokens=12"
+    # negative, infinite and oversized counts are invalid (never clamped into a free request
+    # or an empty quota); the valid ones are still read
     p = UsageParser("openai-chat", content_type=JSON)
     p.feed(b'{"usage":{"prompt_tokens":-5,"completion_tokens":1e400,"total_tokens":3.0,'
            b'"prompt_tokens_details":{"cached_tokens":99999999999999999999999999}}}')  # fmt: skip
     u = p.finish()
-    assert u is not None
-    assert (u.input_tokens, u.output_tokens, u.cached_tokens) == (0, 3, 0)
+    assert u is not None and p.invalid == "prompt_tokens=-5" and p.complete
     p = UsageParser("openai-chat", content_type=JSON)
     p.feed(b'{"usage":{"prompt_tokens":' + b"9" * 5000 + b',"completion_tokens":2}}')
     assert p.finish() is None  # int too long for Python's parser: dropped, not raised
     p = UsageParser("gemini", content_type=JSON)
     p.feed(b'{"usageMetadata":{"promptTokenCount":99999999999999999999,"thoughtsTokenCount":2.7}}')
-    u = p.finish()
-    assert u is not None and u.input_tokens == (1 << 53) - 1 and u.output_tokens == 2
+    p.finish()
+    assert p.invalid == "promptTokenCount=99999999999999999999"
+    p = UsageParser("gemini", content_type=JSON)
+    p.feed(b'{"usageMetadata":{"promptTokenCount":12.0,"candidatesTokenCount":3}}')
+    u = p.finish()  # an integral float is a count
+    assert u is not None and (u.input_tokens, u.output_tokens) == (12, 3) and p.invalid is None
 
 
 def test_deep_nesting_does_not_raise() -> None:

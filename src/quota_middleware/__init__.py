@@ -6,7 +6,7 @@ from __future__ import annotations
 from .alerts import AlertsConfig, WebhookSink
 from .asgi import QuotaMiddleware
 from .config import AIRoute, Plan, QuotaConfig, Routes, RouteWeight, StorageConfig
-from .decision import Decision, LimitStatus
+from .decision import Charge, Decision, LimitStatus
 from .errors import (
     ConfigurationError,
     IdentificationError,
@@ -30,6 +30,7 @@ __all__ = [
     "AppBudget",
     "Budget",
     "Caller",
+    "Charge",
     "Concurrency",
     "ConfigurationError",
     "Decision",

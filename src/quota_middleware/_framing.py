@@ -22,6 +22,9 @@ class Framing:
     # set by the parser
     _max: int
     _error: str | None
+    _whole: bool
+    _seen_usage: bool
+    _text_kept: int
 
     def _init_framing(
         self, content_type: str | None, content_encoding: str | None, max_decompressed: int
@@ -35,6 +38,8 @@ class Framing:
         else:
             self._framing = "json"
         self._dead = False  # gave up: undecodable encoding or too much data
+        #: the body was not valid JSON; its text was salvaged for an estimate
+        self.salvaged = False
         # decompression
         enc = (content_encoding or "").strip().lower()
         self._zmode: Literal["none", "gzip", "deflate"] = "none"
@@ -71,6 +76,9 @@ class Framing:
         raise NotImplementedError
 
     def _handle_one(self, obj: object) -> None:
+        raise NotImplementedError
+
+    def _add_text(self, text: object) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------ decompress
@@ -247,6 +255,7 @@ class Framing:
             return
         for m in _MODEL_KEY.finditer(tail):
             obj[m.group(1).decode()] = m.group(2).decode("utf-8", "replace")
+        self._whole = True  # the tail of a whole document: its usage is the final one
         self._handle_one(obj)
 
     def _drain_array(self) -> None:
@@ -272,6 +281,43 @@ class Framing:
         if pos:
             del self._doc[: len(text[:pos].encode("utf-8", "surrogateescape"))]
 
+    def _whole_doc(self, doc: bytes) -> None:
+        """A whole non-streamed body: JSON, or JSON with invalid UTF-8 (decoded leniently: the
+        usage in it is still the provider's), or a mislabelled stream, or a cut-off document
+        whose text is salvaged for the estimate."""
+        obj: Any = None
+        for attempt in (doc, None):
+            try:
+                obj = json.loads(attempt if attempt is not None else doc.decode("utf-8", "replace"))
+            except (ValueError, RecursionError):
+                continue
+            self._whole = True
+            self._handle(obj)
+            self._whole = False
+            return
+        head = doc.lstrip()[:5]
+        if head in (b"data:", b"event") or b"\n{" in doc:
+            # mislabelled stream (no or wrong content type): read it as SSE or NDJSON
+            self._framing = "sse" if head in (b"data:", b"event") else "ndjson"
+            self._frame(doc + b"\n\n")
+        if not self._seen_usage and not self._text_kept:
+            self._salvage(doc)
+
+    def _salvage(self, doc: bytes) -> None:
+        """The generated text of a document that is not valid JSON (cut off mid-way): the
+        string values of the text-carrying keys, the last one possibly unterminated."""
+        self.salvaged = True
+        text = doc.decode("utf-8", "replace")
+        for m in _TEXT_VALUE.finditer(text):
+            raw = m.group(1)
+            if raw.endswith("\\") and not raw.endswith("\\\\"):
+                raw = raw[:-1]  # half an escape where the body was cut
+            try:
+                value = json.loads('"' + raw + '"')
+            except ValueError:
+                value = raw  # a cut "\u12" or the like: the raw characters are close enough
+            self._add_text(value)
+
     def _flush(self) -> None:
         if self._zmode == "deflate" and self._z is None and self._zhead:
             head, self._zhead = self._zhead, b""
@@ -281,18 +327,14 @@ class Framing:
             if self._array:
                 self._drain_array()
             elif self._tail is not None:
-                self._parse_tail(b"".join(self._tail))
+                tail = b"".join(self._tail)
+                self._parse_tail(tail)
+                if not self._seen_usage:
+                    self._salvage(tail)  # a big document cut short: what its tail says
             elif self._doc:
                 doc = bytes(self._doc)
                 self._doc = bytearray()
-                try:
-                    obj = json.loads(doc)
-                except (ValueError, RecursionError):
-                    # mislabelled stream (no or wrong content type): try it as SSE or NDJSON
-                    self._framing = "sse" if doc.lstrip()[:5] in (b"data:", b"event") else "ndjson"
-                    self._frame(doc + b"\n\n")
-                else:
-                    self._handle(obj)
+                self._whole_doc(doc)
             return
         if self._pending and not self._discard:
             line = bytes(self._pending)
@@ -303,6 +345,12 @@ class Framing:
 
 
 _DECODER = json.JSONDecoder()
+# String values that carry generated text, in any provider's body; the closing quote is optional
+# (a cut-off body ends inside one)
+_TEXT_VALUE = re.compile(
+    r'"(?:content|text|thinking|arguments|response|refusal|reasoning_content|partial_json)"'
+    r'\s*:\s*"((?:[^"\\]|\\.)*(?:\\)?)'
+)
 # A key of the document itself, not text inside a string (where its quotes would be escaped).
 _USAGE_KEY = re.compile(rb'"(usage|usageMetadata)"\s*:\s*')
 _COUNT_KEY = re.compile(rb'"(prompt_eval_count|eval_count)"\s*:\s*(\d{1,16})[,}\s]')

@@ -34,6 +34,8 @@ _ANTHROPIC_EVENTS = frozenset(
         "ping",
     }
 )
+# Responses stream events whose response object carries the final usage
+_RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # Provider field name -> our field. Each provider keeps its raw fields; normalised in finish().
 _OPENAI_FIELDS = (
     ("prompt_tokens", "in"),
@@ -62,14 +64,24 @@ _OLLAMA_FIELDS = (
 
 
 def _count(value: object) -> int | None:
-    """A usage count from untrusted JSON: ints and integral floats, clamped to [0, 2**53)."""
+    """A usage count from untrusted JSON, or None when it is not one: a non-negative integer
+    (an integral float such as ``12.0`` is accepted) no larger than 2**53 - 1. Negative,
+    fractional, NaN, infinite, boolean, string and oversized values are invalid: clamping them
+    would turn ``-1000000`` into a free request and ``1e30`` into an empty quota."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return min(max(value, 0), _MAX_COUNT)
-    if isinstance(value, float) and value == value and abs(value) != float("inf"):
-        return min(max(int(value), 0), _MAX_COUNT)
+        return value if 0 <= value <= _MAX_COUNT else None
+    if isinstance(value, float) and value.is_integer() and 0 <= value <= _MAX_COUNT:
+        return int(value)
     return None
+
+
+def _finished(choices: object, key: str) -> bool:
+    """Whether any choice/candidate of a streamed chunk carries its finish reason."""
+    if not isinstance(choices, list):
+        return False
+    return any(isinstance(c, dict) and c.get(key) for c in choices)
 
 
 def _error_text(err: object, fallback: str = "error") -> str:
@@ -123,6 +135,12 @@ class Providers:
     _fields: dict[str, int]
     _seen_usage: bool
     _error: str | None
+    #: the first count that was not a valid count ("prompt_tokens=-5"), if any
+    _invalid: str | None
+    #: the provider's terminal usage was seen (not only a partial count from a stream's start)
+    _complete: bool
+    #: the object being handled is a whole (non-streamed) response document
+    _whole: bool
     _text: list[str]
     _text_kept: int
     text_chars: int
@@ -141,21 +159,36 @@ class Providers:
             return True
         return False
 
-    def _merge(self, usage: object, fields: tuple[tuple[str, str], ...]) -> None:
-        """Later non-null values replace earlier ones: every provider reports cumulative counts."""
+    def _merge(self, usage: object, fields: tuple[tuple[str, str], ...]) -> bool:
+        """Later non-null values replace earlier ones: every provider reports cumulative counts.
+        A present value that is not a valid count marks the whole usage invalid. True when any
+        field was present."""
         if not isinstance(usage, dict):
-            return
+            return False
+        present = False
         for src, dst in fields:
-            n = _count(usage.get(src))
-            if n is not None:
-                self._fields[dst] = n
-                self._seen_usage = True
+            value = usage.get(src)
+            if value is None:
+                continue  # absent or null: no update (Vertex sends counts on later chunks only)
+            present = True
+            n = _count(value)
+            if n is None:
+                self._invalid = self._invalid or f"{src}={str(value)[:40]}"
+                continue
+            self._fields[dst] = n
+            self._seen_usage = True
+        return present
 
     def _merge_detail(self, usage: dict[str, Any], outer: str, inner: str, dst: str) -> None:
         detail = usage.get(outer)
         if isinstance(detail, dict):
-            n = _count(detail.get(inner))
-            if n is not None:
+            value = detail.get(inner)
+            if value is None:
+                return
+            n = _count(value)
+            if n is None:
+                self._invalid = self._invalid or f"{outer}.{inner}={str(value)[:40]}"
+            else:
                 self._fields[dst] = n
 
     def _add_text(self, text: object) -> None:
@@ -173,14 +206,15 @@ class Providers:
         self._generic_error(obj)
         self._set_model(obj.get("model"))
         usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self._merge(usage, _OPENAI_FIELDS)
+        choices = obj.get("choices")
+        if isinstance(usage, dict) and self._merge(usage, _OPENAI_FIELDS):
             self._merge_detail(usage, "prompt_tokens_details", "cached_tokens", "cached")
             self._merge_detail(usage, "completion_tokens_details", "reasoning_tokens", "reasoning")
-        if not self._collect:
-            return
-        choices = obj.get("choices")
-        if not isinstance(choices, list):
+            # Streams carry usage in their last chunk (no choices), or, on servers that repeat
+            # it on every chunk (vLLM's continuous usage stats), final with the finish reason
+            if self._whole or not choices or _finished(choices, "finish_reason"):
+                self._complete = True
+        if not self._collect or not isinstance(choices, list):
             return
         for choice in choices:
             if not isinstance(choice, dict):
@@ -190,6 +224,7 @@ class Providers:
                 msg = choice.get(key)
                 if isinstance(msg, dict):
                     self._add_text(msg.get("content"))
+                    self._add_text(msg.get("refusal"))
                     self._add_text(msg.get("reasoning_content"))
                     self._add_text(msg.get("reasoning"))
                     calls = msg.get("tool_calls")
@@ -199,11 +234,12 @@ class Providers:
                             if isinstance(fn, dict):
                                 self._add_text(fn.get("arguments"))
 
-    def _responses_usage(self, response: dict[str, Any]) -> None:
+    def _responses_usage(self, response: dict[str, Any], final: bool) -> None:
         self._set_model(response.get("model"))
         usage = response.get("usage")
-        if isinstance(usage, dict):
-            self._merge(usage, _RESPONSES_FIELDS)
+        if isinstance(usage, dict) and self._merge(usage, _RESPONSES_FIELDS):
+            if final:
+                self._complete = True
             self._merge_detail(usage, "input_tokens_details", "cached_tokens", "cached")
             self._merge_detail(usage, "output_tokens_details", "reasoning_tokens", "reasoning")
         err = response.get("error")
@@ -215,7 +251,7 @@ class Providers:
     def _responses(self, obj: dict[str, Any]) -> None:
         t = obj.get("type")
         if not isinstance(t, str):  # the non-streaming body is the response object itself
-            self._responses_usage(obj)
+            self._responses_usage(obj, self._whole)
             self._generic_error(obj)
             output = obj.get("output")
             if self._collect and isinstance(output, list):
@@ -236,7 +272,7 @@ class Providers:
             return
         response = obj.get("response")
         if isinstance(response, dict):
-            self._responses_usage(response)
+            self._responses_usage(response, t in _RESPONSES_FINAL)
         if t == "response.failed" and not self._error:
             self._error = "response.failed"
 
@@ -256,14 +292,17 @@ class Providers:
                 self._merge(msg.get("usage"), _ANTHROPIC_FIELDS)
             return
         if t == "message_delta":
-            self._merge(obj.get("usage"), _ANTHROPIC_FIELDS)
+            # message_start's usage is partial (output_tokens: 1); this one is final
+            if self._merge(obj.get("usage"), _ANTHROPIC_FIELDS):
+                self._complete = True
             return
         if t == "error" or "error" in obj:
             self._error = _error_text(obj.get("error"))
             return
         if t == "message" or t is None:  # non-streaming body (or its tail)
             self._set_model(obj.get("model"))
-            self._merge(obj.get("usage"), _ANTHROPIC_FIELDS)
+            if self._merge(obj.get("usage"), _ANTHROPIC_FIELDS) and self._whole:
+                self._complete = True
             content = obj.get("content")
             if isinstance(content, list):
                 for block in content:
@@ -275,10 +314,16 @@ class Providers:
         self._generic_error(obj)
         self._set_model(obj.get("modelVersion") or obj.get("model"))
         # Vertex puts {"trafficType": ...} without counts on early chunks: missing = no update
-        self._merge(obj.get("usageMetadata"), _GEMINI_FIELDS)
+        candidates = obj.get("candidates")
+        if self._merge(obj.get("usageMetadata"), _GEMINI_FIELDS):
+            # counts are cumulative on every chunk; the last one carries the finish reason
+            # (or a blocked prompt's feedback)
+            feedback = obj.get("promptFeedback")
+            blocked = isinstance(feedback, dict) and bool(feedback.get("blockReason"))
+            if self._whole or blocked or _finished(candidates, "finishReason"):
+                self._complete = True
         if not self._collect:
             return
-        candidates = obj.get("candidates")
         if isinstance(candidates, list):
             for cand in candidates:
                 content = cand.get("content") if isinstance(cand, dict) else None
@@ -291,7 +336,9 @@ class Providers:
     def _ollama(self, obj: dict[str, Any]) -> None:
         self._generic_error(obj)
         self._set_model(obj.get("model"))
-        self._merge(obj, _OLLAMA_FIELDS)
+        # /api/generate and /api/chat end with done: true; /api/embed answers one document
+        if self._merge(obj, _OLLAMA_FIELDS) and (obj.get("done") is True or self._whole):
+            self._complete = True
         if not self._collect:
             return
         self._add_text(obj.get("response"))

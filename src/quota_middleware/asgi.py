@@ -4,6 +4,7 @@ BaseHTTPMiddleware), so responses, SSE included, pass through chunk by chunk, un
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -14,13 +15,22 @@ from .backends.base import AsyncBackend
 from .backends.factory import async_backend
 from .backends.memory import MemoryBackend
 from .config import QuotaConfig
+from .decision import Charge
 from .engine import Decision, Engine, drive_async, drive_sync
 from .errors import IdentificationError
 from .identity import Identifier
 from .metering import Meter
 from .reports import UsageReader
 from .request import RequestInfo
-from .responses import RawHeaders, Response, allowed_headers, denied, too_large, unauthorized
+from .responses import (
+    RawHeaders,
+    Response,
+    allowed_headers,
+    denied,
+    too_large,
+    unauthorized,
+    without_request_id,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -46,6 +56,9 @@ class QuotaMiddleware:
     :param backend: any :class:`~quota_middleware.backends.AsyncBackend` (tests, custom stores).
     :param identifier: replaces the identifier built from ``config.identity``.
     :param metrics: a :class:`~quota_middleware.metrics.PrometheusMetrics`.
+    :param on_settle: called with the :class:`~quota_middleware.Charge` of every settled AI
+        request, after its settle; a plain function or a coroutine function. Exceptions are
+        logged, never raised into the request.
 
     The decision is in ``scope["state"]["quota"]`` (``request.state.quota`` in Starlette/FastAPI).
     """
@@ -60,8 +73,10 @@ class QuotaMiddleware:
         identifier: Identifier | None = None,
         clock: Callable[[], int] | None = None,
         metrics: Any = None,
+        on_settle: Callable[[Charge], object] | None = None,
     ) -> None:
         self.app = app
+        self.on_settle = on_settle
         self.config = load_config(config)
         self.engine = Engine(self.config, identifier=identifier, clock=clock, metrics=metrics)
         self._observer = metrics.store if metrics is not None else None
@@ -199,7 +214,10 @@ class _Responder:
                 )
             if self._extra:
                 message = dict(message)
-                message["headers"] = [*headers, *self._extra]
+                extra = self._extra
+                if self.meter is not None:
+                    extra = without_request_id(extra, headers)
+                message["headers"] = [*headers, *extra]
         elif kind == "http.response.body" and self.meter is not None:
             self.meter.feed(message.get("body", b""))
         await self._send(message)
@@ -208,16 +226,23 @@ class _Responder:
         if self._settled:
             return
         self._settled = True
-        usage = cost = None
-        if self.meter is not None:
-            usage = self.meter.finish()
-            cost = self.meter.cost(usage)
-        if not self.decision.needs_settle:
-            return
-        flow = self.mw.engine.settle(self.decision, usage, cost or 0)
-        # Shielded: a client disconnect cancels the request task, but what it held must still
-        # be given back and what it used charged.
-        await asyncio.shield(self.mw._spawn(drive_async(flow, self.backend)))
+        usage, cost, charge = self.mw.engine.finish(self.decision, self.meter)
+        if self.decision.needs_settle:
+            flow = self.mw.engine.settle(self.decision, usage, cost)
+            # Shielded: a client disconnect cancels the request task, but what it held must
+            # still be given back and what it used charged.
+            await asyncio.shield(self.mw._spawn(drive_async(flow, self.backend)))
+        if charge is not None and self.mw.on_settle is not None:
+            await _call_hook(self.mw.on_settle, charge)
+
+
+async def _call_hook(hook: Callable[[Charge], object], charge: Charge) -> None:
+    try:
+        result = hook(charge)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception("quota_middleware: on_settle hook failed for %s", charge.request_id)
 
 
 def _header(headers: Any, name: bytes) -> str | None:

@@ -6,6 +6,7 @@ bad policy fails at startup, never at the first request.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -141,6 +142,9 @@ class StorageConfig:
     breaker_failures: int = 3
     #: seconds the breaker stays open before one probe request is let through
     breaker_reset: float = 2.0
+    #: settles kept per process while the store is down, applied once it answers (oldest
+    #: dropped first beyond this; 0 keeps none)
+    settle_buffer: int = 10_000
 
     def __post_init__(self) -> None:
         url = self.url
@@ -153,6 +157,11 @@ class StorageConfig:
             raise ConfigurationError("storage.timeout", "must be in (0, 30] seconds")
         if self.breaker_failures < 1 or self.breaker_reset <= 0:
             raise ConfigurationError("storage.breaker_*", "must be positive")
+        if (
+            not isinstance(self.settle_buffer, int) or isinstance(self.settle_buffer, bool)
+            or not 0 <= self.settle_buffer <= 10_000_000
+        ):  # fmt: skip
+            raise ConfigurationError("storage.settle_buffer", "an integer in [0, 10000000]")
 
     def __repr__(self) -> str:
         # a Redis URL may carry a password
@@ -181,6 +190,9 @@ class AIRoute:
     :param default_output_tokens: the output allowance reserved when the request sets no cap.
     :param max_output_reserve: the most output tokens ever reserved up front, whatever the cap.
     :param lease: seconds a reservation holds if its worker dies before settling it.
+    :param max_usage_tokens: a response that reports more input or output tokens than this is
+        not believed: it is charged from the estimate and logged as ``usage_invalid``. The
+        default is far above every current model's context window plus its output.
     """
 
     path: str
@@ -190,13 +202,14 @@ class AIRoute:
     default_output_tokens: int = 1024
     max_output_reserve: int = 16384
     lease: float = 600.0
+    max_usage_tokens: int = 4_000_000
 
     def __post_init__(self) -> None:
         where = f"ai_routes[{self.path}]"
         _check_patterns([self.path], f"{where}.path")
         if self.format not in _AI_FORMATS:
             raise ConfigurationError(f"{where}.format", f"one of {', '.join(_AI_FORMATS)}")
-        for name in ("max_body", "default_output_tokens", "max_output_reserve"):
+        for name in ("max_body", "default_output_tokens", "max_output_reserve", "max_usage_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(f"{where}.{name}", "must be an integer >= 1")
@@ -414,13 +427,7 @@ class QuotaConfig:
 
 
 def _replace_storage(s: StorageConfig, url: str) -> StorageConfig:
-    return StorageConfig(
-        url=url,
-        prefix=s.prefix,
-        timeout=s.timeout,
-        breaker_failures=s.breaker_failures,
-        breaker_reset=s.breaker_reset,
-    )
+    return dataclasses.replace(s, url=url)  # every other field carried over
 
 
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:

@@ -3,6 +3,7 @@ each limit it met, and the :class:`Hold` values an admitted request keeps until 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -81,14 +82,68 @@ class Decision:
     holds: tuple[Hold, ...] = ()
     #: the day (plan time zone) the usage record goes to
     day: str | None = None
+    #: the client's own ``x-request-id`` (AI routes), shown in logs, hooks and the response;
+    #: never used as a key: ``request_id`` stays unique, so a repeated id cannot skip a charge
+    trace_id: str | None = None
+    #: the request path (AI routes), for the charge record
+    path: str | None = None
 
     @property
     def caller_id(self) -> str | None:
         return self.caller.id if self.caller else None
 
     @property
+    def public_id(self) -> str:
+        """The request id the client sees (``x-request-id``) and the logs name."""
+        return self.trace_id or self.request_id
+
+    @property
     def needs_settle(self) -> bool:
         return self.caller is not None and (bool(self.holds) or self.ai is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one settled AI request was charged: what ``on_settle`` hooks receive and the
+    ``quota_middleware.charges`` log line says. ``estimated`` is set only for real estimates
+    (with ``reason``); an upstream error charged nothing has ``error`` set instead."""
+
+    request_id: str
+    caller: str
+    tenant: str
+    plan: str | None
+    route: str
+    path: str
+    provider: str
+    model: str | None
+    status: int
+    input_tokens: int
+    cached_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cost_micros: int
+    estimated: bool
+    reason: str | None = None
+    error: str | None = None
+    #: admitted without the store (fail-open): charged once the store answers
+    degraded: bool = False
+    #: the stream was ended by the hard stop (the quota or budget had no room for more)
+    stopped: bool = False
+
+    @property
+    def cost_usd(self) -> float:
+        return self.cost_micros / 1_000_000
+
+    def as_dict(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    def log_text(self) -> str:
+        """One ``key=value`` line (values without spaces; the error text is quoted)."""
+        parts = [f"{k}={v}" for k, v in self.as_dict().items() if k != "error" and v is not None]
+        if self.error:
+            parts.append("error=" + json.dumps(self.error[:200]))
+        return " ".join(parts)
 
 
 class Stats:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
@@ -28,7 +29,7 @@ from .metering import AIRequest, ModelNotAllowed, UnpricedModel, prepare, price_
 from .periods import day_id, period_of
 from .request import RequestInfo
 from .scripts import ScriptArg, ScriptCall, hash_pairs
-from .settlement import SETTLE_MARKER_MS, Settlement
+from .settlement import SETTLE_MARKER_MS, SettleBuffer, Settlement
 
 log = logging.getLogger("quota_middleware")
 
@@ -65,6 +66,17 @@ class _RequestIds:
 new_request_id = _RequestIds()
 
 
+_TRACE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def _trace_id(value: str | None) -> str | None:
+    """The client's ``x-request-id`` when it is a plain token (it goes into log lines and a
+    response header: no spaces, control characters or megabytes)."""
+    if value is not None and _TRACE_ID.fullmatch(value):
+        return value
+    return None
+
+
 def _ceil_s(us: int) -> int:
     return max(0, -(-int(us) // 1_000_000))
 
@@ -87,6 +99,8 @@ class Engine(Settlement):
         #: microseconds override for deterministic tests; None means Redis server time
         self.clock = clock
         self.stats = Stats()
+        #: settles not yet written because the store was down (see :class:`SettleBuffer`)
+        self.settle_buffer = SettleBuffer(config.storage.settle_buffer)
         self._prefix = config.storage.prefix
         self._prices, self._default_price = price_table(config)
         self._retention_ms = config.usage_retention_days * 86_400_000
@@ -171,7 +185,9 @@ class Engine(Settlement):
         plan = self.config.plan(caller.plan)
         ai: AIRequest | None = None
         limits: Sequence[Limit]
+        trace = path = None
         if route is not None:
+            trace, path = _trace_id(info.headers.get("x-request-id")), info.path
             try:
                 ai = self._prepare(route, info, plan)
             except ModelNotAllowed as e:
@@ -191,14 +207,27 @@ class Engine(Settlement):
         if not limits:
             self.stats.incr("allowed")
             return Decision(
-                allowed=True, request_id=rid, caller=caller, plan=plan.name, ai=ai, day=day
-            )
+                allowed=True, request_id=rid, caller=caller, plan=plan.name, ai=ai, day=day,
+                trace_id=trace, path=path,
+            )  # fmt: skip
         call, holds = self.plan_admit(caller, plan, limits, weight, rid, ai, now_us)
         try:
             reply = yield call
         except StorageError as e:
-            return self._degraded(rid, caller, plan, ai, e, day)
-        return self.decide(caller, plan, limits, rid, reply, holds, ai, day)
+            decision = self._degraded(rid, caller, plan, ai, e, day)
+            if decision.allowed and ai is not None:
+                # Fail-open: nothing was reserved, but the usage is still owed to every token
+                # limit. Settle charges a hold of 0 in full (no live reservation), once the
+                # store answers (the settle buffer keeps it until then).
+                decision.holds = tuple(
+                    h for lim, h in zip(limits, holds, strict=True)
+                    if isinstance(lim, TokenRate | TokenQuota | Budget)
+                )  # fmt: skip
+        else:
+            decision = self.decide(caller, plan, limits, rid, reply, holds, ai, day)
+        if trace is not None or path is not None:
+            decision.trace_id, decision.path = trace, path
+        return decision
 
     def _prepare(self, route: AIRoute, info: RequestInfo, plan: Plan) -> AIRequest:
         budgeted = any(isinstance(lim, Budget) for lim in plan.limits)

@@ -38,6 +38,12 @@ class AIRequest:
         return self.estimate.model
 
 
+# An output count above CAP_FACTOR x the request's cap + CAP_SLACK is not believed. Loose on
+# purpose: some servers count thinking outside the cap, and a false alarm costs an estimate.
+_CAP_FACTOR = 4
+_CAP_SLACK = 65_536
+
+
 class ModelNotAllowed(Exception):
     def __init__(self, model: str | None) -> None:
         self.model = model
@@ -101,13 +107,15 @@ class Meter:
     """Feeds the response body to the usage parser as it is relayed; never raises, never buffers
     the body (only the parser's bounded line buffer)."""
 
-    __slots__ = ("ai", "parser", "status", "bytes_seen")
+    __slots__ = ("ai", "parser", "status", "bytes_seen", "invalid")
 
     def __init__(self, ai: AIRequest) -> None:
         self.ai = ai
         self.parser: UsageParser | None = None
         self.status = 200
         self.bytes_seen = 0
+        #: what made the provider's usage unusable, once :meth:`finish` found out
+        self.invalid: str | None = None
 
     def start(self, status: int, content_type: str | None, content_encoding: str | None) -> None:
         self.status = status
@@ -123,28 +131,80 @@ class Meter:
             self.parser.feed(chunk)
 
     def finish(self) -> Usage:
-        """The usage to charge. Provider numbers when present; otherwise tiktoken counts of the
-        prompt and of the text relayed so far, marked ``estimated``. An upstream error response
-        without usage is charged nothing: providers do not bill those."""
-        usage = self.parser.finish() if self.parser is not None else None
+        """The usage to charge. The provider's numbers when its final usage arrived and is
+        valid and plausible; otherwise an estimate, marked ``estimated`` with its ``reason``:
+        the larger of any partial counts and tiktoken counts of the prompt and of the text
+        actually relayed. An upstream error response without usage is charged nothing
+        (providers do not bill those) and is not an estimate."""
+        parser = self.parser
         est = self.ai.estimate
-        if usage is not None:
-            if usage.input_missing:
-                usage = replace(usage, input_tokens=est.prompt_tokens, estimated=True)
+        if parser is None:
+            return Usage(model=est.model, error="no response")
+        usage = parser.finish()
+        model = parser.model or est.model
+        if usage is None and self.status >= 400 and parser.invalid is None:
+            return Usage(model=model, error=parser.error or f"status {self.status}")
+        reason: str | None = None
+        if parser.invalid is not None:
+            reason, self.invalid = "usage_invalid", parser.invalid
+        elif usage is not None and (why := self._implausible(usage)) is not None:
+            reason, self.invalid = "usage_invalid", why
+        elif usage is not None:
             if usage.model is None:
                 usage = replace(usage, model=est.model)
+            if not parser.complete:
+                # a partial count (Anthropic's message_start, Gemini's running total) is a
+                # floor, not the charge: generation went on past it
+                return replace(
+                    usage,
+                    input_tokens=max(usage.input_tokens, est.prompt_tokens),
+                    output_tokens=max(usage.output_tokens, self.text_tokens()),
+                    estimated=True,
+                    reason="incomplete",
+                )
+            if usage.input_missing:
+                return replace(
+                    usage, input_tokens=est.prompt_tokens, estimated=True, reason="input_missing"
+                )
             return usage
-        error = self.parser.error if self.parser is not None else None
-        if self.status >= 400 or self.parser is None:
-            return Usage(model=est.model, estimated=True, error=error)
-        text = self.parser.output_text()
+        elif parser.salvaged:
+            reason = "unparseable"
+        else:
+            reason = "incomplete" if est.include_usage else "no_usage"
         return Usage(
             input_tokens=est.prompt_tokens,
-            output_tokens=count_tokens(text, est.model) if text else 0,
-            model=self.parser.model or est.model,
+            output_tokens=self.text_tokens(),
+            model=model,
             estimated=True,
-            error=error,
+            error=parser.error,
+            reason=reason,
         )
+
+    def text_tokens(self) -> int:
+        """Tokens of the generated text relayed so far. The parser keeps at most its buffer
+        of text; past that, the count is scaled by the characters it saw."""
+        parser = self.parser
+        if parser is None:
+            return 0
+        text = parser.output_text()
+        if not text:
+            return 0
+        n = count_tokens(text, self.ai.estimate.model)
+        if parser.text_chars > len(text):
+            n = -(-n * parser.text_chars // len(text))
+        return n
+
+    def _implausible(self, usage: Usage) -> str | None:
+        """Why a valid-looking usage cannot be true, if it cannot: more tokens than any model
+        takes or produces (``AIRoute.max_usage_tokens``), or far more output than the
+        request allowed (providers stop at the cap; reasoning and thinking count inside it)."""
+        bound = self.ai.route.max_usage_tokens
+        if usage.input_tokens > bound or usage.output_tokens > bound:
+            return f"over max_usage_tokens ({usage.input_tokens}+{usage.output_tokens})"
+        cap = self.ai.estimate.max_output_tokens
+        if cap and usage.output_tokens > _CAP_FACTOR * cap + _CAP_SLACK:
+            return f"output_tokens={usage.output_tokens} for a cap of {cap}"
+        return None
 
     def cost(self, usage: Usage) -> int:
         # Priced at the requested model: the answer often names a dated variant of it, and the

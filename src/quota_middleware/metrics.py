@@ -30,7 +30,7 @@ class PrometheusMetrics:
         self, registry: Any = None, *, namespace: str = "quota", max_models: int = 50
     ) -> None:
         try:
-            from prometheus_client import REGISTRY, Counter, Histogram
+            from prometheus_client import REGISTRY, Counter, Gauge, Histogram
         except ImportError as e:  # pragma: no cover - depends on the extra
             raise ImportError(
                 "PrometheusMetrics needs: pip install 'quota-middleware[metrics]'"
@@ -53,6 +53,15 @@ class PrometheusMetrics:
             "degraded_decisions", "Decisions made without the store", ["policy"], **kw
         )
         self.alerts = Counter("alerts", "Alert events", ["type", "state"], **kw)
+        self.buffer_depth = Gauge(
+            "settle_buffer_depth", "Settles waiting for the store to answer (this process)", **kw
+        )
+        self.buffer_dropped = Gauge(
+            "settle_buffer_dropped", "Settles dropped from the buffer, since start", **kw
+        )
+        self.usage_invalid = Counter(
+            "usage_invalid", "AI responses whose usage could not be believed", ["model"], **kw
+        )
         self._models: set[str] = set()
         self._max_models = max_models
         self._lock = threading.Lock()
@@ -93,6 +102,12 @@ class PrometheusMetrics:
             self.cost.labels(model).inc(cost_micros / 1_000_000)
         if usage.estimated:
             self.estimated.labels(model).inc()
+        if usage.reason == "usage_invalid":
+            self.usage_invalid.labels(model).inc()
+
+    def settle_buffer(self, depth: int, dropped: int) -> None:
+        self.buffer_depth.set(depth)
+        self.buffer_dropped.set(dropped)
 
     def store(self, call: str, seconds: float, ok: bool) -> None:
         self.store_latency.labels(call, "true" if ok else "false").observe(seconds)

@@ -33,6 +33,7 @@ _FIELDS = {
     "reasoning": "reasoning_tokens",
     "cost": "cost_micros",
     "estimated": "estimated",
+    "errors": "errors",
 }
 
 
@@ -51,6 +52,8 @@ class UsageRecord:
     cost_micros: int = 0
     #: how many of the requests were charged from tiktoken estimates, not provider numbers
     estimated: int = 0
+    #: how many were upstream errors without usage, charged nothing
+    errors: int = 0
 
     @property
     def cost_usd(self) -> float:
@@ -195,6 +198,7 @@ class CallerTotals:
     reasoning_tokens: int = 0
     cost_micros: int = 0
     estimated: int = 0
+    errors: int = 0
     models: tuple[str, ...] = ()
     days: tuple[str, ...] = ()
 

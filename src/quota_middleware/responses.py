@@ -173,8 +173,21 @@ def too_large(limit: int) -> Response:
 
 
 def allowed_headers(decision: Decision) -> RawHeaders:
-    """Headers added to an admitted response."""
+    """Headers added to an admitted response; on AI routes also the request id the charge is
+    logged under (``x-request-id``, unless the app's response sets its own)."""
     headers = rate_limit_headers(decision.statuses)
-    if decision.ai is not None and decision.statuses:
-        headers += openai_headers(decision.statuses)
+    if decision.ai is not None:
+        if decision.statuses:
+            headers += openai_headers(decision.statuses)
+        headers.append((REQUEST_ID, decision.public_id.encode()))
     return headers
+
+
+REQUEST_ID = b"x-request-id"
+
+
+def without_request_id(extra: RawHeaders, app_headers: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
+    """``extra`` less our ``x-request-id`` when the app's response already has one."""
+    if any(k.lower() == REQUEST_ID for k, _ in app_headers):
+        return [(k, v) for k, v in extra if k != REQUEST_ID]
+    return extra

@@ -6,11 +6,13 @@ is the other half of a request's life."""
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import QuotaConfig
-from .decision import Decision, Stats
+from .decision import Charge, Decision, Stats
 from .errors import StorageError
 from .events import AlertEvent, outbox_call, parse_settle_events
 from .keys import CallerKeys
@@ -18,10 +20,54 @@ from .limits import AppBudget
 from .scripts import ScriptArg, ScriptCall
 from .usage import Usage, clean_model
 
+if TYPE_CHECKING:
+    from .metering import Meter
+
 log = logging.getLogger("quota_middleware")
+#: one INFO line per settled AI request (``Charge.log_text``; the record's ``quota_charge``
+#: attribute holds the same as a dict, for JSON log formatters)
+charge_log = logging.getLogger("quota_middleware.charges")
+#: buffered settles applied after each successful settle, at most
+_DRAIN_BATCH = 16
+#: attempts to apply one buffered settle once the store answers again, then it is dropped
+_REPLAY_ATTEMPTS = 5
 
 #: how long a settled request's id is remembered, so a retried settle is a no-op
 SETTLE_MARKER_MS = 15 * 60 * 1000
+
+
+class SettleBuffer:
+    """Settles that could not be written (the store was down), kept per process until it
+    answers again, oldest dropped first when full. Each entry is replayed through the same
+    settle calls, which are idempotent per request id (their done markers), so a settle that
+    did reach Redis before its reply was lost is not applied twice."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: deque[tuple[Decision, Usage | None, int, int]] = deque()
+        self._lock = threading.Lock()
+        #: settles dropped because the buffer was full or they kept failing
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def push(self, decision: Decision, usage: Usage | None, cost: int, attempts: int = 0) -> bool:
+        """Keep one settle; False when that dropped the oldest (or this one: size 0)."""
+        with self._lock:
+            if self.size <= 0:
+                self.dropped += 1
+                return False
+            dropped = len(self._items) >= self.size
+            if dropped:
+                self._items.popleft()
+                self.dropped += 1
+            self._items.append((decision, usage, cost, attempts))
+            return not dropped
+
+    def pop(self) -> tuple[Decision, Usage | None, int, int] | None:
+        with self._lock:
+            return self._items.popleft() if self._items else None
 
 
 class Settlement:
@@ -30,6 +76,7 @@ class Settlement:
     config: QuotaConfig
     metrics: Any
     stats: Stats
+    settle_buffer: SettleBuffer
     _prefix: str
     _app_tag: str
     _retention_ms: int
@@ -94,7 +141,10 @@ class Settlement:
                 ("reasoning", usage.reasoning_tokens),
                 ("cost", cost),
                 ("estimated", int(usage.estimated)),
-            ):
+                # upstream errors charged nothing: counted apart from the estimates
+                ("errors", int(usage.error is not None and not usage.estimated
+                               and not usage.total_tokens)),
+            ):  # fmt: skip
                 if value:
                     ops += ["u", ukey, f"{model}|{field}", self._retention_ms, value]
         if not ops:
@@ -137,22 +187,107 @@ class Settlement:
         """The app budgets, in the order their "q" operations open the app settle call."""
         return tuple(self.config.app_budgets)
 
+    def finish(
+        self, decision: Decision, meter: Meter | None, *, stopped: bool = False
+    ) -> tuple[Usage | None, int, Charge | None]:
+        """The usage and cost to settle for a finished response, and its charge record (AI
+        requests). Logs the charge line, and a ``usage_invalid`` warning when the upstream's
+        numbers could not be believed."""
+        if meter is None:
+            return None, 0, None
+        usage = meter.finish()
+        cost = meter.cost(usage)
+        ai = meter.ai
+        if meter.invalid is not None:
+            self.stats.incr("usage_invalid")
+            log.warning(
+                "quota_middleware: usage_invalid route=%s model=%s status=%d (%s); charged "
+                "from the estimate", ai.route.path, usage.model or "-", meter.status,
+                meter.invalid,
+            )  # fmt: skip
+        if usage.error is not None and not usage.estimated and not usage.total_tokens:
+            self.stats.incr("upstream_errors")
+        elif usage.estimated:
+            self.stats.incr("estimated")
+        caller = decision.caller
+        if caller is None:
+            return usage, cost, None
+        charge = Charge(
+            request_id=decision.public_id, caller=caller.id, tenant=caller.tenant,
+            plan=decision.plan, route=ai.route.path, path=decision.path or ai.route.path,
+            provider=ai.estimate.format, model=usage.model, status=meter.status,
+            input_tokens=usage.input_tokens, cached_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens, output_tokens=usage.output_tokens,
+            reasoning_tokens=usage.reasoning_tokens, cost_micros=cost,
+            estimated=usage.estimated, reason=usage.reason, error=usage.error,
+            degraded=decision.degraded, stopped=stopped,
+        )  # fmt: skip
+        if charge_log.isEnabledFor(logging.INFO):
+            extra = {"quota_charge": charge.as_dict()}
+            charge_log.info("charge %s", charge.log_text(), extra=extra)
+        return usage, cost, charge
+
     def settle(
         self, decision: Decision, usage: Usage | None = None, cost: int = 0
     ) -> Generator[ScriptCall, Any, list[AlertEvent]]:
         """The settle flow: the caller's settle, the app budgets', then any alert events to the
         outbox. Each step runs even if an earlier one failed: the app's spend is charged when
         the caller's keys are unreachable, and events already decided (their markers are set,
-        they will not fire again) still reach the outbox, or at least the log."""
-        events: list[AlertEvent] = []
+        they will not fire again) still reach the outbox, or at least the log. A settle that
+        could not be written goes to the settle buffer; once a settle succeeds again, the
+        buffered ones are applied after it."""
         if self.metrics is not None and usage is not None:
             self.metrics.usage(usage, cost)
+        events, ok = yield from self._settle_once(decision, usage, cost)
+        if not ok:
+            self._buffer(decision, usage, cost, 0)
+        elif len(self.settle_buffer):
+            for _ in range(_DRAIN_BATCH):
+                item = self.settle_buffer.pop()
+                if item is None:
+                    break
+                d, u, c, attempts = item
+                more, ok = yield from self._settle_once(d, u, c)
+                events += more
+                if ok:
+                    self.stats.incr("settle_replayed")
+                    continue
+                if attempts + 1 < _REPLAY_ATTEMPTS:
+                    self._buffer(d, u, c, attempts + 1)
+                else:
+                    self.settle_buffer.dropped += 1
+                    self.stats.incr("settle_dropped")
+                    log.error("quota_middleware: buffered settle %s dropped after %d attempts",
+                              d.public_id, _REPLAY_ATTEMPTS)  # fmt: skip
+                break  # the store is failing again: leave the rest for a later settle
+        # (a metrics object of the user's own may not have this hook)
+        if self.metrics is not None and hasattr(self.metrics, "settle_buffer"):
+            self.metrics.settle_buffer(len(self.settle_buffer), self.settle_buffer.dropped)
+        return events
+
+    def _buffer(self, decision: Decision, usage: Usage | None, cost: int, attempts: int) -> None:
+        self.stats.incr("settle_buffered")
+        if not self.settle_buffer.push(decision, usage, cost, attempts):
+            self.stats.incr("settle_dropped")
+            log.error(
+                "quota_middleware: settle buffer full (%d); the oldest unwritten settle was "
+                "dropped", self.settle_buffer.size,
+            )  # fmt: skip
+
+    def _settle_once(
+        self, decision: Decision, usage: Usage | None, cost: int
+    ) -> Generator[ScriptCall, Any, tuple[list[AlertEvent], bool]]:
+        """One request's settle calls; the flag says whether they were all written (what was
+        written is not written twice when the whole settle is replayed)."""
+        events: list[AlertEvent] = []
+        ok = True
         call = self.plan_settle(decision, usage, cost)
         if call is not None:
             try:
                 reply = yield call
             except StorageError as e:
                 self._settle_failed("caller", e)
+                ok = False
             else:
                 events += self._events(decision, parse_settle_events(reply), app=False)
         app_call = self.plan_app_settle(decision, cost) if decision.ai is not None else None
@@ -161,6 +296,7 @@ class Settlement:
                 reply = yield app_call
             except StorageError as e:
                 self._settle_failed("app budget", e)
+                ok = False
             else:
                 # each budget's period is the one it was charged in, read off the call's keys
                 periods = {
@@ -183,13 +319,13 @@ class Settlement:
                 for event in events:
                     # the last place these events exist: never drop them silently
                     log.warning("quota_middleware: alert not queued: %s", event.to_json())
-        return events
+        return events, ok
 
     def _settle_failed(self, what: str, error: StorageError) -> None:
         self.stats.incr("settle_failed")
         log.warning(
-            "quota_middleware: %s settle failed (%s); slots and reservations free themselves "
-            "when their leases end", what, error,
+            "quota_middleware: %s settle failed (%s); kept in the settle buffer until the "
+            "store answers", what, error,
         )  # fmt: skip
 
     def _events(

@@ -67,6 +67,12 @@ class Usage:
     estimated: bool = False
     error: str | None = None
     input_missing: bool = False
+    #: why the usage is ``estimated``: ``"no_usage"`` (a stream that was not asked to report
+    #: it), ``"incomplete"`` (the provider's final usage never arrived: a cut stream, an error
+    #: event, a client that went away), ``"usage_invalid"`` (negative, fractional, non-numeric or
+    #: implausibly large counts), ``"unparseable"`` (a body that is not valid JSON),
+    #: ``"input_missing"`` (Ollama omitted the prompt count)
+    reason: str | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -75,7 +81,9 @@ class Usage:
 
 # Cheap byte pre-checks: an event without any of these cannot change usage, error or model.
 _INTERESTING = (b"usage", b"Usage", b'"error"', b"eval_count", b'"done"')
-_TEXTY = (b'"content"', b'"text"', b'"delta"', b'"response"', b'"thinking"', b'"reasoning')
+_TEXTY = (
+    b'"content"', b'"text"', b'"delta"', b'"response"', b'"thinking"', b'"reasoning', b'"refusal"'
+)  # fmt: skip
 
 
 class UsageParser(Providers, Framing):
@@ -108,6 +116,9 @@ class UsageParser(Providers, Framing):
         # results
         self._fields: dict[str, int] = {}
         self._seen_usage = False
+        self._invalid: str | None = None
+        self._complete = False
+        self._whole = False
         self._model: str | None = None
         self._error: str | None = None
         self._text: list[str] = []
@@ -124,6 +135,16 @@ class UsageParser(Providers, Framing):
     def error(self) -> str | None:
         """Provider error seen in the body, even when no usage came with it."""
         return self._error
+
+    @property
+    def complete(self) -> bool:
+        """The provider's final usage was seen (a whole document's, a stream's last event)."""
+        return self._complete
+
+    @property
+    def invalid(self) -> str | None:
+        """The first usage count that was not a valid count (``"prompt_tokens=-5"``), if any."""
+        return self._invalid
 
     def output_text(self) -> str:
         """Generated text seen so far (bounded to ``max_buffer`` characters), for estimates."""
@@ -227,6 +248,8 @@ class UsageParser(Providers, Framing):
                 reasoning = max(reasoning, total - inp - out)
                 out = total - inp
         cached, write = min(cached, inp), min(write, inp)
+        if inp > _MAX_COUNT or out > _MAX_COUNT:  # sums of valid counts can still overflow
+            self._invalid = self._invalid or "sum over 2**53"
         return Usage(
             input_tokens=min(inp, _MAX_COUNT),
             output_tokens=min(out, _MAX_COUNT),

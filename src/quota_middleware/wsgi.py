@@ -4,6 +4,7 @@ away mid-stream)."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import os
@@ -14,6 +15,7 @@ from .alerts import in_process_delivery
 from .backends.base import SyncBackend
 from .backends.factory import sync_backend
 from .config import QuotaConfig
+from .decision import Charge
 from .engine import Decision, Engine, drive_sync
 from .errors import IdentificationError
 from .identity import Identifier
@@ -36,8 +38,8 @@ class WSGIQuotaMiddleware:
         app.wsgi_app = WSGIQuotaMiddleware(app.wsgi_app, config="policy.toml")
 
     Takes the same arguments as :class:`~quota_middleware.QuotaMiddleware`, with a sync
-    ``redis.Redis``/``RedisCluster`` client. The decision is in
-    ``environ["quota_middleware.decision"]``.
+    ``redis.Redis``/``RedisCluster`` client (and a plain function as ``on_settle``). The
+    decision is in ``environ["quota_middleware.decision"]``.
     """
 
     def __init__(
@@ -50,7 +52,11 @@ class WSGIQuotaMiddleware:
         identifier: Identifier | None = None,
         clock: Callable[[], int] | None = None,
         metrics: Any = None,
+        on_settle: Callable[[Charge], object] | None = None,
     ) -> None:
+        if on_settle is not None and inspect.iscoroutinefunction(on_settle):
+            raise TypeError("WSGIQuotaMiddleware: on_settle must be a plain function")
+        self.on_settle = on_settle
         self.app = app
         self.config = config if isinstance(config, QuotaConfig) else QuotaConfig.from_toml(config)
         self.engine = Engine(self.config, identifier=identifier, clock=clock, metrics=metrics)
@@ -106,10 +112,14 @@ class WSGIQuotaMiddleware:
         return metered
 
     def _settle(self, decision: Decision, meter: Meter | None) -> None:
-        usage = meter.finish() if meter is not None else None
-        cost = meter.cost(usage) if meter is not None and usage is not None else 0
+        usage, cost, charge = self.engine.finish(decision, meter)
         if decision.needs_settle:
             drive_sync(self.engine.settle(decision, usage, cost), self.backend)
+        if charge is not None and self.on_settle is not None:
+            try:
+                self.on_settle(charge)
+            except Exception:
+                log.exception("quota_middleware: on_settle hook failed for %s", charge.request_id)
 
 
 class _Metered:
@@ -150,7 +160,10 @@ class _Metered:
             code = int(status.split(" ", 1)[0]) if status[:3].isdigit() else 500
             lower = {k.lower(): v for k, v in headers}
             self.meter.start(code, lower.get("content-type"), lower.get("content-encoding"))
-        write = self._start_response(status, [*headers, *self._extra], exc_info)
+        extra = self._extra
+        if self.meter is not None and any(k.lower() == "x-request-id" for k, _ in headers):
+            extra = [(k, v) for k, v in extra if k != "x-request-id"]  # the app's own wins
+        write = self._start_response(status, [*headers, *extra], exc_info)
         if self.meter is None:
             return write
         meter = self.meter
