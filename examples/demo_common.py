@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import httpx
 import jwt
 
 from quota_middleware import Decision, Remaining, UsageRecord
@@ -29,6 +30,18 @@ _HOP_BY_HOP = frozenset(
     {"host", "connection", "content-length", "transfer-encoding", "authorization", "x-api-key",
      "cookie", "accept-encoding", "keep-alive", "upgrade", "te", "trailer"}
 )  # fmt: skip
+#: Response headers of the upstream that are relayed to the caller; every other one is dropped.
+#: Not relayed: ``content-length`` and ``content-encoding`` (the body is sent decoded, re-chunked),
+#: hop-by-hop headers, ``set-cookie`` (the upstream's or its CDN's cookies belong to this server's
+#: session with the upstream, shared by all callers, not to any one caller), and the upstream's
+#: rate-limit headers (``x-ratelimit-*``, ``anthropic-ratelimit-*``: they describe the server's
+#: provider key, not the caller, and would contradict the middleware's own ``x-ratelimit-*``).
+_RELAYED = frozenset(
+    {"content-type", "request-id", "x-request-id", "retry-after", "x-should-retry",
+     "openai-processing-ms"}
+)  # fmt: skip
+#: Content codings the relay decodes (httpx decodes these without optional packages).
+_DECODED = frozenset({"gzip", "deflate", "identity"})
 
 
 def ensure_demo_secret() -> None:
@@ -48,8 +61,15 @@ def make_token(sub: str, plan: str | None = "pro", *, secret: str | None = None)
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where a route forwards to. ``base_url`` None means the built-in fake, in-process."""
+    """Where a route forwards to. ``base_url`` None means the built-in fake, in-process.
 
+    ``base_url`` follows each SDK's convention: for ``"openai"`` the API root, version included
+    (``https://api.openai.com/v1``; the route appends ``/chat/completions``); for ``"anthropic"``
+    the host (``https://api.anthropic.com``; ``/v1`` and then ``/messages`` are appended). A
+    trailing slash is ignored, and so is a trailing ``/v1`` on an Anthropic base URL (the SDK
+    itself would request ``/v1/v1/messages`` with it; here it means what was meant)."""
+
+    kind: str
     base_url: str | None
     headers: dict[str, str]
 
@@ -57,8 +77,18 @@ class Upstream:
     def is_fake(self) -> bool:
         return self.base_url is None
 
+    @property
+    def api_root(self) -> str:
+        """The URL the routes' suffixes (``/chat/completions``, ``/messages``) are appended to."""
+        if self.base_url is None:
+            return "http://fake-upstream/v1"
+        root = self.base_url.rstrip("/")
+        if self.kind == "anthropic" and not root.endswith("/v1"):
+            root += "/v1"
+        return root
+
     def url(self, suffix: str) -> str:
-        return (self.base_url or "http://fake-upstream/v1").rstrip("/") + suffix
+        return self.api_root + suffix
 
 
 def upstream_for(kind: str) -> Upstream:
@@ -68,10 +98,12 @@ def upstream_for(kind: str) -> Upstream:
     if kind == "openai":
         base, key = os.environ.get("OPENAI_BASE_URL"), os.environ.get("OPENAI_API_KEY", "")
         auth = {"authorization": f"Bearer {key}"} if key else {}
-    else:
+    elif kind == "anthropic":
         base, key = os.environ.get("ANTHROPIC_BASE_URL"), os.environ.get("ANTHROPIC_API_KEY", "")
         auth = {"x-api-key": key, "anthropic-version": "2023-06-01"} if key else {}
-    return Upstream(base_url=base or None, headers=auth)
+    else:
+        raise ValueError(f"unknown upstream kind {kind!r}")
+    return Upstream(kind=kind, base_url=base or None, headers=auth)
 
 
 def forward_headers(incoming: list[tuple[str, str]], upstream: Upstream) -> dict[str, str]:
@@ -81,6 +113,33 @@ def forward_headers(incoming: list[tuple[str, str]], upstream: Upstream) -> dict
     headers["accept-encoding"] = "identity"
     headers.update(upstream.headers)
     return headers
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """How to send an upstream response on: ``decode`` True means relay the decoded body
+    (httpx ``iter_bytes``), False the bytes as received (``iter_raw``); ``headers`` are the
+    response headers to send with it, ``content-type`` always among them."""
+
+    decode: bool
+    headers: dict[str, str]
+
+
+def relay_plan(upstream: httpx.Headers) -> Relay:
+    """The upstream was asked for ``identity``, but some upstreams and proxies gzip anyway. The
+    middleware meters the body this app sends, decoding it by the ``Content-Encoding`` this app
+    sends, so body and header must agree. A gzip or deflate body is decoded and sent without
+    ``Content-Encoding`` (the caller never negotiated one with us: its ``Accept-Encoding`` is not
+    forwarded). A coding httpx may not decode (``br``, ``zstd``: httpx would skip it silently) is
+    relayed as received, with the upstream's ``Content-Encoding``; the middleware then charges
+    it from an estimate. ``Content-Length`` is never copied: the body is re-chunked."""
+    codings = [c.strip().lower() for c in upstream.get_list("content-encoding", split_commas=True)]
+    decode = all(c in _DECODED for c in codings if c)
+    headers = {k: v for k, v in upstream.items() if k.lower() in _RELAYED}
+    headers.setdefault("content-type", "application/json")
+    if not decode:
+        headers["content-encoding"] = ", ".join(c for c in codings if c)
+    return Relay(decode=decode, headers=headers)
 
 
 def describe(decision: Decision) -> dict[str, Any]:

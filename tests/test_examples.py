@@ -408,6 +408,201 @@ def test_example_policies_are_the_same() -> None:
     assert fastapi_policy == (EXAMPLES / "flask_app" / "policy.toml").read_text()
 
 
+# -- a real upstream that gzips: relayed decoded, charged exactly ----------------------------------
+UPSTREAM_OPENAI_KEY = "sk-upstream-test-openai"
+UPSTREAM_ANTHROPIC_KEY = "sk-ant-upstream-test"
+_SDK_ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY")
+
+
+@pytest.mark.parametrize(
+    ("kind", "base", "url"),
+    [
+        ("openai", None, "http://fake-upstream/v1/chat/completions"),
+        ("openai", "https://api.openai.com/v1", "https://api.openai.com/v1/chat/completions"),
+        ("openai", "https://api.openai.com/v1/", "https://api.openai.com/v1/chat/completions"),
+        ("openai", "https://gw.example/openai/v1", "https://gw.example/openai/v1/chat/completions"),
+        ("anthropic", None, "http://fake-upstream/v1/messages"),
+        ("anthropic", "https://api.anthropic.com", "https://api.anthropic.com/v1/messages"),
+        ("anthropic", "https://api.anthropic.com/", "https://api.anthropic.com/v1/messages"),
+        ("anthropic", "https://api.anthropic.com/v1", "https://api.anthropic.com/v1/messages"),
+        ("anthropic", "https://api.anthropic.com/v1/", "https://api.anthropic.com/v1/messages"),
+        ("anthropic", "http://proxy.example/claude", "http://proxy.example/claude/v1/messages"),
+    ],
+)
+def test_upstream_urls_follow_each_sdks_base_url_convention(
+    kind: str, base: str | None, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in _SDK_ENV:
+        monkeypatch.delenv(name, raising=False)
+    if base is not None:
+        monkeypatch.setenv(f"{kind.upper()}_BASE_URL", base)
+    suffix = "/chat/completions" if kind == "openai" else "/messages"
+    upstream = demo_common.upstream_for(kind)
+    assert upstream.is_fake == (base is None)
+    assert upstream.url(suffix) == url
+
+
+def _headers(*items: tuple[str, str]) -> Any:
+    import httpx
+
+    return httpx.Headers(list(items))
+
+
+def test_relay_plan_decodes_gzip_and_forwards_only_allowed_headers() -> None:
+    plan = demo_common.relay_plan(
+        _headers(
+            ("Content-Type", "text/event-stream; charset=utf-8"),
+            ("Content-Encoding", "gzip"),
+            ("Content-Length", "123"),
+            ("Transfer-Encoding", "chunked"),
+            ("Connection", "keep-alive"),
+            ("Set-Cookie", "__cf_bm=abc; path=/"),
+            ("x-ratelimit-remaining-requests", "9999"),
+            ("anthropic-ratelimit-tokens-remaining", "1"),
+            ("request-id", "req_1"),
+            ("x-request-id", "req_2"),
+            ("retry-after", "3"),
+        )
+    )
+    assert plan.decode is True
+    assert plan.headers == {
+        "content-type": "text/event-stream; charset=utf-8",
+        "request-id": "req_1",
+        "x-request-id": "req_2",
+        "retry-after": "3",
+    }
+
+
+@pytest.mark.parametrize(
+    ("encoding", "decode", "sent"),
+    [
+        (None, True, None),
+        ("identity", True, None),
+        ("GZIP", True, None),
+        ("deflate", True, None),
+        ("br", False, "br"),
+        ("gzip, zstd", False, "gzip, zstd"),
+    ],
+)
+def test_relay_plan_sends_raw_bytes_only_with_their_encoding(
+    encoding: str | None, decode: bool, sent: str | None
+) -> None:
+    items = [("content-encoding", encoding)] if encoding else []
+    plan = demo_common.relay_plan(_headers(*items))
+    assert plan.decode is decode
+    assert plan.headers.get("content-encoding") == sent
+    assert plan.headers["content-type"] == "application/json"  # the upstream sent none
+
+
+@pytest.fixture(scope="module")
+def gzip_upstream() -> Iterator[fake_upstream.LocalUpstream]:
+    pytest.importorskip("werkzeug")
+    with fake_upstream.LocalUpstream(delay=0.001, gzip=True) as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def via_gzip_upstream(
+    gzip_upstream: fake_upstream.LocalUpstream, monkeypatch: pytest.MonkeyPatch
+) -> fake_upstream.LocalUpstream:
+    """The example apps forward to ``gzip_upstream``, given as each SDK would be configured."""
+    monkeypatch.setenv("OPENAI_BASE_URL", gzip_upstream.url + "/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", UPSTREAM_OPENAI_KEY)
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", gzip_upstream.url)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", UPSTREAM_ANTHROPIC_KEY)
+    gzip_upstream.requests.clear()
+    return gzip_upstream
+
+
+def test_local_upstream_gzips_json_and_each_sse_event() -> None:
+    """The fake really answers gzip (what the relay tests rely on), flushed event by event."""
+    import gzip
+
+    import httpx
+
+    pytest.importorskip("werkzeug")
+    with fake_upstream.LocalUpstream(delay=0.001, gzip=True) as upstream:
+        for path, payload in [("/v1/chat/completions", STREAM), ("/v1/messages", MESSAGES)]:
+            body = raw(payload)
+            with httpx.stream("POST", upstream.url + path, content=body,
+                              headers={"accept-encoding": "identity"}) as r:  # fmt: skip
+                assert r.headers["content-encoding"] == "gzip"
+                parts = list(r.iter_raw())
+            data = b"".join(parts)
+            assert data[:2] == b"\x1f\x8b"
+            expected = fake_upstream.handle("POST", path, body)
+            assert gzip.decompress(data) == expected.body
+            if expected.stream:
+                assert len(parts) > len(expected.chunks) // 2
+        assert [r.path for r in upstream.requests] == ["/v1/chat/completions", "/v1/messages"]
+
+
+GZIP_CASES = [
+    pytest.param("/v1/chat/completions", CHAT, id="chat-json"),
+    pytest.param("/v1/chat/completions", STREAM, id="chat-sse"),
+    pytest.param("/v1/messages", HAIKU, id="messages-json"),
+    pytest.param("/v1/messages", {**HAIKU, "stream": True}, id="messages-sse"),
+]
+
+
+@pytest.mark.parametrize(("path", "payload"), GZIP_CASES)
+def test_gzip_upstream_is_relayed_decoded_and_charged_exactly(
+    send: Send, via_gzip_upstream: fake_upstream.LocalUpstream, path: str, payload: Any
+) -> None:
+    body = raw(payload)
+    expected = fake_upstream.handle("POST", path, body)
+    h = {**jwt_headers("gzip-alice"), **JSON_CT}
+    r = send("POST", path, h, body)
+    assert r.status == 200, r.body
+    # decoded bytes, and no Content-Encoding (nor a Content-Length of the gzip body) with them
+    assert "content-encoding" not in r.headers
+    assert r.headers.get("content-length", str(len(r.body))) == str(len(r.body))
+    assert r.body == expected.body
+    assert r.headers["content-type"] == expected.content_type
+    # the upstream got the SDK-convention path, the server's key and not the caller's JWT
+    (seen,) = via_gzip_upstream.requests
+    assert (seen.method, seen.path) == ("POST", path)
+    assert seen.headers["accept-encoding"] == "identity"
+    if path == "/v1/messages":
+        assert seen.headers["x-api-key"] == UPSTREAM_ANTHROPIC_KEY
+        assert "authorization" not in seen.headers
+    else:
+        assert seen.headers["authorization"] == f"Bearer {UPSTREAM_OPENAI_KEY}"
+    # charged the upstream's own usage, not an estimate
+    (rec,) = send("GET", "/v1/usage", h).json()["usage"]
+    one = _fake_usage(path, payload)
+    assert (rec["model"], rec["requests"], rec["estimated"]) == (payload["model"], 1, 0)
+    assert (rec["input_tokens"], rec["output_tokens"]) == (one.input_tokens, one.output_tokens)
+    assert rec["cost_micros"] == _cost(payload["model"], one) > 0
+
+
+def test_an_encoding_the_relay_cannot_decode_is_relayed_with_its_header(
+    send: Send, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes the relay cannot decode go out as received, labelled with their encoding (never
+    unlabelled); the middleware cannot read them and charges the request from an estimate."""
+    pytest.importorskip("werkzeug")
+    # "compress" (LZW): registered, and decoded by neither httpx nor the middleware; unlike "br"
+    # or "zstd", which httpx decodes when brotli / zstandard happen to be installed
+    opaque = b"\x1f\x9d\x90not-really-lzw"
+
+    def lzw_upstream(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "application/json"),
+                                  ("Content-Encoding", "compress"),
+                                  ("Content-Length", str(len(opaque)))])  # fmt: skip
+        return [opaque]
+
+    with fake_upstream.LocalUpstream(app=lzw_upstream) as upstream:
+        monkeypatch.setenv("OPENAI_BASE_URL", upstream.url + "/v1")
+        h = {**jwt_headers("lzw-alice"), **JSON_CT}
+        r = send("POST", "/v1/chat/completions", h, raw(CHAT))
+    assert r.status == 200
+    assert r.headers["content-encoding"] == "compress"
+    assert r.body == opaque
+    (rec,) = send("GET", "/v1/usage", h).json()["usage"]
+    assert (rec["requests"], rec["estimated"]) == (1, 1)
+
+
 # -- the fake upstream itself ---------------------------------------------------------------------
 def test_fake_upstream_usage_agrees_between_json_and_stream() -> None:
     plain = json.loads(fake_upstream.handle("POST", "/v1/chat/completions", raw(CHAT)).body)

@@ -31,6 +31,7 @@ from demo_common import (  # noqa: E402
     ensure_demo_secret,
     error_body,
     forward_headers,
+    relay_plan,
     upstream_for,
     usage_days,
     usage_report,
@@ -112,7 +113,9 @@ _fake = FakeUpstreamTransport()
 
 async def forward(request: Request, kind: str, suffix: str) -> Response:
     """Relay the raw body to the upstream with the server-side key, and stream the answer back
-    chunk by chunk with the upstream's status and content type."""
+    chunk by chunk with the upstream's status and content type. A gzip/deflate answer is sent on
+    decoded, without ``Content-Encoding`` (see :func:`demo_common.relay_plan`): the middleware
+    meters what is sent, by the headers sent with it."""
     upstream = upstream_for(kind)
     if upstream.is_fake:
         client = httpx.AsyncClient(transport=_fake)
@@ -136,20 +139,18 @@ async def forward(request: Request, kind: str, suffix: str) -> Response:
                           "type": "upstream_error", "code": "bad_gateway"}}  # fmt: skip
         return JSONResponse(body, status_code=502)
 
+    plan = relay_plan(resp.headers)
+
     async def relay() -> AsyncIterator[bytes]:
         try:
-            async for chunk in resp.aiter_raw():
+            async for chunk in resp.aiter_bytes() if plan.decode else resp.aiter_raw():
                 yield chunk
         finally:  # also when the client went away mid-stream
             await resp.aclose()
             if owned:
                 await client.aclose()
 
-    return StreamingResponse(
-        relay(),
-        status_code=resp.status_code,
-        media_type=resp.headers.get("content-type", "application/json"),
-    )
+    return StreamingResponse(relay(), status_code=resp.status_code, headers=plan.headers)
 
 
 app = create_app()

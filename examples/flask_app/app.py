@@ -30,6 +30,7 @@ from demo_common import (  # noqa: E402
     ensure_demo_secret,
     error_body,
     forward_headers,
+    relay_plan,
     upstream_for,
     usage_days,
     usage_report,
@@ -87,7 +88,8 @@ def create_app(config: QuotaConfig | None = None) -> Flask:
 
 
 def forward(kind: str, suffix: str) -> Response:
-    """Relay the raw body with the server-side key; stream the answer back chunk by chunk."""
+    """Relay the raw body with the server-side key; stream the answer back chunk by chunk,
+    decoded when the upstream gzipped it anyway (see :func:`demo_common.relay_plan`)."""
     upstream = upstream_for(kind)
     transport = _fake if upstream.is_fake else None
     client = httpx.Client(transport=transport, timeout=httpx.Timeout(60, connect=5))
@@ -105,18 +107,16 @@ def forward(kind: str, suffix: str) -> Response:
                           "type": "upstream_error", "code": "bad_gateway"}}  # fmt: skip
         return Response(jsonify(body).get_data(), status=502, content_type="application/json")
 
+    plan = relay_plan(resp.headers)
+
     def relay() -> Iterator[bytes]:
         try:
-            yield from resp.iter_raw()
+            yield from resp.iter_bytes() if plan.decode else resp.iter_raw()
         finally:  # also when the client went away mid-stream (the server closes the iterator)
             resp.close()
             client.close()
 
-    return Response(
-        stream_with_context(relay()),
-        status=resp.status_code,
-        content_type=resp.headers.get("content-type", "application/json"),
-    )
+    return Response(stream_with_context(relay()), status=resp.status_code, headers=plan.headers)
 
 
 app = create_app()
