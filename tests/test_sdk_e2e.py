@@ -441,3 +441,183 @@ def test_insufficient_quota_is_not_retried(server: Server) -> None:
 # -- the WSGI adapter and servers that skip close() -----------------------------------------------
 def test_wsgi_settles_once_the_body_is_exhausted() -> None:
     assert wsgi_settles_without_close()
+
+
+# -- a real upstream that gzips, configured the way each SDK is -----------------------------------
+UPSTREAM_OPENAI_KEY = "sk-upstream-e2e-openai"
+UPSTREAM_ANTHROPIC_KEY = "sk-ant-upstream-e2e"
+
+
+@pytest.fixture(scope="module")
+def gzip_upstream() -> Iterator[fake_upstream.LocalUpstream]:
+    """The fake on a loopback port, gzipping every reply although asked for ``identity``."""
+    with fake_upstream.LocalUpstream(delay=0.001, gzip=True) as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module", params=["fastapi", "flask"])
+def gzip_server(
+    request: pytest.FixtureRequest,
+    redis_server: Any,
+    gzip_upstream: fake_upstream.LocalUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Server]:
+    """An example app served for real, forwarding to ``gzip_upstream`` with
+    ``OPENAI_BASE_URL=<host>/v1`` and ``ANTHROPIC_BASE_URL=<host>`` (the SDKs' conventions)."""
+    name: str = request.param
+    tmp = tmp_path_factory.mktemp(f"gzip-{name}")
+    policy = _policy_file(tmp)
+    demo_common.ensure_demo_secret()
+    env = {k: v for k, v in os.environ.items() if k not in _PROVIDER_ENV}
+    env.update(
+        QUOTA_POLICY=str(policy),
+        QUOTA_REDIS_URL=redis_server.url,
+        DEMO_JWT_SECRET=os.environ["DEMO_JWT_SECRET"],
+        OPENAI_BASE_URL=f"{gzip_upstream.url}/v1",
+        OPENAI_API_KEY=UPSTREAM_OPENAI_KEY,
+        ANTHROPIC_BASE_URL=gzip_upstream.url,
+        ANTHROPIC_API_KEY=UPSTREAM_ANTHROPIC_KEY,
+        PYTHONUNBUFFERED="1",
+    )
+    port = free_port()
+    log = tmp / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            _command(name, port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    client = redis.Redis.from_url(redis_server.url)
+    srv = Server(name, port, proc, log, UsageReader(QuotaConfig.from_toml(policy),
+                                                    SyncRedisBackend(client)))  # fmt: skip
+    try:
+        _wait_healthy(srv)
+        yield srv
+    finally:
+        for c in srv.clients:
+            c.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        client.close()
+
+
+def _upstream_saw(upstream: fake_upstream.LocalUpstream, n: int) -> list[Any]:
+    """The last ``n`` requests the upstream got, checked for the server's own credentials."""
+    seen = upstream.requests[-n:]
+    assert len(seen) == n
+    for s in seen:
+        assert s.headers["accept-encoding"] == "identity"
+        if s.path == "/v1/messages":
+            assert s.headers["x-api-key"] == UPSTREAM_ANTHROPIC_KEY
+            assert "authorization" not in s.headers
+        else:
+            assert s.headers["authorization"] == f"Bearer {UPSTREAM_OPENAI_KEY}"
+    return seen
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream-include-usage"])
+def test_gzip_upstream_openai_sdk_gets_the_text_and_the_usage_is_charged_exactly(
+    gzip_server: Server, gzip_upstream: fake_upstream.LocalUpstream, stream: bool
+) -> None:
+    sub = _caller("gz-oai")
+    client = _openai(gzip_server, demo_common.make_token(sub, "pro"))
+    if stream:
+        usage, text = None, ""
+        for chunk in client.chat.completions.create(
+            model=GPT, messages=PROMPT, max_tokens=25, stream=True,
+            stream_options={"include_usage": True},
+        ):  # fmt: skip
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            usage = chunk.usage or usage
+    else:
+        completion = client.chat.completions.create(model=GPT, messages=PROMPT, max_tokens=25)
+        usage, text = completion.usage, completion.choices[0].message.content or ""
+    (seen,) = _upstream_saw(gzip_upstream, 1)
+    assert seen.path == "/v1/chat/completions"
+    body = json.dumps({"model": GPT, "messages": PROMPT, "max_tokens": 25}).encode()
+    plain = json.loads(fake_upstream.handle("POST", "/v1/chat/completions", body).body)
+    assert text == plain["choices"][0]["message"]["content"]
+    assert usage is not None and usage.completion_tokens == 25
+    assert usage.prompt_tokens == plain["usage"]["prompt_tokens"]
+    rec = _charged(gzip_server, sub, "pro", 1)
+    assert (rec.model, rec.estimated) == (GPT, 0)
+    assert (rec.input_tokens, rec.output_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    sdk = Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
+    assert rec.cost_micros == _cost(GPT, sdk) > 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_gzip_upstream_anthropic_sdk_on_v1_messages_charged_exactly(
+    gzip_server: Server, gzip_upstream: fake_upstream.LocalUpstream, stream: bool
+) -> None:
+    sub = _caller("gz-claude")
+    client = _anthropic(gzip_server, demo_common.make_token(sub, "pro"))
+    args: dict[str, Any] = {"model": CLAUDE, "max_tokens": 30, "system": "Be brief.",
+                            "messages": PROMPT}  # fmt: skip
+    if stream:
+        with client.messages.stream(**args) as events:
+            text = "".join(events.text_stream)
+            msg = events.get_final_message()
+    else:
+        msg = client.messages.create(**args)
+        text = msg.content[0].text
+    # ANTHROPIC_BASE_URL is the host: the app asked for exactly /v1/messages
+    (seen,) = _upstream_saw(gzip_upstream, 1)
+    assert seen.path == "/v1/messages"
+    plain = json.loads(fake_upstream.handle("POST", "/v1/messages", json.dumps(args).encode()).body)
+    assert text == msg.content[0].text == plain["content"][0]["text"]
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (
+        plain["usage"]["input_tokens"],
+        30,
+    )
+    rec = _charged(gzip_server, sub, "pro", 1)
+    charge = _anthropic_charge(msg.usage)
+    assert (rec.model, rec.estimated) == (CLAUDE, 0)
+    assert (rec.input_tokens, rec.output_tokens) == (charge.input_tokens, charge.output_tokens)
+    assert rec.cost_micros == _cost(CLAUDE, charge) > 0
+
+
+RAW_CHAT_SSE = {"model": GPT, "messages": PROMPT, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+RAW_MESSAGES = {"model": CLAUDE, "max_tokens": 20, "messages": PROMPT}
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        pytest.param("/v1/chat/completions", RAW_CHAT_SSE, id="chat-sse"),
+        pytest.param("/v1/messages", RAW_MESSAGES, id="messages-json"),
+    ],
+)
+def test_gzip_upstream_raw_httpx_gets_identity_bytes(
+    gzip_server: Server, gzip_upstream: fake_upstream.LocalUpstream, path: str, payload: Any
+) -> None:
+    """On the wire (no client-side decoding): plain bytes, no Content-Encoding, and a
+    Content-Length, if any, that is theirs, whatever the caller's Accept-Encoding."""
+    sub = _caller("gz-raw")
+    auth = {"authorization": f"Bearer {demo_common.make_token(sub, 'pro')}"}
+    body = json.dumps(payload).encode()
+    headers = {**auth, "content-type": "application/json", "accept-encoding": "gzip"}
+    with httpx.stream(
+        "POST", f"{gzip_server.url}{path}", content=body, headers=headers, timeout=10
+    ) as r:
+        data = b"".join(r.iter_raw())
+    assert r.status_code == 200, data
+    assert "content-encoding" not in r.headers
+    assert r.headers.get("content-length", str(len(data))) == str(len(data))
+    expected = fake_upstream.handle("POST", path, body)
+    assert data == expected.body
+    assert r.headers["content-type"] == expected.content_type
+    (seen,) = _upstream_saw(gzip_upstream, 1)
+    assert seen.path == path
+    # what the upstream reports for this request (the same in JSON and in the stream)
+    plain = fake_upstream.handle("POST", path, json.dumps({**payload, "stream": False}).encode())
+    u = json.loads(plain.body)["usage"]
+    reported = (u["prompt_tokens"], u["completion_tokens"]) if "prompt_tokens" in u else (
+        u["input_tokens"], u["output_tokens"])  # fmt: skip
+    (rec,) = _usage_route(gzip_server, auth)["usage"]
+    assert (rec["requests"], rec["estimated"]) == (1, 0)
+    assert (rec["input_tokens"], rec["output_tokens"]) == reported
