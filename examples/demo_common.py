@@ -37,9 +37,11 @@ _HOP_BY_HOP = frozenset(
 #: rate-limit headers (``x-ratelimit-*``, ``anthropic-ratelimit-*``: they describe the server's
 #: provider key, not the caller, and would contradict the middleware's own ``x-ratelimit-*``).
 _RELAYED = frozenset(
-    {"content-type", "request-id", "x-request-id", "retry-after", "x-should-retry",
-     "openai-processing-ms"}
-)  # fmt: skip
+    {"content-type", "request-id", "retry-after", "x-should-retry", "openai-processing-ms"}
+)
+#: Relayed under another name: the middleware sends ``x-request-id`` (the id the charge is logged
+#: under) unless the app's response has one, so the upstream's own would replace it.
+_RENAMED = {"x-request-id": "x-upstream-request-id"}
 #: Content codings the relay decodes (httpx decodes these without optional packages).
 _DECODED = frozenset({"gzip", "deflate", "identity"})
 
@@ -136,6 +138,7 @@ def relay_plan(upstream: httpx.Headers) -> Relay:
     codings = [c.strip().lower() for c in upstream.get_list("content-encoding", split_commas=True)]
     decode = all(c in _DECODED for c in codings if c)
     headers = {k: v for k, v in upstream.items() if k.lower() in _RELAYED}
+    headers.update({_RENAMED[k]: v for k, v in upstream.items() if k.lower() in _RENAMED})
     headers.setdefault("content-type", "application/json")
     if not decode:
         headers["content-encoding"] = ", ".join(c for c in codings if c)

@@ -11,9 +11,11 @@ No network and no key needed. Routes:
   ``content_block_stop``, ``message_delta`` (cumulative ``output_tokens``), ``message_stop``.
 - ``GET /v1/models``: a short model list.
 
-Any ``Authorization`` / ``x-api-key`` header is accepted and ignored. Served on a port, it is the
-upstream of both SDK conventions at once: ``OPENAI_BASE_URL=http://127.0.0.1:9000/v1`` and
-``ANTHROPIC_BASE_URL=http://127.0.0.1:9000`` (the host; the Anthropic SDK adds ``/v1/messages``).
+Any ``Authorization`` / ``x-api-key`` header is accepted and ignored. Replies carry the request id
+header of their provider (``x-request-id`` for OpenAI, ``request-id`` for Anthropic). Served on a
+port, it is the upstream of both SDK conventions at once: ``OPENAI_BASE_URL=<host>/v1`` and
+``ANTHROPIC_BASE_URL=<host>`` (the host; the Anthropic SDK adds ``/v1/messages``), e.g.
+``http://127.0.0.1:9000/v1`` and ``http://127.0.0.1:9000``.
 
 Replies are a pure function of the request body (ids and ``created`` are derived from its hash), so
 the same request always gives the same bytes, streamed or not. The reply text is
@@ -78,12 +80,13 @@ JSON = "application/json"
 @dataclass(frozen=True, slots=True)
 class FakeResponse:
     """What the core answers: status, content type, and the body as a list of chunks (one chunk
-    for JSON; one SSE event per chunk when ``stream`` is true)."""
+    for JSON; one SSE event per chunk when ``stream`` is true); ``headers``: any others."""
 
     status: int
     content_type: str
     chunks: tuple[bytes, ...]
     stream: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def body(self) -> bytes:
@@ -159,12 +162,14 @@ def chat_completion(req: Mapping[str, Any], digest: str) -> FakeResponse:
         "service_tier": "default",
     }
     finish = "length" if cut else "stop"
+    ids = (("x-request-id", f"req_{digest[:32]}"),)
     if not req.get("stream"):
         message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces), "refusal": None,
                    "annotations": []}  # fmt: skip
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        return _json(200, {**head, "object": "chat.completion", "choices": [choice],
-                           "usage": usage})  # fmt: skip
+        reply = _json(200, {**head, "object": "chat.completion", "choices": [choice],
+                            "usage": usage})  # fmt: skip
+        return FakeResponse(reply.status, reply.content_type, reply.chunks, headers=ids)
     opts = req.get("stream_options")
     include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
     base = {"id": head["id"], "object": "chat.completion.chunk", "created": head["created"],
@@ -182,7 +187,7 @@ def chat_completion(req: Mapping[str, Any], digest: str) -> FakeResponse:
     if include_usage:
         chunks.append(_data({**base, "choices": [], "usage": usage}))
     chunks.append(b"data: [DONE]\n\n")
-    return FakeResponse(200, SSE, tuple(chunks), stream=True)
+    return FakeResponse(200, SSE, tuple(chunks), stream=True, headers=ids)
 
 
 def anthropic_message(req: Mapping[str, Any], digest: str) -> FakeResponse:
@@ -202,8 +207,9 @@ def anthropic_message(req: Mapping[str, Any], digest: str) -> FakeResponse:
         "stop_sequence": None,
         "usage": usage,
     }
+    ids = (("request-id", f"req_{digest[:24]}"),)
     if not req.get("stream"):
-        return _json(200, message)
+        return FakeResponse(200, JSON, (_dumps(message),), headers=ids)
     start = {**message, "content": [], "stop_reason": None,
              "usage": {**usage, "output_tokens": 1}}  # fmt: skip
     chunks = [
@@ -228,7 +234,7 @@ def anthropic_message(req: Mapping[str, Any], digest: str) -> FakeResponse:
         )  # fmt: skip
     )
     chunks.append(_event("message_stop", {"type": "message_stop"}))
-    return FakeResponse(200, SSE, tuple(chunks), stream=True)
+    return FakeResponse(200, SSE, tuple(chunks), stream=True, headers=ids)
 
 
 def _text(content: Any) -> str:
@@ -321,7 +327,9 @@ async def _agzip_iter(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 def create_app(delay: float = DEFAULT_DELAY, *, gzip: bool = DEFAULT_GZIP) -> Starlette:
     async def endpoint(request: Request) -> Response:
         resp = handle(request.method, request.url.path, await request.body())
-        headers = {"content-encoding": "gzip"} if gzip else None
+        headers = dict(resp.headers)
+        if gzip:
+            headers["content-encoding"] = "gzip"
         if resp.stream:
             chunks = aiter_chunks(resp, delay)
             return StreamingResponse(
@@ -346,7 +354,7 @@ def make_wsgi_app(delay: float = DEFAULT_DELAY, *, gzip: bool = DEFAULT_GZIP) ->
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length) if length else b""
         resp = handle(environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/"), body)
-        headers = [("Content-Type", resp.content_type)]
+        headers = [("Content-Type", resp.content_type), *resp.headers]
         if gzip:
             headers.append(("Content-Encoding", "gzip"))
         status = f"{resp.status} {_REASONS.get(resp.status, 'OK')}"
@@ -392,7 +400,7 @@ class FakeUpstreamTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     def _answer(self, request: httpx.Request, body: bytes) -> tuple[FakeResponse, list[Any]]:
         resp = handle(request.method, request.url.path, body)
-        headers: list[Any] = [("content-type", resp.content_type)]
+        headers: list[Any] = [("content-type", resp.content_type), *resp.headers]
         if not resp.stream:
             headers.append(("content-length", str(len(resp.body))))
         return resp, headers

@@ -468,7 +468,8 @@ def test_relay_plan_decodes_gzip_and_forwards_only_allowed_headers() -> None:
     assert plan.headers == {
         "content-type": "text/event-stream; charset=utf-8",
         "request-id": "req_1",
-        "x-request-id": "req_2",
+        # the middleware's x-request-id names the charge; the upstream's is kept under another name
+        "x-upstream-request-id": "req_2",
         "retry-after": "3",
     }
 
@@ -559,6 +560,12 @@ def test_gzip_upstream_is_relayed_decoded_and_charged_exactly(
     assert r.headers.get("content-length", str(len(r.body))) == str(len(r.body))
     assert r.body == expected.body
     assert r.headers["content-type"] == expected.content_type
+    # the provider's request id is relayed; OpenAI's under another name (x-request-id is the
+    # middleware's, naming the charge, when it sends one)
+    (name, upstream_id), *_ = expected.headers
+    relayed = "request-id" if name == "request-id" else "x-upstream-request-id"
+    assert r.headers[relayed] == upstream_id
+    assert r.headers.get("x-request-id") != upstream_id
     # the upstream got the SDK-convention path, the server's key and not the caller's JWT
     (seen,) = via_gzip_upstream.requests
     assert (seen.method, seen.path) == ("POST", path)
