@@ -25,11 +25,20 @@ class AsyncBackend(Protocol):
 
 
 class CircuitBreaker:
-    """Closed -> open after ``failures`` consecutive errors; after ``reset`` seconds one probe is
-    let through (half-open); success closes it, failure re-opens it with a doubled wait (capped).
+    """Closed -> open after ``failures`` consecutive errors. While open, one probe call is let
+    through every ``reset`` seconds (half-open): success closes the circuit, failure keeps it
+    open for another ``reset`` seconds.
 
     While open, calls fail at once instead of each waiting for a socket timeout, so an outage adds
-    no latency to requests. Thread-safe; cheap enough for every call.
+    no latency to requests. Thread-safe; cheap enough for every call (a closed circuit costs one
+    attribute read, no lock).
+
+    The probe interval is constant on purpose. A wait that doubles after each failed probe makes
+    recovery take about as long as the outage did (after 30 s down, the next probe could be 30 s
+    after Redis is back), and a probe is only one connection attempt per process per ``reset``
+    seconds, nothing a recovering server notices. So once the store answers again, calls succeed
+    within ``reset`` seconds plus the probe's own duration (at most the socket timeout), given
+    traffic to carry the probe.
     """
 
     def __init__(
@@ -41,7 +50,6 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._count = 0
         self._open_until = 0.0
-        self._wait = reset
         self._probing = False
 
     @property
@@ -74,17 +82,18 @@ class CircuitBreaker:
                     log.warning("quota_middleware: store reachable again, circuit closed")
                 self._count = 0
                 self._probing = False
-                self._wait = self.reset
 
     def failure(self) -> None:
         with self._lock:
             self._count += 1
             if self._count >= self.failures:
-                if self._probing:
-                    self._wait = min(self._wait * 2, 60.0)
-                elif self._count == self.failures:
+                if self._count == self.failures:
                     log.warning(
-                        "quota_middleware: store failing, circuit open for %.1fs", self._wait
+                        "quota_middleware: store failing, circuit open, probing every %.1fs",
+                        self.reset,
                     )
-                self._open_until = self._clock() + self._wait
+                # A failed probe, or a call that was already in flight when the circuit
+                # opened: either way the store just failed, so the next probe is one full
+                # interval from now (never later: the interval does not grow).
+                self._open_until = self._clock() + self.reset
                 self._probing = False
