@@ -1,8 +1,15 @@
 """Redis backends: a sync one for WSGI and an async one for ASGI, over the same scripts.
 
-Both register each Lua script once per client (redis-py ``Script``: EVALSHA, and on NOSCRIPT a
-load and retry, which is what keeps limits working after a Redis restart or failover). Every error
-becomes :class:`StorageError`; the circuit breaker turns a run of errors into instant failures.
+Both run each Lua script with EVALSHA and, on NOSCRIPT, load it and run it again (which is what
+keeps limits working after a Redis restart or failover). Every error becomes
+:class:`StorageError`; the circuit breaker turns a run of errors into instant failures.
+
+A script call is never retried blindly: admit is not idempotent, so running it again after the
+server may have run it once would charge the request twice. On a single server, a call only ever
+moves to a fresh connection when not one byte of it was written before the problem was seen
+(see ``AsyncRedisBackend._connection``), and the clients built here have redis-py's own retries
+off. A cluster client keeps redis-py's retry after connection errors, which is how it follows a
+failover, but not after timeouts (see ``_CLUSTER_RETRY_ERRORS``).
 """
 
 from __future__ import annotations
@@ -19,8 +26,20 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import redis as redis_sync
 import redis.asyncio as redis_async
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from ..errors import StorageError
 from ..scripts import ScriptCall, source
@@ -40,6 +59,27 @@ def is_cluster_url(url: str) -> bool:
     return urlsplit(url).scheme.endswith("+cluster")
 
 
+# What a cluster client may retry after re-reading the topology. redis-py also retries on
+# TimeoutError, but a read timeout means the script was sent and may still be running: sending it
+# again can charge the request twice (or, with the default three retries, four times). The
+# errors kept here are answers from a node that did not run the command (CLUSTERDOWN, a slot not
+# covered), or a connection error, which is how a node that restarted or failed over shows up on
+# a pooled connection and what the topology refresh exists for. That last one is a trade: a node
+# that ran the script and died before replying also shows up as a connection error, and the
+# retry then runs it again elsewhere; the cluster client has no hook for the pre-send check the
+# single-server backends make, and following a failover is worth more than that narrow window.
+_CLUSTER_RETRY_ERRORS = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)
+
+
+# (redis-py types the attribute as its own 4-tuple, hence the ignores)
+class _ClusterClient(RedisCluster):
+    ERRORS_ALLOW_RETRY = _CLUSTER_RETRY_ERRORS  # type: ignore[assignment]
+
+
+class _AsyncClusterClient(AsyncRedisCluster):
+    ERRORS_ALLOW_RETRY = _CLUSTER_RETRY_ERRORS  # type: ignore[assignment]
+
+
 def client_from_url(url: str, *, timeout: float, asyncio: bool) -> Any:
     """A redis-py client for ``url`` with short timeouts (``+cluster``: a cluster client)."""
     opts: dict[str, Any] = {
@@ -48,13 +88,18 @@ def client_from_url(url: str, *, timeout: float, asyncio: bool) -> Any:
         "health_check_interval": 30,
     }
     if is_cluster_url(url):
-        cls: Any = AsyncRedisCluster if asyncio else RedisCluster
+        cls: Any = _AsyncClusterClient if asyncio else _ClusterClient
         # redis-py's cluster client does not take health_check_interval per node
         opts.pop("health_check_interval")
         return cls.from_url(_cluster_url(url), **opts)
     query = dict(parse_qsl(urlsplit(url).query))
     if "socket_timeout" in query:
         opts.pop("socket_timeout")
+    # No retries inside redis-py: its Retry repeats a command after any ConnectionError or
+    # TimeoutError, including after the command was sent (a script that timed out may have run),
+    # and the backends make the one retry that is safe themselves. Explicit, because redis-py's
+    # defaults have changed between releases (a Redis() built by hand retries 10 times in 8.x).
+    opts["retry"] = AsyncRetry(NoBackoff(), 0) if asyncio else Retry(NoBackoff(), 0)
     mod: Any = redis_async if asyncio else redis_sync
     return mod.Redis.from_url(url, **opts)
 
@@ -75,6 +120,10 @@ class _ScriptCache:
 
 _ERRORS = (RedisError, RedisClusterException, OSError)
 
+# A pooled connection that fails its pre-send checks with one of these is replaced, not reported:
+# at that point nothing of the call has been written.
+_STALE = (RedisConnectionError, RedisTimeoutError, OSError)
+
 
 class _Base:
     """Breaker, error mapping and the latency observer, shared by the sync and async backends."""
@@ -90,6 +139,10 @@ class _Base:
         self.breaker = breaker or CircuitBreaker()
         self._scripts = _ScriptCache(client)
         self._observer = observer
+        # Cluster clients route by slot and follow MOVED/ASK themselves: calls go through
+        # redis-py's Script there. On a single server the backends write the RESP themselves.
+        self._cluster = isinstance(client, RedisCluster | AsyncRedisCluster)
+        self._shas: dict[str, bytes] = {}
 
     @contextlib.contextmanager
     def _guard(self, what: str) -> Iterator[None]:
@@ -127,15 +180,111 @@ class _Base:
         if self._observer is not None:
             self._observer(name, time.perf_counter() - start, ok)
 
+    def _packed(self, call: ScriptCall) -> bytes:
+        sha = self._shas.get(call.name)
+        if sha is None:
+            digest = hashlib.sha1(source(call.name).encode()).hexdigest()
+            sha = self._shas[call.name] = digest.encode()
+        return _pack(sha, call)
+
+    def _packed_calls(self, calls: list[ScriptCall]) -> list[bytes]:
+        return [self._packed(c) for c in calls]
+
+    @staticmethod
+    def _reload(calls: list[ScriptCall], replies: list[Any]) -> tuple[list[int], list[bytes]]:
+        """The calls that met NOSCRIPT (the server restarted or failed over and lost its script
+        cache: they did not run), and what to send for them: SCRIPT LOAD of each script they
+        need, then those calls again. The others ran and must not run twice."""
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        names = sorted({calls[i].name for i in missing})
+        loads = [_pack_parts([b"SCRIPT", b"LOAD", source(n).encode()]) for n in names]
+        return missing, loads
+
+    @staticmethod
+    def _results(calls: list[ScriptCall], replies: list[Any]) -> list[Any]:
+        """Replies, with each call's own error (a script error, NOSCRIPT after a reload)
+        as a :class:`StorageError` in its place."""
+        return [
+            StorageError(f"redis {call.name} failed: {reply}", reply)
+            if isinstance(reply, BaseException)
+            else reply
+            for call, reply in zip(calls, replies, strict=True)
+        ]
+
+
+def _one(result: Any) -> Any:
+    if isinstance(result, StorageError):
+        raise result
+    return result
+
 
 class SyncRedisBackend(_Base):
     def run(self, call: ScriptCall) -> Any:
         self.breaker.before()
+        if self._cluster:
+            with self._guard(call.name):
+                return self._scripts.get(call.name)(keys=call.keys, args=call.args)
         with self._guard(call.name):
-            return self._scripts.get(call.name)(keys=call.keys, args=call.args)
+            replies = self._pipeline([call])
+        return _one(self._results([call], replies)[0])
+
+    def _pipeline(self, calls: list[ScriptCall]) -> list[Any]:
+        replies = self._send(self._packed_calls(calls))
+        missing, loads = self._reload(calls, replies)
+        if missing:
+            rerun = self._send(loads + self._packed_calls([calls[i] for i in missing]))
+            for i, reply in zip(missing, rerun[len(loads) :], strict=True):
+                replies[i] = reply
+        return replies
+
+    def _send(self, commands: list[bytes]) -> list[Any]:
+        """Write ``commands`` on one connection, then read one reply each (a ResponseError
+        reply is that command's, returned in its place)."""
+        pool = self.client.connection_pool
+        conn = self._connection(pool)
+        try:
+            conn.send_packed_command(commands, check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as e:
+                    replies.append(e)
+        except BaseException:
+            # failed or interrupted halfway: unread replies may be on the wire, drop it
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        return replies
+
+    @staticmethod
+    def _connection(pool: Any) -> Any:
+        """A connection from ``pool`` that the server has not closed: see
+        ``AsyncRedisBackend._connection`` (the same checks, blocking)."""
+        conn = _get_connection_sync(pool)
+        try:
+            if not _fresh_enough_sync(conn):
+                conn.disconnect()
+                conn.connect()
+        except BaseException:
+            pool.release(conn)
+            raise
+        return conn
 
     def close(self) -> None:
         self.client.close()
+
+
+def _fresh_enough_sync(conn: Any) -> bool:
+    try:
+        # redis-py's sync can_read polls the socket itself: EOF raises ConnectionError
+        if conn.can_read():
+            return False
+        conn.check_health()
+    except _STALE:
+        return False
+    return True
 
 
 class AsyncRedisBackend(_Base):
@@ -154,9 +303,8 @@ class AsyncRedisBackend(_Base):
     ) -> None:
         super().__init__(client, breaker=breaker, observer=observer)
         # Cluster pipelines split by node and retry on their own; batching targets one server.
-        self._batch = not isinstance(client, AsyncRedisCluster) if batch is None else batch
+        self._batch = not self._cluster if batch is None else batch
         self._queue: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
-        self._shas: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run_async(self, call: ScriptCall) -> Any:
@@ -173,8 +321,17 @@ class AsyncRedisBackend(_Base):
         return await future
 
     async def _run_one(self, call: ScriptCall) -> Any:
-        with self._guard(call.name):
-            return await self._scripts.get(call.name)(keys=call.keys, args=call.args)
+        if self._cluster:
+            with self._guard(call.name):
+                return await self._scripts.get(call.name)(keys=call.keys, args=call.args)
+        return _one((await self._run_calls([call], call.name))[0])
+
+    async def _run_calls(self, calls: list[ScriptCall], what: str) -> list[Any]:
+        """Run ``calls`` in one exchange; a failed exchange raises :class:`StorageError` (and
+        counts for the breaker), a call's own error is returned in its place."""
+        with self._guard(what):
+            replies = await self._pipeline(calls)
+        return self._results(calls, replies)
 
     def _flush_soon(self) -> None:
         # calls whose requests were cancelled while queued are not sent at all
@@ -198,62 +355,36 @@ class AsyncRedisBackend(_Base):
                 raise
 
     async def _flush_batch(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> None:
-        if len(batch) == 1:
-            call, future = batch[0]
-            try:
-                result = await self._run_one(call)
-            except StorageError as e:
-                _settle(future, error=e)
+        calls = [call for call, _ in batch]
+        # a batch of one is observed under its own name, like an unbatched call
+        results = await self._run_calls(calls, calls[0].name if len(calls) == 1 else "pipeline")
+        for (_, future), result in zip(batch, results, strict=True):
+            if isinstance(result, StorageError):
+                _settle(future, error=result)
             else:
                 _settle(future, result)
-            return
-        start = time.perf_counter()
-        try:
-            replies = await self._pipeline(batch)
-        except _ERRORS as e:
-            error = self._failed("pipeline", start, e)
-            for _, future in batch:
-                _settle(future, error=error)
-            return
-        except Exception as e:
-            error = self._unexpected("pipeline", e)
-            for _, future in batch:
-                _settle(future, error=error)
-            return
-        except BaseException:
-            self.breaker.abandon()
-            raise
-        self._ok("pipeline", start)
-        for (call, future), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, BaseException):
-                _settle(future, error=StorageError(f"redis {call.name} failed: {reply}", reply))
-            else:
-                _settle(future, reply)
 
-    async def _pipeline(self, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> list[Any]:
-        calls = [call for call, _ in batch]
-        replies = await self._send(calls)
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+    async def _pipeline(self, calls: list[ScriptCall]) -> list[Any]:
+        replies = await self._send(self._packed_calls(calls))
+        missing, loads = self._reload(calls, replies)
         if missing:
-            # Redis restarted or failed over and lost its script cache: load and rerun only
-            # the calls that did not run (the others did, and must not run twice).
-            for name in {calls[i].name for i in missing}:
-                await self.client.script_load(source(name))
-            rerun = await self._send([calls[i] for i in missing])
-            for i, reply in zip(missing, rerun, strict=True):
+            # one exchange on one connection: the loads, then the reruns
+            rerun = await self._send(loads + self._packed_calls([calls[i] for i in missing]))
+            for i, reply in zip(missing, rerun[len(loads) :], strict=True):
                 replies[i] = reply
         return replies
 
-    async def _send(self, calls: list[ScriptCall]) -> list[Any]:
-        """EVALSHA each call on one connection: one write, then one read per reply. The RESP
-        is packed here, from arguments that are mostly pre-encoded bytes: redis-py's general
+    async def _send(self, commands: list[bytes]) -> list[Any]:
+        """Write ``commands`` on one connection: one write, then one read per reply (a
+        ResponseError reply is that command's, returned in its place). The RESP is packed by
+        the caller, from arguments that are mostly pre-encoded bytes: redis-py's general
         packing is the largest cost of a pipelined call."""
         pool = self.client.connection_pool
-        conn = await _get_connection(pool)
+        conn = await self._connection(pool)
         try:
-            await conn.send_packed_command([_pack(self._sha_bytes(c.name), c) for c in calls])
+            await conn.send_packed_command(commands, check_health=False)
             replies: list[Any] = []
-            for _ in calls:
+            for _ in commands:
                 try:
                     replies.append(await conn.read_response())
                 except ResponseError as e:  # a script error or NOSCRIPT: this call only
@@ -266,17 +397,56 @@ class AsyncRedisBackend(_Base):
             await pool.release(conn)
         return replies
 
-    def _sha_bytes(self, name: str) -> bytes:
-        return self._sha(name).encode()
+    @staticmethod
+    async def _connection(pool: Any) -> Any:
+        """A connection from ``pool`` that the server has not closed.
 
-    def _sha(self, name: str) -> str:
-        sha = self._shas.get(name)
-        if sha is None:
-            sha = self._shas[name] = hashlib.sha1(source(name).encode()).hexdigest()
-        return sha
+        After a Redis restart every pooled socket is dead: the old server's kernel closed them
+        (a FIN is waiting on each), and writing a script call on one would fail the call. A
+        pooled connection is therefore checked before anything is written on it: at EOF, with
+        unread bytes, or failing the PING that redis-py sends after ``health_check_interval``
+        idle seconds (a NAT or load balancer that dropped it quietly), it is replaced by a
+        fresh connection. This is the one retry the backends make, and it is safe because not
+        one byte of the call has been written yet: the script cannot run twice.
+
+        redis-py's pool does the same EOF check itself, except that redis-py 8 skips it when
+        RESP3 maintenance notifications are on (the default, "auto"); done here, it does not
+        depend on that.
+
+        What is NOT retried: a failure after the call was written (a write error, a read
+        timeout, EOF instead of a reply). The server may have run the script, admit is not
+        idempotent, and a retry could charge the request twice. Those fail the call: the plan's
+        store-error policy and the breaker take over. Nor is a failed connect retried: a fresh
+        connection that cannot connect means the server is down, and a second attempt would
+        only double the wait.
+        """
+        conn = await _get_connection(pool)
+        try:
+            if not await _fresh_enough(conn):
+                await conn.disconnect()
+                await conn.connect()
+        except BaseException:
+            await pool.release(conn)
+            raise
+        return conn
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def _fresh_enough(conn: Any) -> bool:
+    """False when ``conn`` must not be written on: the server closed it (EOF), it holds bytes
+    nobody asked for (a reply left over would be read as the next call's), or its health-check
+    PING failed."""
+    try:
+        # asyncio's reader sees the FIN as soon as the event loop has run after it arrived
+        can_read = getattr(conn, "can_read", None) or conn.can_read_destructive  # redis-py 5
+        if await can_read():
+            return False
+        await conn.check_health()  # a PING only after health_check_interval idle seconds
+    except _STALE:
+        return False
+    return True
 
 
 async def _get_connection(pool: Any) -> Any:
@@ -284,6 +454,13 @@ async def _get_connection(pool: Any) -> Any:
         return await pool.get_connection()
     except TypeError:  # redis-py 5.x wants the command name
         return await pool.get_connection("EVALSHA")
+
+
+def _get_connection_sync(pool: Any) -> Any:
+    try:
+        return pool.get_connection()
+    except TypeError:  # redis-py 5.x wants the command name
+        return pool.get_connection("EVALSHA")
 
 
 def _arg(a: Any) -> bytes:
@@ -297,6 +474,10 @@ def _pack(sha: bytes, call: ScriptCall) -> bytes:
     parts = [b"EVALSHA", sha, str(len(call.keys)).encode()]
     parts += [k.encode("utf-8", "surrogatepass") for k in call.keys]
     parts += [_arg(a) for a in call.args]
+    return _pack_parts(parts)
+
+
+def _pack_parts(parts: list[bytes]) -> bytes:
     out = [b"*%d\r\n" % len(parts)]
     for p in parts:
         out.append(b"$%d\r\n%b\r\n" % (len(p), p))
