@@ -93,9 +93,8 @@ def test_redis_restart_flushes_scripts_and_limits_keep_working(
         assert h.request().status == 200
         assert h.request().status == 429
         fresh_redis_server.restart()
-        seen = [h.request().status for _ in range(5)]
-        # at most the first request after the restart meets a dead connection (503, fail-closed)
-        assert seen.count(503) <= 1, seen
-        assert [s for s in seen if s != 503][:3] == [200, 200, 200], seen
+        # no request fails on a connection the old server closed (that would be a 503 here,
+        # fail-closed): the server came back empty, so it is a full bucket of 3 again
+        assert [h.request().status for _ in range(5)] == [200, 200, 200, 429, 429]
     finally:
         h.close()
