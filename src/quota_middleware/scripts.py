@@ -46,6 +46,7 @@ def source(name: str) -> str:
 SCRIPT_NAMES = (
     "admit",
     "settle",
+    "extend",
     "read",
     "outbox_add",
     "key_lookup",

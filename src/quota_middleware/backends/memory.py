@@ -20,6 +20,7 @@ ScriptImpl = Callable[[MemoryStore, Sequence[str], Sequence[Any]], Any]
 SCRIPTS: dict[str, ScriptImpl] = {
     "admit": memory_scripts.admit,
     "settle": memory_scripts.settle,
+    "extend": memory_scripts.extend,
     "read": memory_scripts.read,
     "outbox_add": memory_scripts.outbox_add,
 }

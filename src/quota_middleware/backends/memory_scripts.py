@@ -1,4 +1,5 @@
-"""Python twins of ``lua/admit.lua`` and ``lua/settle.lua``, written to read like the Lua.
+"""Python twins of ``lua/admit.lua``, ``lua/settle.lua`` and the other scripts, written to read
+like the Lua.
 
 They are the memory backend and the reference model the Lua scripts are property-tested against.
 Any change to a Lua script changes its twin in the same commit.
@@ -7,6 +8,7 @@ Any change to a Lua script changes its twin in the same commit.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -243,6 +245,85 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
             store.pexpire(key, (window + 2) * 3_600_000)
         else:
             raise ValueError(f"settle: unknown operation {kind}")
+    return out
+
+
+# Lua's '([^=,]+)=(%d+)' (%d is 0-9 in Redis' C locale, unlike Python's \d)
+_PAYLOAD_ITEM = re.compile(r"([^=,]+)=([0-9]+)")
+
+
+def extend(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[int]:
+    now = _now(store, argv[0])
+    rid = _s(argv[1])
+    lease = _i(argv[2])
+    n = _i(argv[3])
+    rfield = "r|" + rid
+
+    payloads: dict[int, bytes] = {}
+    order: list[int] = []
+    live = True
+    for i in range(n):
+        k = _i(argv[4 + i * 4])
+        if k not in payloads:
+            p = store.hget(keys[k - 1], rfield)
+            if p is None:
+                live = False
+                break
+            payloads[k] = p
+            order.append(k)
+
+    out = [1, 0]
+    stored: dict[tuple[int, str], int] = {}
+    pending: dict[tuple[int, str], int] = {}
+    fits = live
+    for i in range(n):
+        base = 4 + i * 4
+        k, f = _i(argv[base]), _s(argv[base + 1])
+        limit, step = _i(argv[base + 2]), _i(argv[base + 3])
+        if step < 0:
+            raise ValueError(f"extend: negative step {step}")
+        ident = (k, f)
+        if ident not in stored:
+            stored[ident] = lua_number(store.hget(keys[k - 1], f)) or 0
+            pending[ident] = 0
+        if fits and limit - stored[ident] - pending[ident] < step:
+            fits = False
+            out[1] = i + 1
+        pending[ident] += step
+        out.append(max(0, limit - stored[ident]))
+    if not fits:
+        out[0] = 0
+        return out
+
+    adds: dict[int, dict[str, int]] = {}  # insertion order is the Lua's first-use order
+    for i in range(n):
+        base = 4 + i * 4
+        k, f = _i(argv[base]), _s(argv[base + 1])
+        limit, step = _i(argv[base + 2]), _i(argv[base + 3])
+        ident = (k, f)
+        if step > 0:
+            stored[ident] = store.hincrby(keys[k - 1], f, step)
+            sums = adds.setdefault(k, {})
+            sums[f] = sums.get(f, 0) + step
+        out[2 + i] = limit - stored[ident]
+
+    for k in order:
+        key = keys[k - 1]
+        if k in adds:
+            sums = adds[k]
+            text, seen = "", set()
+            for m in _PAYLOAD_ITEM.finditer(payloads[k].decode()):
+                name, amount = m.group(1), m.group(2)
+                if name in sums and name not in seen:
+                    seen.add(name)
+                    amount = str(int(amount) + sums[name])
+                text += f"{name}={amount},"
+            for name, added in sums.items():
+                if name not in seen:
+                    text += f"{name}={added},"
+            store.hset(key, {rfield: text.encode()})
+        if store.zscore(keys[k], rid) is not None:  # ZADD XX
+            store.zadd(keys[k], now + lease, rid)
     return out
 
 
