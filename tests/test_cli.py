@@ -412,3 +412,91 @@ def test_store_errors_are_messages_not_tracebacks(policy: str, tmp_path: Path) -
     # QUOTA_POLICY is the default --policy
     env = {"QUOTA_POLICY": policy}
     assert json.loads(cli("keys", "list", "--json", env=env).stdout) == []
+
+
+# -- check: does the configured Redis keep its data across a restart? ----------------------------
+CHECK_POLICY = """
+[storage]
+url = "{url}"
+
+[plans.free]
+limits = [{{ type = "requests", rate = "9/minute" }}]
+"""
+
+
+def _check_policy(tmp_path: Path, url: str) -> str:
+    path = tmp_path / "check.toml"
+    path.write_text(CHECK_POLICY.format(url=url))
+    return str(path)
+
+
+def test_check_warns_when_redis_keeps_no_data(tmp_path: Path) -> None:
+    from servers import RedisServer
+
+    with RedisServer() as bare, RedisServer(extra_args=["--appendonly", "yes"]) as aof:
+        # no persistence (the test servers' default: --save "" --appendonly no), from the file
+        policy = _check_policy(tmp_path, bare.url)
+        out = cli("check", policy)  # a warning, not a failure: exit 0
+        assert out.stdout.startswith(f"{policy}: OK")
+        assert f"redis: {bare.url}: NO PERSISTENCE" in out.stdout
+        assert "warning" in out.stderr and "keeps no data on disk" in out.stderr
+        assert "API keys are gone" in out.stderr
+        assert f"redis-cli -h 127.0.0.1 -p {bare.port} CONFIG SET appendonly yes" in out.stderr
+        assert "CONFIG REWRITE" in out.stderr and 'CONFIG SET save "60 1000"' in out.stderr
+        j = json.loads(cli("check", policy, "--json").stdout)
+        assert j["ok"] is True and j["redis"]["persistent"] is False
+        node = {"node": f"127.0.0.1:{bare.port}", "appendonly": "no", "save": "", "error": None,
+                "persistent": False}  # fmt: skip
+        assert j["redis"]["nodes"] == [node]
+        assert len(j["warnings"]) == 1 and "keeps no data" in j["warnings"][0]
+
+        # the URL is resolved as for every command: --redis-url > QUOTA_REDIS_URL > the file
+        out = cli("check", policy, env={"QUOTA_REDIS_URL": aof.url})
+        assert out.stderr == "" and f"redis: {aof.url}: AOF on" in out.stdout
+        out = cli("check", policy, "--redis-url", bare.url, env={"QUOTA_REDIS_URL": aof.url})
+        assert "keeps no data" in out.stderr and "--redis-url is set" in out.stdout
+        assert cli("--redis-url", aof.url, "check", policy).stderr == ""  # before the command
+
+        # --offline: the file only, no connection
+        out = cli("check", policy, "--offline")
+        assert out.stderr == "" and "\nredis: " not in out.stdout
+
+
+def test_persistence_verdicts() -> None:
+    from quota_middleware.cli.check import persistence_warnings, redis_persistence
+    from servers import RedisServer
+
+    hidden = ["--rename-command", "CONFIG", ""]  # as managed services often do
+    cases = {
+        "rdb": (["--save", "60 1000"], True),  # snapshots without AOF count
+        "aof": (["--appendonly", "yes"], True),
+        "hidden": (hidden, None),  # CONFIG refused: not verified...
+        "hidden_aof": ([*hidden, "--appendonly", "yes"], True),  # ...unless INFO shows AOF on
+    }
+    for name, (args, verdict) in cases.items():
+        with RedisServer(extra_args=args) as server:
+            info = redis_persistence(server.url)
+        assert info["reachable"] and info["persistent"] is verdict, (name, info)
+        warnings = persistence_warnings(info)
+        if verdict:
+            assert warnings == [], (name, warnings)
+        else:
+            assert len(warnings) == 1 and "could not verify" in warnings[0], warnings
+            assert "unknown command" in warnings[0]
+
+
+def test_check_with_redis_out_of_reach_is_a_note_not_a_failure(tmp_path: Path) -> None:
+    dead = f"redis://:pw@127.0.0.1:{free_port()}/0"
+    out = cli("check", _check_policy(tmp_path, dead))
+    assert "not reachable" in out.stderr and "persistence not checked" in out.stderr
+    assert "redis://:***@127.0.0.1" in out.stderr and ":pw@" not in out.stderr + out.stdout
+    j = json.loads(cli("check", _check_policy(tmp_path, dead), "--json").stdout)
+    assert j["ok"] is True and j["redis"]["reachable"] is False
+    assert j["redis"]["persistent"] is None and len(j["warnings"]) == 1
+
+
+@pytest.mark.cluster
+def test_check_looks_at_every_primary_of_a_cluster(redis_cluster: Any, tmp_path: Path) -> None:
+    j = json.loads(cli("check", _check_policy(tmp_path, redis_cluster.url), "--json").stdout)
+    assert j["redis"]["persistent"] is False
+    assert len(j["redis"]["nodes"]) == 3 and len(j["warnings"]) == 3

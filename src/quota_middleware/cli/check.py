@@ -1,4 +1,5 @@
-"""``quota-middleware check``: validate a policy file and print what it resolves to."""
+"""``quota-middleware check``: validate a policy file and print what it resolves to; with a Redis
+configured, also say whether that Redis keeps its data across a restart."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ._common import _columns, _limit_text, _output_options, mask_url, read_policy
+from ._common import _columns, _environ, _limit_text, _output_options, mask_url, read_policy
 
 if TYPE_CHECKING:
     from ..config import QuotaConfig
@@ -243,11 +244,157 @@ def format_policy(s: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# -- is the configured Redis persistent? -----------------------------------------------------------
+#: how long ``check`` waits for the configured Redis: long enough for a remote server, short
+#: enough that a check run where Redis is out of reach (a CI job) is not held up for long
+PROBE_TIMEOUT = 2.0
+
+_LOSS = (
+    "a restart empties it: every quota and rate limit starts over, and the stored API keys are gone"
+)
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _config_value(client: Any, name: str) -> str:
+    reply = client.config_get(name)
+    for k, v in dict(reply).items():
+        if _text(k) == name:
+            return _text(v)
+    raise LookupError(f"CONFIG GET {name} returned nothing")
+
+
+def _node_persistence(client: Any, node: str) -> dict[str, Any]:
+    """``appendonly`` and ``save`` of one server. ``persistent`` is True or False when CONFIG
+    answered, and None when it could not be verified (CONFIG renamed or disabled, as managed
+    services often do, or denied by an ACL): then INFO's ``aof_enabled`` can still prove AOF
+    on, but nothing proves the absence of snapshots."""
+    from redis.exceptions import ResponseError
+
+    out: dict[str, Any] = {"node": node, "appendonly": None, "save": None, "error": None}
+    try:
+        out["appendonly"] = _config_value(client, "appendonly")
+        out["save"] = _config_value(client, "save")
+    except (ResponseError, LookupError) as e:
+        out["error"] = f"CONFIG GET failed: {str(e).strip()}"
+        try:
+            aof = dict(client.info("persistence")).get("aof_enabled")
+        except ResponseError:
+            aof = None
+        if aof is not None and int(aof) == 1:
+            out["appendonly"] = "yes"
+    if out["appendonly"] == "yes" or out["save"]:
+        out["persistent"] = True
+    elif out["error"] is None:
+        out["persistent"] = False
+    else:
+        out["persistent"] = None
+    return out
+
+
+def redis_persistence(url: str, *, timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
+    """Whether the Redis at ``url`` (every primary, on a cluster) keeps its data across a
+    restart: ``{"url", "reachable", "error", "nodes": [per server], "persistent"}``, with
+    ``persistent`` True, False, or None (unknown: unreachable or not verified)."""
+    from redis.exceptions import RedisClusterException, RedisError
+
+    from ..backends.redis import client_from_url, is_cluster_url
+
+    out: dict[str, Any] = {
+        "url": mask_url(url),
+        "reachable": False,
+        "error": None,
+        "nodes": [],
+        "persistent": None,
+    }
+    client: Any = None
+    try:
+        client = client_from_url(url, timeout=timeout, asyncio=False)
+        if is_cluster_url(url):
+            targets = [
+                (f"{n.host}:{n.port}", client.get_redis_connection(n))
+                for n in client.get_primaries()
+            ]
+        else:
+            kwargs = client.connection_pool.connection_kwargs
+            where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+            targets = [(str(where), client)]
+        for node, node_client in targets:
+            node_client.ping()
+            out["nodes"].append(_node_persistence(node_client, node))
+        out["reachable"] = True
+    except (RedisError, RedisClusterException, OSError, ValueError) as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["nodes"] = []
+        return out
+    finally:
+        if client is not None:
+            client.close()
+    verdicts = [n["persistent"] for n in out["nodes"]]
+    out["persistent"] = (
+        False if False in verdicts else None if None in verdicts or not verdicts else True
+    )
+    return out
+
+
+def persistence_warnings(info: dict[str, Any]) -> list[str]:
+    """What ``check`` prints to stderr about ``info`` (from :func:`redis_persistence`)."""
+    url = info["url"]
+    if not info["reachable"]:
+        return [f"note: Redis at {url} not reachable ({info['error']}): persistence not checked"]
+    out = []
+    for n in info["nodes"]:
+        where = url if len(info["nodes"]) == 1 else f"{url} (node {n['node']})"
+        node = n["node"]
+        host, _, port = node.rpartition(":")
+        cli = f"redis-cli -s {node}" if node.startswith("/") else f"redis-cli -h {host} -p {port}"
+        if n["persistent"] is False:
+            out.append(
+                f"warning: Redis at {where} keeps no data on disk (appendonly no, no save "
+                f"points): {_LOSS}. Turn on the append-only file: `{cli} CONFIG SET appendonly "
+                f"yes` and `{cli} CONFIG REWRITE` (or `appendonly yes` in redis.conf); or at "
+                f'least snapshots: `{cli} CONFIG SET save "60 1000"`.'
+            )
+        elif n["persistent"] is None:
+            out.append(
+                f"warning: could not verify that Redis at {where} keeps its data on disk "
+                f"({n['error']}): make sure appendonly or save is set, or {_LOSS}."
+            )
+    return out
+
+
+def _persistence_line(info: dict[str, Any]) -> str:
+    if not info["reachable"]:
+        return f"redis: {info['url']} not reachable, persistence not checked"
+    parts = []
+    for n in info["nodes"]:
+        if n["persistent"] is None:
+            state = "persistence not verified"
+        elif n["appendonly"] == "yes":
+            state = "AOF on" + (f", snapshots {n['save']}" if n["save"] else "")
+        elif n["save"]:
+            state = f"snapshots {n['save']}, no AOF"
+        else:
+            state = "NO PERSISTENCE (a restart empties it)"
+        parts.append(state if len(info["nodes"]) == 1 else f"{n['node']} {state}")
+    return f"redis: {info['url']}: " + "; ".join(parts)
+
+
 def run_check(args: argparse.Namespace) -> int:
+    """Validate the policy (exit 1 when invalid). With a Redis configured and ``--offline`` not
+    given, also check that Redis persists its data: a warning on stderr when it does not (or
+    when that cannot be verified), and in ``--json`` under ``redis`` and ``warnings``. The
+    warnings leave the exit status 0: they are about the server, not the policy, and a policy
+    check in CI must not fail because the Redis it can reach is a scratch one."""
     from ..errors import ConfigurationError
 
+    redis_url = getattr(args, "redis_url", None)
     try:
-        config = read_policy(args.policy_file)
+        # --redis-url wins over QUOTA_REDIS_URL, which wins over the file, as for every command
+        with _environ(QUOTA_REDIS_URL=redis_url):
+            config = read_policy(args.policy_file)
     except ConfigurationError as e:
         if args.json:
             print(
@@ -259,17 +406,38 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"quota-middleware: {args.policy_file}: invalid: {e}", file=sys.stderr)
         return 1
     summary = policy_summary(config)
+    url = config.storage.url
+    info = None if args.offline or url.startswith("memory://") else redis_persistence(url)
+    warnings = [] if info is None else persistence_warnings(info)
     if args.json:
-        print(json.dumps({"ok": True, "policy": args.policy_file, **summary}, indent=2))
-        return 0
-    print(f"{args.policy_file}: OK\n")
-    print(format_policy(summary))
-    env = os.environ.get("QUOTA_REDIS_URL")
-    if env:
-        print("(QUOTA_REDIS_URL is set: it overrides the file's storage.url)")
+        extra = {"redis": info, "warnings": warnings}
+        print(json.dumps({"ok": True, "policy": args.policy_file, **summary, **extra}, indent=2))
+    else:
+        print(f"{args.policy_file}: OK\n")
+        print(format_policy(summary))
+        if info is not None:
+            print(_persistence_line(info))
+        if redis_url:
+            print("(--redis-url is set: it overrides QUOTA_REDIS_URL and the file's storage.url)")
+        elif os.environ.get("QUOTA_REDIS_URL"):
+            print("(QUOTA_REDIS_URL is set: it overrides the file's storage.url)")
+    for w in warnings:
+        print(f"quota-middleware: {w}", file=sys.stderr)
     return 0
 
 
 def _check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("policy_file", metavar="POLICY.toml")
+    p.add_argument(
+        "--redis-url",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help="Redis to check, over QUOTA_REDIS_URL and the policy's storage.url",
+    )
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="only validate the file: do not connect to the configured Redis to check that it "
+        "persists its data (appendonly or save)",
+    )
     _output_options(p, csv_too=False)
