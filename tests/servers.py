@@ -447,14 +447,19 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
 def serve_app(
     kind: str, module: str, env: dict[str, str], *, workers: int = 2
 ) -> tuple[int, subprocess.Popen[bytes]]:
-    """Serve ``module.asgi_app`` with uvicorn (``workers`` processes) or ``module.wsgi_app``
-    with werkzeug's threaded server, from ``tests/apps``, on a free loopback port."""
+    """Serve ``module.asgi_app`` with uvicorn (``workers`` processes), ``module.wsgi_app``
+    with gunicorn (``workers`` sync processes, 8 threads each) or with werkzeug's threaded
+    server, from ``tests/apps``, on a free loopback port."""
     port = free_port()
     environ = {**os.environ, "PYTHONPATH": str(APPS_DIR), **env}
     environ.pop("QUOTA_REDIS_URL", None)  # the app's own QM_TEST_URL decides
     if kind == "uvicorn":
         cmd = [sys.executable, "-m", "uvicorn", f"{module}:asgi_app", "--port", str(port),
                "--host", "127.0.0.1", "--workers", str(workers),
+               "--log-level", "warning"]  # fmt: skip
+    elif kind == "gunicorn":
+        cmd = [sys.executable, "-m", "gunicorn", f"{module}:wsgi_app", "--bind",
+               f"127.0.0.1:{port}", "--workers", str(workers), "--threads", "8",
                "--log-level", "warning"]  # fmt: skip
     else:
         code = (

@@ -55,14 +55,17 @@ class Reply:
 class AIHarness:
     """Sends one AI request through the ASGI (raw scope/receive/send) or the WSGI adapter."""
 
-    def __init__(self, adapter: str, backend: Any, config: QuotaConfig, **kw: Any) -> None:
+    def __init__(
+        self, adapter: str, backend: Any, config: QuotaConfig, *, upstream: Any = ai_app,
+        **kw: Any,
+    ) -> None:  # fmt: skip
         self.adapter = adapter
         self.config = config
         if adapter == "asgi":
-            self.mw: Any = QuotaMiddleware(ai_app.asgi_app, config=config,
+            self.mw: Any = QuotaMiddleware(upstream.asgi_app, config=config,
                                            backend=backend.async_(), **kw)  # fmt: skip
         else:
-            self.mw = WSGIQuotaMiddleware(ai_app.wsgi_app, config=config,
+            self.mw = WSGIQuotaMiddleware(upstream.wsgi_app, config=config,
                                           backend=backend.sync(), **kw)  # fmt: skip
         self.reader = UsageReader(config, backend.sync())
         self.loop = asyncio.new_event_loop()
@@ -71,24 +74,30 @@ class AIHarness:
         self.loop.close()
 
     def post(
-        self, body: dict[str, Any] | bytes, *, ip: str = "192.0.2.10", disconnect_after: int = 0
-    ) -> Reply:
+        self, body: dict[str, Any] | bytes, *, ip: str = "192.0.2.10", disconnect_after: int = 0,
+        path: str = PATH, headers: dict[str, str] | None = None,
+    ) -> Reply:  # fmt: skip
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        extra = headers or {}
         if self.adapter == "asgi":
-            return self.loop.run_until_complete(self._asgi(raw, ip, disconnect_after))
+            return self.loop.run_until_complete(self._asgi(raw, ip, disconnect_after, path, extra))
         if disconnect_after:
-            return self._wsgi_partial(raw, ip, disconnect_after)
-        r = Client(self.mw).post(PATH, data=raw, content_type="application/json", buffered=True,
-                                 environ_base={"REMOTE_ADDR": ip})  # fmt: skip
+            return self._wsgi_partial(raw, ip, disconnect_after, path)
+        r = Client(self.mw).post(path, data=raw, content_type="application/json", buffered=True,
+                                 environ_base={"REMOTE_ADDR": ip}, headers=extra)  # fmt: skip
         return Reply(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.data, 1)
 
-    async def _asgi(self, raw: bytes, ip: str, disconnect_after: int) -> Reply:
+    async def _asgi(
+        self, raw: bytes, ip: str, disconnect_after: int, path: str = PATH,
+        extra: dict[str, str] | None = None,
+    ) -> Reply:  # fmt: skip
         scope = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "path": PATH, "raw_path": PATH.encode(), "query_string": b"", "root_path": "",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
             "scheme": "http", "client": (ip, 5000), "server": ("127.0.0.1", 80),
             "headers": [(b"content-type", b"application/json"),
-                        (b"content-length", str(len(raw)).encode())],
+                        (b"content-length", str(len(raw)).encode()),
+                        *((k.lower().encode(), v.encode()) for k, v in (extra or {}).items())],
         }  # fmt: skip
         sent = False
 
@@ -125,11 +134,11 @@ class AIHarness:
             pass
         return Reply(status, headers, body, chunks)
 
-    def _wsgi_partial(self, raw: bytes, ip: str, n: int) -> Reply:
+    def _wsgi_partial(self, raw: bytes, ip: str, n: int, path: str = PATH) -> Reply:
         import io
 
         environ = {
-            "REQUEST_METHOD": "POST", "PATH_INFO": PATH, "REMOTE_ADDR": ip,
+            "REQUEST_METHOD": "POST", "PATH_INFO": path, "REMOTE_ADDR": ip,
             "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(raw)),
             "wsgi.input": io.BytesIO(raw),
         }  # fmt: skip
@@ -156,7 +165,8 @@ class AIHarness:
             return {}
         r = records[0]
         return {"requests": r.requests, "input": r.input_tokens, "output": r.output_tokens,
-                "cost": r.cost_micros, "estimated": r.estimated}  # fmt: skip
+                "cost": r.cost_micros, "estimated": r.estimated,
+                **({"errors": r.errors} if r.errors else {})}  # fmt: skip
 
     def remaining(self, ip: str = "192.0.2.10") -> dict[str, int]:
         return {r.name: r.remaining for r in self.reader.remaining(ip)}

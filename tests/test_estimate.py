@@ -157,6 +157,8 @@ def test_openai_chat() -> None:
         stream=True,
         include_usage=True,
         format="openai-chat",
+        choices=2,  # n=2: the cap of 300 per choice is 600 in all
+        opaque=True,  # an image, counted at a fixed size
     )
     # streaming without include_usage: the response will carry no usage
     body2 = {"model": "gpt-4", "messages": [{"role": "user", "content": "hello world"}],
@@ -225,7 +227,7 @@ def test_anthropic() -> None:
     est = _req("auto", body, "/v1/messages")
     expected = 2 * 3 + count_tokens('{"a":1}', "claude") + 3 * 4 + 3 + IMAGE_TOKENS
     assert est == RequestEstimate("claude-sonnet-4-5", expected, 1024, True, True,
-                                  "anthropic-messages")  # fmt: skip
+                                  "anthropic-messages", opaque=True)  # fmt: skip
 
 
 def test_gemini_model_and_stream_from_path() -> None:
@@ -238,7 +240,15 @@ def test_gemini_model_and_stream_from_path() -> None:
     }  # fmt: skip
     path = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
     est = _req("auto", body, path)
-    assert est == RequestEstimate("gemini-2.5-flash", 4 + 258, 256, True, True, "gemini")
+    assert est == RequestEstimate(
+        "gemini-2.5-flash",
+        4 + 258,
+        256,
+        True,
+        True,
+        "gemini",
+        opaque=True,  # an image
+    )
     vertex = (
         "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro"
         ":generateContent"

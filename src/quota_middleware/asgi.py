@@ -18,6 +18,7 @@ from .config import QuotaConfig
 from .decision import Charge
 from .engine import Decision, Engine, drive_async, drive_sync
 from .errors import IdentificationError
+from .hardstop import stop_event
 from .identity import Identifier
 from .metering import Meter
 from .reports import UsageReader
@@ -39,6 +40,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("quota_middleware")
+
+#: seconds between background attempts to write buffered settles
+DRAIN_INTERVAL = 1.0
 
 
 def load_config(config: QuotaConfig | str | os.PathLike[str]) -> QuotaConfig:
@@ -90,6 +94,7 @@ class QuotaMiddleware:
         self._sync_backend = self._backend if isinstance(self._backend, MemoryBackend) else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: set[asyncio.Task[Any]] = set()
+        self._drainer: asyncio.Task[Any] | None = None
         #: the in-process alert dispatcher (``config.alerts.deliver_in_process``), started by the
         #: first request; ``.stop()`` it on shutdown (it is also stopped at exit)
         self.alerts = in_process_delivery(self.config, redis, metrics)
@@ -134,7 +139,7 @@ class QuotaMiddleware:
                 await _send_response(send, too_large(route.max_body))
                 return
             info.body = body
-            receive = _replay(body, receive)
+            upstream_receive, receive = receive, _replay(body, receive)
         try:
             if self._sync_backend is not None:
                 # the embedded store answers in microseconds: no coroutine per store call
@@ -151,6 +156,13 @@ class QuotaMiddleware:
         if not decision.allowed:
             await _send_response(send, denied(decision))
             return
+        if decision.ai is not None and decision.ai.body is not None:
+            # the output cap was written into the body: the app gets that body
+            receive = _replay(decision.ai.body, upstream_receive)
+            scope["headers"] = [
+                *((k, v) for k, v in scope.get("headers") or () if k.lower() != b"content-length"),
+                (b"content-length", str(len(decision.ai.body)).encode()),
+            ]
         if not decision.needs_settle:
             extra = allowed_headers(decision)
             await self.app(scope, receive, _with_headers(send, extra) if extra else send)
@@ -158,6 +170,10 @@ class QuotaMiddleware:
         responder = _Responder(self, decision, backend, send)
         try:
             await self.app(scope, receive, responder.send)
+        except BaseException as e:
+            if not (responder.meter is not None and responder.meter.stopped and _stopped(e)):
+                raise
+            # the hard stop ended the response: the app (and its upstream) stopped with it
         finally:
             await responder.settle()
 
@@ -179,6 +195,23 @@ class QuotaMiddleware:
         if decision.allowed and decision.needs_settle:
             self._spawn(drive_async(self.engine.settle(decision), backend))
 
+    def _start_drain(self, backend: AsyncBackend) -> None:
+        """Writes the settle buffer in the background while it holds settles (the store was
+        down), every ``DRAIN_INTERVAL`` seconds, so they land without waiting for traffic."""
+        if self._drainer is not None and not self._drainer.done():
+            return
+
+        async def drain() -> None:
+            buffer = self.engine.settle_buffer
+            while len(buffer):
+                await asyncio.sleep(DRAIN_INTERVAL)
+                try:
+                    await drive_async(self.engine.drain(), backend)
+                except Exception:  # never let the drainer die silently with settles left
+                    log.exception("quota_middleware: draining the settle buffer failed")
+
+        self._drainer = self._spawn(drain())
+
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._pending.add(task)
@@ -186,10 +219,25 @@ class QuotaMiddleware:
         return task
 
 
-class _Responder:
-    """Per request: adds headers, meters the body as it passes, settles exactly once."""
+class _HardStop(Exception):
+    """Raised into the app from ``send`` once the hard stop ended its stream, so it stops
+    generating (and closes its upstream) as it would for a client that went away."""
 
-    __slots__ = ("mw", "decision", "backend", "_send", "meter", "_extra", "_settled")
+
+def _stopped(e: BaseException) -> bool:
+    if isinstance(e, _HardStop):
+        return True
+    # task groups (anyio, in Starlette's StreamingResponse) wrap it
+    return isinstance(e, BaseExceptionGroup) and all(_stopped(x) for x in e.exceptions)
+
+
+class _Responder:
+    """Per request: adds headers, meters the body as it passes, ends it at the hard stop,
+    settles exactly once."""
+
+    __slots__ = (
+        "mw", "decision", "backend", "_send", "meter", "_extra", "_settled", "_hard_stop",
+    )  # fmt: skip
 
     def __init__(
         self, mw: QuotaMiddleware, decision: Decision, backend: AsyncBackend, send: Send
@@ -201,9 +249,13 @@ class _Responder:
         self.meter = Meter(decision.ai) if decision.ai is not None else None
         self._extra = allowed_headers(decision)
         self._settled = False
+        self._hard_stop = self.meter is not None and mw.engine.hard_stop(decision)
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
+        meter = self.meter
+        if meter is not None and meter.stopped:
+            raise _HardStop("the response was ended by the hard stop")
         if kind == "http.response.start":
             headers = message.get("headers") or ()
             if self.meter is not None:
@@ -218,9 +270,22 @@ class _Responder:
                 if self.meter is not None:
                     extra = without_request_id(extra, headers)
                 message["headers"] = [*headers, *extra]
-        elif kind == "http.response.body" and self.meter is not None:
-            self.meter.feed(message.get("body", b""))
+        elif kind == "http.response.body" and meter is not None:
+            meter.feed(message.get("body", b""))
+            if self._hard_stop and message.get("more_body") and message.get("body"):
+                await self._send(message)
+                await self._check(meter)
+                return
         await self._send(message)
+
+    async def _check(self, meter: Meter) -> None:
+        engine = self.mw.engine
+        if await drive_async(engine.top_up(self.decision, meter), self.backend):
+            return
+        meter.stopped = True
+        event = stop_event(self.decision.ai.estimate.format if self.decision.ai else "", meter)
+        await self._send({"type": "http.response.body", "body": event, "more_body": False})
+        raise _HardStop("the quota or budget has no room for the rest of this response")
 
     async def settle(self) -> None:
         if self._settled:
@@ -232,6 +297,8 @@ class _Responder:
             # Shielded: a client disconnect cancels the request task, but what it held must
             # still be given back and what it used charged.
             await asyncio.shield(self.mw._spawn(drive_async(flow, self.backend)))
+        if len(self.mw.engine.settle_buffer):
+            self.mw._start_drain(self.backend)
         if charge is not None and self.mw.on_settle is not None:
             await _call_hook(self.mw.on_settle, charge)
 

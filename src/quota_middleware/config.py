@@ -52,6 +52,10 @@ class Plan:
     models: Sequence[str] | None = None
     #: IANA time zone in which daily and monthly quotas and budgets roll over
     timezone: str = "UTC"
+    #: end a streamed AI response when its relayed output outgrows what was reserved and a
+    #: token quota or budget has no room for more (a final error event in the provider's own
+    #: format); without it, an upstream that ignores the output cap is charged in full
+    hard_stop: bool = False
     _zone: ZoneInfo | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -190,6 +194,10 @@ class AIRoute:
     :param default_output_tokens: the output allowance reserved when the request sets no cap.
     :param max_output_reserve: the most output tokens ever reserved up front, whatever the cap.
     :param lease: seconds a reservation holds if its worker dies before settling it.
+    :param write_output_cap: write the reserved output cap into requests that set none, or one
+        above ``max_output_reserve`` (``max_completion_tokens``, ``max_tokens``,
+        ``max_output_tokens``, ``generationConfig.maxOutputTokens``, ``options.num_predict``),
+        so the upstream is bound by what was reserved.
     :param max_usage_tokens: a response that reports more input or output tokens than this is
         not believed: it is charged from the estimate and logged as ``usage_invalid``. The
         default is far above every current model's context window plus its output.
@@ -202,6 +210,7 @@ class AIRoute:
     default_output_tokens: int = 1024
     max_output_reserve: int = 16384
     lease: float = 600.0
+    write_output_cap: bool = False
     max_usage_tokens: int = 4_000_000
 
     def __post_init__(self) -> None:
@@ -267,6 +276,10 @@ class QuotaConfig:
     default_price: Mapping[str, float] | None = None
     #: days the per-caller, per-day usage records are kept
     usage_retention_days: int = 35
+    #: prompt-estimate margins by model glob (``{"claude-*": 1.3}``); models without one use
+    #: the margin learned from settles (when ``learn_input_margins``), see :mod:`.margins`
+    input_margins: Mapping[str, float] = field(default_factory=dict)
+    learn_input_margins: bool = True
     #: spend of the whole app per day / month (the provider bill), with an optional hard stop
     app_budgets: Sequence[AppBudget] = ()
     #: flag callers whose hourly usage jumps far above their own average
@@ -314,6 +327,14 @@ class QuotaConfig:
             raise ConfigurationError("default_price", "required when unpriced = 'default'")
         if not isinstance(self.prices, Mapping):
             raise ConfigurationError("prices", "must be a table of models")
+        if not isinstance(self.input_margins, Mapping):
+            raise ConfigurationError("input_margins", "must be a table of model patterns")
+        for pattern, value in self.input_margins.items():
+            if (
+                not isinstance(value, int | float) or isinstance(value, bool)
+                or not 1.0 <= value <= 10.0
+            ):  # fmt: skip
+                raise ConfigurationError(f"input_margins.{pattern}", "a number in [1, 10]")
         # priced now, so a bad price is a startup error like every other one
         from .pricing import ModelPrice, PriceTable
 
@@ -396,7 +417,14 @@ class QuotaConfig:
             ai_routes.append(AIRoute(**r))
         extra: dict[str, Any] = {
             k: data[k]
-            for k in ("prices", "unpriced", "default_price", "usage_retention_days")
+            for k in (
+                "prices",
+                "unpriced",
+                "default_price",
+                "usage_retention_days",
+                "input_margins",
+                "learn_input_margins",
+            )  # fmt: skip
             if k in data
         }
         app_budgets = []
@@ -472,7 +500,7 @@ def _plan_from_dict(name: str, d: Any) -> Plan:
     where = f"plans.{name}"
     if not isinstance(d, Mapping):
         raise ConfigurationError(where, "must be a table")
-    _known(d, {"limits", "shadow", "on_error", "models", "timezone"}, where)
+    _known(d, {"limits", "shadow", "on_error", "models", "timezone", "hard_stop"}, where)
     limits: list[Limit] = []
     for i, lim in enumerate(_list(d, "limits", where)):
         lw = f"{where}.limits[{i}]"
@@ -484,9 +512,10 @@ def _plan_from_dict(name: str, d: Any) -> Plan:
         params = {k: v for k, v in lim.items() if k != "type"}
         _known(params, _init_fields(kind), lw)
         limits.append(construct(kind, params, lw))
-    shadow = d.get("shadow", False)
-    if not isinstance(shadow, bool):
-        raise ConfigurationError(f"{where}.shadow", "must be true or false")
+    shadow, hard_stop = d.get("shadow", False), d.get("hard_stop", False)
+    for flag, value in (("shadow", shadow), ("hard_stop", hard_stop)):
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{where}.{flag}", "must be true or false")
     return Plan(
         name=name,
         limits=limits,
@@ -494,4 +523,5 @@ def _plan_from_dict(name: str, d: Any) -> Plan:
         on_error=d.get("on_error", "open"),
         models=d.get("models"),
         timezone=d.get("timezone", "UTC"),
+        hard_stop=hard_stop,
     )

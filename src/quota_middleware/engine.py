@@ -22,10 +22,12 @@ from .config import AIRoute, Plan, QuotaConfig
 from .decision import Decision, Hold, LimitStatus, Reason, Stats
 from .errors import IdentificationError, StorageError
 from .flows import drive_async, drive_sync
+from .hardstop import top_up
 from .identity import Caller, Identifier
 from .keys import CallerKeys, app_tag
 from .limits import AppBudget, Budget, Concurrency, Limit, RequestRate, TokenQuota, TokenRate
-from .metering import AIRequest, ModelNotAllowed, UnpricedModel, prepare, price_table
+from .margins import InputMargins
+from .metering import AIRequest, Meter, ModelNotAllowed, UnpricedModel, prepare, price_table
 from .periods import day_id, period_of
 from .request import RequestInfo
 from .scripts import ScriptArg, ScriptCall, hash_pairs
@@ -103,6 +105,11 @@ class Engine(Settlement):
         self.settle_buffer = SettleBuffer(config.storage.settle_buffer)
         self._prefix = config.storage.prefix
         self._prices, self._default_price = price_table(config)
+        #: prompt-estimate margins per model, configured or learned from settles
+        self.margins = InputMargins(
+            config.input_margins, key=f"{self._prefix}:{{@margins}}",
+            learn=config.learn_input_margins,
+        )  # fmt: skip
         self._retention_ms = config.usage_retention_days * 86_400_000
         self._app_tag = app_tag(self._prefix)
         self._routes_seen: dict[tuple[str, str], tuple[bool, AIRoute | None, int]] = {}
@@ -195,6 +202,15 @@ class Engine(Settlement):
             except UnpricedModel as e:
                 return self._refuse(rid, caller, plan, "unpriced", f"model {e.model!r}")
             limits = [lim for lim in plan.limits if lim.applies(info.path, ai.model)]
+            if not self.margins.loaded and (load := self.margins.sync_call()) is not None:
+                # once per process (retried each interval while the store is down): what the
+                # other workers learned, before this worker's first reservation
+                try:
+                    self.margins.apply((yield load))
+                except StorageError:
+                    pass
+                else:
+                    ai = self._prepare(route, info, plan)  # now with the margin
             stopped = yield from self._app_gate()
             if stopped is not None:
                 budget, end_us = stopped
@@ -233,7 +249,7 @@ class Engine(Settlement):
         budgeted = any(isinstance(lim, Budget) for lim in plan.limits)
         return prepare(
             route, info.path, info.body or b"", plan, self.config, self._prices,
-            self._default_price, budgeted=budgeted,
+            self._default_price, budgeted=budgeted, margins=self.margins,
         )  # fmt: skip
 
     def plan_admit(
@@ -478,6 +494,21 @@ class Engine(Settlement):
             ai=ai if fail_open else None,
             day=day,
         )
+
+    # -- the hard stop (see hardstop.py) ---------------------------------------------------
+    def hard_stop(self, decision: Decision) -> bool:
+        """Whether this request's stream is ended when its quota or budget runs out."""
+        if decision.ai is None or decision.degraded or decision.shadow:
+            return False
+        return self.config.plan(decision.plan).hard_stop
+
+    def top_up(self, decision: Decision, meter: Meter) -> Generator[ScriptCall, Any, bool]:
+        """Whether the stream may go on; grows its reservation when it outgrew it."""
+        fail_open = self.config.plan(decision.plan).on_error == "open"
+        granted = yield from top_up(decision, meter, now_arg=self._now_arg(), fail_open=fail_open)
+        if not granted:
+            self.stats.incr("hard_stops")
+        return granted
 
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(self.clock())

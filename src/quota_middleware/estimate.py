@@ -42,6 +42,7 @@ __all__ = [
     "encoding_for_model",
     "get_encoding",
     "parse_request",
+    "with_output_cap",
 ]
 
 IMAGE_TOKENS = 765
@@ -177,6 +178,13 @@ class RequestEstimate:
     include_usage: bool
     format: Format = "auto"
     estimated_from_bytes: bool = False
+    #: choices / candidates asked for (``n``, ``candidateCount``): ``max_output_tokens`` is the
+    #: per-choice cap times this
+    choices: int = 1
+    #: the prompt has parts counted at a fixed or rough size (images, audio, files) or context
+    #: held by the provider (``previous_response_id``, ``cachedContent``): its real count can
+    #: be far from the estimate, so it says nothing about the tokenizer's margin
+    opaque: bool = False
 
 
 _ALWAYS_REPORTS_USAGE = frozenset({"openai-responses", "anthropic-messages", "gemini", "ollama"})
@@ -229,11 +237,12 @@ def _positive(value: object) -> int | None:
 class _Counter:
     """Accumulates text to tokenize plus fixed extras; text is tokenized once at the end."""
 
-    __slots__ = ("extra", "parts")
+    __slots__ = ("extra", "opaque", "parts")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.extra = 0
+        self.opaque = False
 
     def text(self, value: object) -> None:
         if isinstance(value, str) and value:
@@ -244,6 +253,7 @@ class _Counter:
             self.parts.append(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
     def blob(self, value: object) -> None:
+        self.opaque = True
         self.extra += -(-len(json.dumps(value)) // BYTES_PER_TOKEN)
 
     def part(self, part: object, *, image: int = IMAGE_TOKENS) -> None:
@@ -257,6 +267,7 @@ class _Counter:
         if isinstance(part.get("text"), str):  # text, input_text, output_text, Gemini parts
             self.text(part["text"])
         elif kind in ("image_url", "image", "input_image") or "inlineData" in part:
+            self.opaque = True
             self.extra += image
         elif kind == "thinking":
             self.text(part.get("thinking"))
@@ -298,7 +309,8 @@ def _chat_messages(c: _Counter, messages: object) -> None:
         c.json(msg.get("tool_calls") or msg.get("function_call"))
         c.text(msg.get("reasoning_content"))
         images = msg.get("images")  # Ollama /api/chat
-        if isinstance(images, list):
+        if isinstance(images, list) and images:
+            c.opaque = True
             c.extra += IMAGE_TOKENS * len(images)
     c.extra += REPLY_PRIMING_TOKENS
 
@@ -368,7 +380,8 @@ def _count_body(fmt: Format, body: dict[str, Any], c: _Counter) -> None:
         c.text(body.get("system"))
         c.text(body.get("prompt"))
         images = body.get("images")
-        if isinstance(images, list):
+        if isinstance(images, list) and images:
+            c.opaque = True
             c.extra += IMAGE_TOKENS * len(images)
         if "messages" in body:
             _chat_messages(c, body.get("messages"))
@@ -405,6 +418,17 @@ def _output_cap(fmt: Format, body: dict[str, Any]) -> int | None:
     if cap is not None and count is not None and count > 1:
         cap *= min(count, 128)
     return cap
+
+
+def _choices(fmt: Format, body: dict[str, Any]) -> int:
+    if fmt == "gemini":
+        config = body.get("generationConfig") or body.get("generation_config")
+        n = config.get("candidateCount") if isinstance(config, dict) else None
+    elif fmt == "ollama":
+        n = None
+    else:
+        n = body.get("n")
+    return min(_positive(n) or 1, 128)
 
 
 def _from_bytes(fmt: Format, body: bytes, path: str) -> RequestEstimate:
@@ -450,6 +474,7 @@ def parse_request(format: Format, body: bytes, *, path: str = "") -> RequestEsti
         include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
     else:
         include_usage = True
+    server_context = any(obj.get(k) for k in _SERVER_CONTEXT)
     return RequestEstimate(
         model=model,
         prompt_tokens=prompt,
@@ -457,4 +482,40 @@ def parse_request(format: Format, body: bytes, *, path: str = "") -> RequestEsti
         stream=stream,
         include_usage=include_usage,
         format=fmt,
+        choices=_choices(fmt, obj),
+        opaque=counter.opaque or server_context,
     )
+
+
+#: request fields that pull in context the provider holds (not in the body we count)
+_SERVER_CONTEXT = ("previous_response_id", "conversation", "cachedContent", "cached_content")
+
+
+def with_output_cap(fmt: Format, body: bytes, cap: int) -> bytes | None:
+    """``body`` with its output cap set to ``cap`` tokens per choice, in the format's own
+    field, so the upstream stops where the reservation ends; None when the body is not a JSON
+    object or the format has no cap (embeddings)."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or fmt in ("openai-embeddings", "auto"):
+        return None
+    if fmt == "gemini":
+        config = obj.get("generationConfig")
+        if not isinstance(config, dict):
+            config = obj["generationConfig"] = {}
+        config["maxOutputTokens"] = cap
+    elif fmt == "ollama":
+        options = obj.get("options")
+        if not isinstance(options, dict):
+            options = obj["options"] = {}
+        options["num_predict"] = cap
+    else:
+        field = {"openai-responses": "max_output_tokens", "anthropic-messages": "max_tokens",
+                 "openai-completions": "max_tokens"}.get(fmt, "max_completion_tokens")  # fmt: skip
+        present = [k for k in ("max_completion_tokens", "max_output_tokens", "max_tokens")
+                   if k in obj]  # fmt: skip
+        for key in present or [field]:  # the field the client used, or the format's own
+            obj[key] = cap
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()

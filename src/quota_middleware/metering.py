@@ -9,12 +9,14 @@ went away).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from .config import AIRoute, Plan, QuotaConfig
-from .estimate import RequestEstimate, count_tokens, parse_request
+from .estimate import RequestEstimate, count_tokens, parse_request, with_output_cap
 from .limits import model_matches
+from .margins import InputMargins
 from .pricing import ModelPrice, PriceTable, UnpricedModel, cost_micros, price_for
 from .usage import Usage, UsageParser
 
@@ -32,6 +34,18 @@ class AIRequest:
     #: the same in micro-dollars (0 when the model is counted in tokens only)
     reserve_cost: int
     min_cost: int
+    #: the input margin the prompt estimate was multiplied by (see :mod:`.margins`), and the
+    #: prompt tokens reserved with it
+    margin: float = 1.0
+    prompt_reserve: int = 0
+    #: the request body with its output cap written in (``AIRoute.write_output_cap``), to be
+    #: sent to the app instead of the client's; None when unchanged
+    body: bytes | None = None
+
+    @property
+    def output_reserve(self) -> int:
+        """Output tokens reserved up front (the reservation beyond the prompt's)."""
+        return self.reserve_tokens - max(self.prompt_reserve, self.min_tokens)
 
     @property
     def model(self) -> str | None:
@@ -75,31 +89,53 @@ def prepare(
     default_price: ModelPrice | None,
     *,
     budgeted: bool,
+    margins: InputMargins | None = None,
 ) -> AIRequest:
     """Estimate and price one AI request. Raises :class:`ModelNotAllowed` or
-    :class:`~.pricing.UnpricedModel` (only when a budget applies and the policy is ``refuse``)."""
+    :class:`~.pricing.UnpricedModel` (only when a budget applies and the policy is ``refuse``).
+
+    The prompt reserve is the estimate times the model's input margin; the output reserve is
+    the request's cap, or ``default_output_tokens`` without one, at most ``max_output_reserve``.
+    With ``write_output_cap`` a request without a cap, or with one above that, gets the
+    reserved cap written into its body, so the upstream stops where the reservation ends."""
     est = parse_request(route.format, body, path=path)
     if plan.models is not None and not model_matches(plan.models, est.model):
         raise ModelNotAllowed(est.model)
     allowance = min(est.max_output_tokens or route.default_output_tokens, route.max_output_reserve)
+    new_body = None
     if est.format == "openai-embeddings":
         allowance = 0
+    elif route.write_output_cap and est.format != "auto":
+        per_choice = max(1, allowance // est.choices)
+        if est.max_output_tokens is None or per_choice * est.choices < est.max_output_tokens:
+            new_body = with_output_cap(est.format, body, per_choice)
+            if new_body is not None:
+                allowance = per_choice * est.choices
+    margin = margins.factor(est.format, est.model) if margins is not None else 1.0
+    # The margin grows what is reserved, not what must fit: a prompt whose plain estimate fits
+    # what is left is still admitted (with its reservation cut short), never refused as too big.
     prompt = max(1, est.prompt_tokens)
+    prompt_reserve = max(prompt, math.ceil(est.prompt_tokens * margin))
     price: ModelPrice | None = table.lookup(est.model)
     if price is None and budgeted:
         price = price_for(est.model, table, config.unpriced, default_price)
     reserve_cost = min_cost = 0
     if price is not None:
-        reserve_cost = cost_micros(Usage(input_tokens=prompt, output_tokens=allowance), price)
+        reserve_cost = cost_micros(
+            Usage(input_tokens=prompt_reserve, output_tokens=allowance), price
+        )
         min_cost = max(1, cost_micros(Usage(input_tokens=prompt), price))
     return AIRequest(
         route=route,
         estimate=est,
         price=price,
-        reserve_tokens=prompt + allowance,
+        reserve_tokens=prompt_reserve + allowance,
         min_tokens=prompt,
         reserve_cost=reserve_cost,
         min_cost=min(min_cost, reserve_cost) if reserve_cost else 0,
+        margin=margin,
+        prompt_reserve=prompt_reserve,
+        body=new_body,
     )
 
 
@@ -107,7 +143,10 @@ class Meter:
     """Feeds the response body to the usage parser as it is relayed; never raises, never buffers
     the body (only the parser's bounded line buffer)."""
 
-    __slots__ = ("ai", "parser", "status", "bytes_seen", "invalid")
+    __slots__ = (
+        "ai", "parser", "status", "bytes_seen", "invalid", "stopped", "_pieces", "_counted",
+        "_counted_chars",
+    )  # fmt: skip
 
     def __init__(self, ai: AIRequest) -> None:
         self.ai = ai
@@ -116,6 +155,12 @@ class Meter:
         self.bytes_seen = 0
         #: what made the provider's usage unusable, once :meth:`finish` found out
         self.invalid: str | None = None
+        #: the hard stop ended this stream (the quota or budget had no room for more)
+        self.stopped = False
+        # incremental count of the relayed text, for the hard stop
+        self._pieces = 0
+        self._counted = 0
+        self._counted_chars = 0
 
     def start(self, status: int, content_type: str | None, content_encoding: str | None) -> None:
         self.status = status
@@ -152,7 +197,7 @@ class Meter:
         elif usage is not None:
             if usage.model is None:
                 usage = replace(usage, model=est.model)
-            if not parser.complete:
+            if not parser.complete or self.stopped:
                 # a partial count (Anthropic's message_start, Gemini's running total) is a
                 # floor, not the charge: generation went on past it
                 return replace(
@@ -160,13 +205,15 @@ class Meter:
                     input_tokens=max(usage.input_tokens, est.prompt_tokens),
                     output_tokens=max(usage.output_tokens, self.text_tokens()),
                     estimated=True,
-                    reason="incomplete",
+                    reason="hard_stop" if self.stopped else "incomplete",
                 )
             if usage.input_missing:
                 return replace(
                     usage, input_tokens=est.prompt_tokens, estimated=True, reason="input_missing"
                 )
             return usage
+        elif self.stopped:
+            reason = "hard_stop"
         elif parser.salvaged:
             reason = "unparseable"
         else:
@@ -179,6 +226,24 @@ class Meter:
             error=parser.error,
             reason=reason,
         )
+
+    def running_output(self) -> int:
+        """Output tokens relayed so far, counted piece by piece as the text arrives (a little
+        above a count of the whole text: merges across pieces are missed), at least what the
+        provider reported so far."""
+        parser = self.parser
+        if parser is None:
+            return 0
+        pieces = parser.text_pieces(self._pieces)
+        if pieces:
+            model = self.ai.estimate.model
+            self._counted += sum(count_tokens(p, model) for p in pieces)
+            self._counted_chars += sum(len(p) for p in pieces)
+            self._pieces += len(pieces)
+        n = self._counted
+        if parser.text_chars > self._counted_chars and self._counted_chars:
+            n = -(-n * parser.text_chars // self._counted_chars)  # text beyond the kept buffer
+        return max(n, parser.partial_output)
 
     def text_tokens(self) -> int:
         """Tokens of the generated text relayed so far. The parser keeps at most its buffer

@@ -48,6 +48,7 @@ SCRIPT_NAMES = (
     "settle",
     "extend",
     "read",
+    "margins",
     "outbox_add",
     "key_lookup",
     "key_put",

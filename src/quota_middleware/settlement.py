@@ -21,6 +21,7 @@ from .scripts import ScriptArg, ScriptCall
 from .usage import Usage, clean_model
 
 if TYPE_CHECKING:
+    from .margins import InputMargins
     from .metering import Meter
 
 log = logging.getLogger("quota_middleware")
@@ -77,6 +78,7 @@ class Settlement:
     metrics: Any
     stats: Stats
     settle_buffer: SettleBuffer
+    margins: InputMargins
     _prefix: str
     _app_tag: str
     _retention_ms: int
@@ -188,7 +190,7 @@ class Settlement:
         return tuple(self.config.app_budgets)
 
     def finish(
-        self, decision: Decision, meter: Meter | None, *, stopped: bool = False
+        self, decision: Decision, meter: Meter | None
     ) -> tuple[Usage | None, int, Charge | None]:
         """The usage and cost to settle for a finished response, and its charge record (AI
         requests). Logs the charge line, and a ``usage_invalid`` warning when the upstream's
@@ -209,6 +211,10 @@ class Settlement:
             self.stats.incr("upstream_errors")
         elif usage.estimated:
             self.stats.incr("estimated")
+        est = ai.estimate
+        if not (usage.estimated or usage.error or est.opaque or est.estimated_from_bytes):
+            # an exact count: how far this model's tokenizer runs above our estimate
+            self.margins.observe(est.format, est.model, est.prompt_tokens, usage.input_tokens)
         caller = decision.caller
         if caller is None:
             return usage, cost, None
@@ -220,7 +226,7 @@ class Settlement:
             cache_write_tokens=usage.cache_write_tokens, output_tokens=usage.output_tokens,
             reasoning_tokens=usage.reasoning_tokens, cost_micros=cost,
             estimated=usage.estimated, reason=usage.reason, error=usage.error,
-            degraded=decision.degraded, stopped=stopped,
+            degraded=decision.degraded, stopped=meter.stopped,
         )  # fmt: skip
         if charge_log.isEnabledFor(logging.INFO):
             extra = {"quota_charge": charge.as_dict()}
@@ -242,27 +248,42 @@ class Settlement:
         if not ok:
             self._buffer(decision, usage, cost, 0)
         elif len(self.settle_buffer):
-            for _ in range(_DRAIN_BATCH):
-                item = self.settle_buffer.pop()
-                if item is None:
-                    break
-                d, u, c, attempts = item
-                more, ok = yield from self._settle_once(d, u, c)
-                events += more
-                if ok:
-                    self.stats.incr("settle_replayed")
-                    continue
-                if attempts + 1 < _REPLAY_ATTEMPTS:
-                    self._buffer(d, u, c, attempts + 1)
-                else:
-                    self.settle_buffer.dropped += 1
-                    self.stats.incr("settle_dropped")
-                    log.error("quota_middleware: buffered settle %s dropped after %d attempts",
-                              d.public_id, _REPLAY_ATTEMPTS)  # fmt: skip
-                break  # the store is failing again: leave the rest for a later settle
+            events += yield from self.drain()
+        if decision.ai is not None:
+            margins = self.margins.sync_call()
+            if margins is not None:
+                try:
+                    self.margins.apply((yield margins))
+                except StorageError:
+                    pass  # margins are an optimisation: the next sync tries again
         # (a metrics object of the user's own may not have this hook)
         if self.metrics is not None and hasattr(self.metrics, "settle_buffer"):
             self.metrics.settle_buffer(len(self.settle_buffer), self.settle_buffer.dropped)
+        return events
+
+    def drain(self) -> Generator[ScriptCall, Any, list[AlertEvent]]:
+        """Apply up to a batch of buffered settles, oldest first; stops at the first that fails
+        (the store is failing again). The adapters also run it in the background while the
+        buffer is not empty, so a worker that gets no more traffic still writes them."""
+        events: list[AlertEvent] = []
+        for _ in range(_DRAIN_BATCH):
+            item = self.settle_buffer.pop()
+            if item is None:
+                break
+            d, u, c, attempts = item
+            more, ok = yield from self._settle_once(d, u, c)
+            events += more
+            if ok:
+                self.stats.incr("settle_replayed")
+                continue
+            if attempts + 1 < _REPLAY_ATTEMPTS:
+                self._buffer(d, u, c, attempts + 1)
+            else:
+                self.settle_buffer.dropped += 1
+                self.stats.incr("settle_dropped")
+                log.error("quota_middleware: buffered settle %s dropped after %d attempts",
+                          d.public_id, _REPLAY_ATTEMPTS)  # fmt: skip
+            break
         return events
 
     def _buffer(self, decision: Decision, usage: Usage | None, cost: int, attempts: int) -> None:

@@ -146,6 +146,29 @@ class UsageParser(Providers, Framing):
         """The first usage count that was not a valid count (``"prompt_tokens=-5"``), if any."""
         return self._invalid
 
+    @property
+    def partial_output(self) -> int:
+        """The output count reported so far (cumulative providers report it as they go)."""
+        return self._fields.get("out", 0)
+
+    @property
+    def framing(self) -> str:
+        """``"sse"``, ``"ndjson"`` or ``"json"`` (a document, or a streamed JSON array)."""
+        return self._framing
+
+    @property
+    def json_array(self) -> bool:
+        return self._array is True
+
+    @property
+    def encoded(self) -> bool:
+        """The body has a content encoding (gzip, deflate, or one we cannot read)."""
+        return self._zmode != "none" or (self._dead and not self._seen_usage)
+
+    def text_pieces(self, start: int) -> list[str]:
+        """The kept pieces of generated text from index ``start`` on (for incremental counts)."""
+        return self._text[start:]
+
     def output_text(self) -> str:
         """Generated text seen so far (bounded to ``max_buffer`` characters), for estimates."""
         return "".join(self._text)

@@ -8,6 +8,8 @@ import inspect
 import io
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ from .config import QuotaConfig
 from .decision import Charge
 from .engine import Decision, Engine, drive_sync
 from .errors import IdentificationError
+from .hardstop import stop_event
 from .identity import Identifier
 from .metering import Meter
 from .reports import UsageReader
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("quota_middleware")
 
 ENVIRON_KEY = "quota_middleware.decision"
+#: seconds between background attempts to write buffered settles
+DRAIN_INTERVAL = 1.0
 
 
 class WSGIQuotaMiddleware:
@@ -65,6 +70,8 @@ class WSGIQuotaMiddleware:
         #: the in-process alert dispatcher (``config.alerts.deliver_in_process``), started by the
         #: first request; ``.stop()`` it on shutdown (it is also stopped at exit)
         self.alerts = in_process_delivery(self.config, redis, metrics)
+        self._drainer: threading.Thread | None = None
+        self._drain_lock = threading.Lock()
 
     def reader(self) -> UsageReader:
         """A :class:`~quota_middleware.reports.UsageReader` on this middleware's store."""
@@ -91,6 +98,10 @@ class WSGIQuotaMiddleware:
         environ[ENVIRON_KEY] = decision
         if not decision.allowed:
             return _respond(start_response, denied(decision))
+        if decision.ai is not None and decision.ai.body is not None:
+            # the output cap was written into the body: the app gets that body
+            environ["wsgi.input"] = io.BytesIO(decision.ai.body)
+            environ["CONTENT_LENGTH"] = str(len(decision.ai.body))
         extra = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in allowed_headers(decision)]
         if not decision.needs_settle:
             if not extra:
@@ -115,11 +126,33 @@ class WSGIQuotaMiddleware:
         usage, cost, charge = self.engine.finish(decision, meter)
         if decision.needs_settle:
             drive_sync(self.engine.settle(decision, usage, cost), self.backend)
+            if len(self.engine.settle_buffer):
+                self._start_drain()
         if charge is not None and self.on_settle is not None:
             try:
                 self.on_settle(charge)
             except Exception:
                 log.exception("quota_middleware: on_settle hook failed for %s", charge.request_id)
+
+    def _start_drain(self) -> None:
+        """Writes the settle buffer from a daemon thread while it holds settles (the store was
+        down), every ``DRAIN_INTERVAL`` seconds, so they land without waiting for traffic."""
+        with self._drain_lock:
+            if self._drainer is not None and self._drainer.is_alive():
+                return
+            self._drainer = threading.Thread(
+                target=self._drain_loop, name="quota-settle-drain", daemon=True
+            )
+            self._drainer.start()
+
+    def _drain_loop(self) -> None:
+        buffer = self.engine.settle_buffer
+        while len(buffer):
+            time.sleep(DRAIN_INTERVAL)
+            try:
+                drive_sync(self.engine.drain(), self.backend)
+            except Exception:  # never let the drainer die silently with settles left
+                log.exception("quota_middleware: draining the settle buffer failed")
 
 
 class _Metered:
@@ -178,10 +211,23 @@ class _Metered:
         meter = self.meter
         if meter is None:
             yield from self.app_iter
-        else:
+        elif not self.mw.engine.hard_stop(self.decision):
             for chunk in self.app_iter:
                 meter.feed(chunk)
                 yield chunk
+        else:
+            engine, backend = self.mw.engine, self.mw.backend
+            for chunk in self.app_iter:
+                meter.feed(chunk)
+                yield chunk
+                if chunk and not drive_sync(engine.top_up(self.decision, meter), backend):
+                    meter.stopped = True
+                    assert self.decision.ai is not None
+                    event = stop_event(self.decision.ai.estimate.format, meter)
+                    self._close_app()  # the app stops generating, its upstream is closed
+                    if event:
+                        yield event
+                    break
         # The whole body went to the server: settle now. Servers may skip close() (werkzeug's
         # dev server does when the client resets the connection after the last byte).
         self._settle_once()
@@ -205,11 +251,14 @@ class _Metered:
             return
         self._closed = True
         try:
-            close = getattr(self.app_iter, "close", None)
-            if close is not None:
-                close()
+            self._close_app()
         finally:
             self._settle_once()
+
+    def _close_app(self) -> None:
+        close = getattr(self.app_iter, "close", None)
+        if close is not None:
+            close()
 
 
 def _read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:

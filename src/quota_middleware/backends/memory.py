@@ -22,6 +22,7 @@ SCRIPTS: dict[str, ScriptImpl] = {
     "settle": memory_scripts.settle,
     "extend": memory_scripts.extend,
     "read": memory_scripts.read,
+    "margins": memory_scripts.margins,
     "outbox_add": memory_scripts.outbox_add,
 }
 

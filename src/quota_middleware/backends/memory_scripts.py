@@ -343,3 +343,24 @@ def outbox_add(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> 
         data = event if isinstance(event, bytes) else str(event).encode()
         store.xadd(keys[0], {"event": data}, maxlen=maxlen)
     return len(argv) - 1
+
+
+def margins(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[bytes]:
+    key = keys[0]
+    for i in range(1, 2 * _i(argv[0]), 2):
+        f, ours = _s(argv[i]), _i(argv[i + 1])
+        raw = store.hget(key, f)
+        stored = None if raw is None else int(raw)
+        if stored is None:
+            if len(store.hgetall(key)) < 1024:
+                store.hset(key, {f: ours})
+        elif ours > stored:
+            store.hset(key, {f: ours})
+        elif ours < stored:
+            store.hset(key, {f: stored - math.ceil((stored - ours) / 8)})
+    flat: list[bytes] = []
+    for f, v in store.hgetall(key).items():
+        flat += [f.encode(), v]
+    if flat:
+        store.pexpire(key, 7 * 86_400_000)
+    return flat

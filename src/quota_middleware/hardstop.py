@@ -1,0 +1,132 @@
+"""The hard stop, sans-IO: a streamed AI response may not outgrow its reservation while a token
+quota or budget has no room for more.
+
+After each relayed chunk of a stream, :func:`overrun` compares the request's usage so far (the
+prompt reserve plus the output counted from the relayed text, or the provider's running count
+when higher) with what each of its quota and budget holds reserved. Past a reservation,
+:func:`top_up` asks the ``extend`` script for more room (a step, so a long stream does not pay a
+round trip per chunk; the bare need when the step does not fit). When even that is refused, the
+adapter ends the stream with :func:`stop_event` (a final error event in the provider's own
+format), closes the upstream and settles what was relayed. So an upstream that ignores
+``max_tokens`` overshoots a full quota by at most the chunk that crossed it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator
+from typing import Any
+
+from .decision import Decision, Hold
+from .extension import extend_flow
+from .metering import AIRequest, Meter
+from .pricing import cost_micros
+from .scripts import ScriptCall
+from .usage import Usage
+
+__all__ = ["overrun", "stop_event", "top_up"]
+
+#: the least a top-up asks for, in tokens
+_STEP_MIN = 256
+
+
+def _holds(decision: Decision) -> list[Hold]:
+    return [h for h in decision.holds if h.kind == "q" and h.ledger is not None]
+
+
+def overrun(decision: Decision, meter: Meter) -> tuple[int, int] | None:
+    """(tokens, micro-dollars) the reservation is short of the usage relayed so far, or None
+    while it fits (or for what the hard stop does not cover: a whole JSON document, a request
+    admitted without the store, a request with no quota or budget)."""
+    ai, parser = decision.ai, meter.parser
+    if ai is None or parser is None or decision.degraded:
+        return None
+    if parser.framing == "json" and not parser.json_array:
+        return None
+    holds = _holds(decision)
+    if not holds:
+        return None
+    token_room = min((h.charged for h in holds if h.param == 0), default=None)
+    cost_room = min((h.charged for h in holds if h.param == 1), default=None)
+    # cheap bound first: a token is at least one byte, a character at most four
+    upper = max(4 * parser.text_chars, parser.partial_output)
+    if _fits(ai, upper, token_room, cost_room):
+        return None
+    out = meter.running_output()
+    if _fits(ai, out, token_room, cost_room):
+        return None
+    tokens = _prompt(ai) + out
+    cost = _cost(ai, out)
+    need_t = max(0, tokens - token_room) if token_room is not None else 0
+    need_c = max(0, cost - cost_room) if cost_room is not None else 0
+    return need_t, need_c
+
+
+def _prompt(ai: AIRequest) -> int:
+    return max(ai.prompt_reserve, ai.min_tokens)  # the prompt with its learned margin
+
+
+def _cost(ai: AIRequest, out: int) -> int:
+    if ai.price is None:
+        return 0
+    return cost_micros(Usage(input_tokens=_prompt(ai), output_tokens=out), ai.price)
+
+
+def _fits(ai: AIRequest, out: int, token_room: int | None, cost_room: int | None) -> bool:
+    if token_room is not None and _prompt(ai) + out > token_room:
+        return False
+    return cost_room is None or _cost(ai, out) <= cost_room
+
+
+def top_up(
+    decision: Decision, meter: Meter, *, now_arg: str, fail_open: bool
+) -> Generator[ScriptCall, Any, bool]:
+    """Whether the stream may go on: True while the reservation fits or was grown, False when a
+    quota or budget has no room (stop the stream). When the store cannot be asked, the plan's
+    ``on_error`` decides (``fail_open``)."""
+    need = overrun(decision, meter)
+    if need is None:
+        return True
+    ai = decision.ai
+    assert ai is not None
+    need_t, need_c = need
+    lease_us = int(ai.route.lease * 1_000_000)
+    # Both kinds grow together, even when only one ran short: an extension also renews the
+    # lease of every reservation it names, and one left out could lapse mid-stream.
+    step_t = max(need_t, ai.output_reserve // 2, _STEP_MIN)
+    step_c = max(need_c, _cost(ai, step_t) - _cost(ai, 0))
+    granted = yield from extend_flow(decision, step_t, step_c, lease_us, now_arg)
+    if granted is False and (step_t > need_t or step_c > need_c):
+        granted = yield from extend_flow(decision, need_t, need_c, lease_us, now_arg)
+    if granted is None:
+        return fail_open
+    return granted
+
+
+_MESSAGE = "Your token quota or spend budget has no room for the rest of this response."
+
+
+def stop_event(fmt: str, meter: Meter) -> bytes:
+    """The last bytes of a stream ended by the hard stop: the provider's own error event, so its
+    SDK raises a clear error instead of seeing a truncated stream. Nothing for an encoded body
+    (an event cannot be spliced into a compressed stream; the stream just ends)."""
+    parser = meter.parser
+    if parser is None or parser.encoded:
+        return b""
+    if parser.framing == "ndjson":
+        return json.dumps({"error": _MESSAGE}).encode() + b"\n"
+    gemini = {"error": {"code": 429, "message": _MESSAGE, "status": "RESOURCE_EXHAUSTED"}}
+    if parser.framing == "json":  # a streamed JSON array (Gemini without alt=sse)
+        return b",\r\n" + json.dumps(gemini).encode() + b"\r\n]"
+    if fmt == "anthropic-messages":
+        body = {"type": "error", "error": {"type": "rate_limit_error", "message": _MESSAGE}}
+        return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+    if fmt == "openai-responses":
+        event: dict[str, object] = {"type": "error", "code": "insufficient_quota",
+                                    "message": _MESSAGE, "param": None}  # fmt: skip
+        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+    if fmt == "gemini":
+        return b"data: " + json.dumps(gemini).encode() + b"\n\n"
+    body = {"error": {"message": _MESSAGE, "type": "insufficient_quota",
+                      "code": "insufficient_quota", "param": None}}  # fmt: skip
+    return b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
