@@ -385,3 +385,96 @@ def test_without_hard_stop_an_upstream_that_ignores_max_tokens_is_charged_in_ful
         assert h.usage()["output"] == 2000  # charged what it used: the quota is overspent
     finally:
         h.close()
+
+
+# -- the settle buffer: no charge lost while the store is down ---------------------------------
+class _Flaky:
+    """A memory backend that fails every call while ``down`` (as an unreachable Redis)."""
+
+    def __init__(self) -> None:
+        from quota_middleware.backends.memory import MemoryBackend
+
+        self.inner = MemoryBackend()
+        self.down = False
+
+    def run(self, call: Any) -> Any:
+        from quota_middleware.errors import StorageError
+
+        if self.down:
+            raise StorageError("redis down (test)")
+        return self.inner.run(call)
+
+    async def run_async(self, call: Any) -> Any:
+        return self.run(call)
+
+    def close(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    # the AIHarness backend-factory surface
+    def sync(self) -> _Flaky:
+        return self
+
+    def async_(self) -> _Flaky:
+        return self
+
+
+@pytest.mark.parametrize("kind", ["fail-open", "down-at-settle"])
+def test_settles_the_store_missed_are_applied_once_it_answers(adapter: str, kind: str) -> None:
+    store = _Flaky()
+    h = AIHarness(adapter, store, _config(), upstream=bad_upstream)
+    engine = h.mw.engine
+    try:
+        body = _body(CHAT, "", 20)
+        if kind == "fail-open":
+            store.down = True  # admitted without the store: nothing reserved
+            for _ in range(3):
+                assert h.post(body).status == 200
+        else:
+            # admitted with reservations; the store goes away before the settle
+            original = engine.finish
+
+            def finish(decision: Any, meter: Any) -> Any:
+                store.down = True
+                return original(decision, meter)
+
+            engine.finish = finish
+            for _ in range(3):
+                store.down = False
+                assert h.post(body).status == 200
+            engine.finish = original
+        assert len(engine.settle_buffer) == 3 and h.mw.stats["settle_buffered"] == 3
+        kept = engine.settle_buffer._items[0]
+        store.down = False
+        assert h.post(body).status == 200  # its settle succeeds, then the buffer is drained
+        assert len(engine.settle_buffer) == 0 and h.mw.stats["settle_replayed"] == 3
+        usage = h.usage()
+        assert (usage["requests"], usage["input"], usage["output"]) == (4, 48, 80)
+        (left,) = h.reader.remaining("192.0.2.10")
+        assert left.used == 4 * 32  # every quota charged, no reservation left behind
+        # exactly once: the same settle replayed again (its reply was "lost") changes nothing
+        engine.settle_buffer.push(*kept)
+        assert h.post(body).status == 200
+        assert h.usage()["requests"] == 5 and h.reader.remaining("192.0.2.10")[0].used == 5 * 32
+    finally:
+        h.close()
+
+
+def test_the_settle_buffer_is_bounded_and_counts_what_it_drops() -> None:
+    from quota_middleware import StorageConfig
+
+    store = _Flaky()
+    cfg = QuotaConfig(plans=_config().plans, ai_routes=_config().ai_routes,
+                      storage=StorageConfig(settle_buffer=2))  # fmt: skip
+    h = AIHarness("wsgi", store, cfg, upstream=bad_upstream)
+    try:
+        store.down = True
+        for _ in range(5):
+            assert h.post(_body(CHAT, "", 20)).status == 200
+        buffer = h.mw.engine.settle_buffer
+        assert len(buffer) == 2 and buffer.dropped == 3 and h.mw.stats["settle_dropped"] == 3
+        store.down = False
+        h.post(_body(CHAT, "", 20))
+        assert h.usage()["requests"] == 3  # the two kept and this one
+    finally:
+        h.close()

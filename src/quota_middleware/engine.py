@@ -202,15 +202,19 @@ class Engine(Settlement):
             except UnpricedModel as e:
                 return self._refuse(rid, caller, plan, "unpriced", f"model {e.model!r}")
             limits = [lim for lim in plan.limits if lim.applies(info.path, ai.model)]
-            if not self.margins.loaded and (load := self.margins.sync_call()) is not None:
-                # once per process (retried each interval while the store is down): what the
-                # other workers learned, before this worker's first reservation
+            margins = self.margins
+            est = ai.estimate
+            if not margins.known(est.format, est.model) and (load := margins.sync_call()):
+                # a model this worker has no margin for yet: what the other workers learned,
+                # before reserving (at most once per sync interval, so a model nobody learns
+                # costs one read per interval, not one per request)
                 try:
-                    self.margins.apply((yield load))
+                    margins.apply((yield load))
                 except StorageError:
                     pass
                 else:
-                    ai = self._prepare(route, info, plan)  # now with the margin
+                    if margins.known(est.format, est.model):
+                        ai = self._prepare(route, info, plan)  # now with the margin
             stopped = yield from self._app_gate()
             if stopped is not None:
                 budget, end_us = stopped

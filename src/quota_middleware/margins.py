@@ -31,6 +31,8 @@ _DECAY = 1 / 64
 #: margins are kept as integers in permille in the store
 _SCALE = 1000
 _MAX_MODELS = 512
+#: a rise of this many permille is shared at once
+_PROMPT_PUSH = 10
 
 
 class InputMargins:
@@ -54,9 +56,6 @@ class InputMargins:
         self._learned: dict[str, int] = {}  # field -> permille
         self._dirty: set[str] = set()
         self._next_sync = 0.0
-        #: the store's margins were read at least once (a process's first AI admission reads
-        #: them, so a fresh worker does not reserve without what the others learned)
-        self.loaded = False
 
     @staticmethod
     def field(fmt: str, model: str | None) -> str:
@@ -71,6 +70,12 @@ class InputMargins:
             return 1.0
         permille = self._learned.get(self.field(fmt, model))
         return 1.0 if permille is None else permille / _SCALE
+
+    def known(self, fmt: str, model: str | None) -> bool:
+        """Whether this model's margin is configured or was learned (here or from the store)."""
+        if not self.learn or any(model_matches((p,), model) for p, _ in self._configured):
+            return True
+        return self.field(fmt, model) in self._learned
 
     def observe(self, fmt: str, model: str | None, estimate: int, actual: int) -> None:
         """One exact settle: the provider counted ``actual`` prompt tokens for ``estimate``."""
@@ -94,6 +99,10 @@ class InputMargins:
             if new != old:
                 self._learned[name] = new
                 self._dirty.add(name)
+                if old is None or new - old >= _PROMPT_PUSH:
+                    # a new or risen margin is what other workers lack: share it at the next
+                    # settle rather than an interval later
+                    self._next_sync = 0.0
 
     def sync_call(self) -> ScriptCall | None:
         """The merge with the store's margins, when one is due (at most every ``interval``)."""
@@ -115,7 +124,6 @@ class InputMargins:
     def apply(self, reply: object) -> None:
         """Take the store's margins (every process's merged view): a higher one is adopted."""
         stored = hash_pairs(reply if isinstance(reply, list | tuple) else [])
-        self.loaded = True
         with self._lock:
             for name, permille in stored.items():
                 if not _SCALE <= permille <= MAX_MARGIN * _SCALE:
