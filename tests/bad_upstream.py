@@ -10,7 +10,9 @@ the content); ``cut`` (a stream that ends before the provider's final usage even
 ``error_event`` (a stream that ends with the provider's error event); ``echo`` (the request
 body as received, as the reply's text); ``slow_tail`` (the final usage event comes
 ``x_pause`` seconds after the text: a client may hang up first); ``status_500``. Every
-stream ignores ``max_tokens``, and reports ``x_prompt`` prompt tokens (default 12).
+stream ignores ``max_tokens``, and reports ``x_prompt`` prompt tokens (default 12); OpenAI
+streams report ``x_reported`` output tokens (default: the words sent). ``x_chunk`` cuts the
+body into pieces of that many bytes, anywhere.
 """
 
 from __future__ import annotations
@@ -98,9 +100,10 @@ def _openai(req: dict[str, Any], case: str, n: int) -> tuple[int, str, Iterator[
         yield chunk({}, "stop")
         if pause:
             yield PAUSE
+        out = int(req.get("x_reported", n))  # e.g. hidden reasoning tokens on top of the text
         yield _sse({"id": "x", "object": "chat.completion.chunk", "model": model, "choices": [],
-                    "usage": {"prompt_tokens": prompt, "completion_tokens": n,
-                              "total_tokens": prompt + n}})  # fmt: skip
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": out,
+                              "total_tokens": prompt + out}})  # fmt: skip
         yield b"data: [DONE]\n\n"
 
     return 200, SSE, events()
@@ -183,7 +186,28 @@ def _gemini(req: dict[str, Any], case: str, n: int) -> tuple[int, str, Iterator[
     return 200, SSE, events()
 
 
+def _rechunk(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """The same bytes in pieces of ``size``, cut anywhere (as a proxy relaying raw reads)."""
+    pending = b""
+    for chunk in chunks:
+        if chunk is PAUSE:
+            yield PAUSE
+            continue
+        pending += chunk
+        while len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
+    if pending:
+        yield pending
+
+
 def respond(path: str, body: bytes) -> tuple[int, list[tuple[str, str]], Iterator[bytes]]:
+    status, headers, chunks = _respond(path, body)
+    size = int(json.loads(body or b"{}").get("x_chunk", 0))
+    return status, headers, _rechunk(chunks, size) if size else chunks
+
+
+def _respond(path: str, body: bytes) -> tuple[int, list[tuple[str, str]], Iterator[bytes]]:
     req = json.loads(body or b"{}")
     case = str(req.get("x_case", ""))
     n = int(req.get("x_words", 50))

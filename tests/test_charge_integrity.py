@@ -478,3 +478,108 @@ def test_the_settle_buffer_is_bounded_and_counts_what_it_drops() -> None:
         assert h.usage()["requests"] == 3  # the two kept and this one
     finally:
         h.close()
+
+
+def _sse_events(raw: bytes) -> list[str]:
+    """The data of each SSE event; asserts every event is whole (one or more field lines)."""
+    out = []
+    for block in raw.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        lines = block.split("\n")
+        assert all(line.startswith(("data: ", "event: ")) for line in lines), block
+        out.append("".join(line[6:] for line in lines if line.startswith("data: ")))
+    return out
+
+
+@pytest.mark.parametrize("size", [37, 53, 1000])
+def test_hard_stop_ends_the_stream_between_events_however_it_is_chunked(
+    adapter: str, backend: Any, size: int
+) -> None:
+    h = AIHarness(adapter, backend, _stop_config(600), upstream=bad_upstream)
+    try:
+        body = _body(CHAT, "", 2000, stream=True, max_tokens=50, x_chunk=size,
+                     stream_options={"include_usage": True})  # fmt: skip
+        r = h.post(body)
+        events = _sse_events(r.raw)
+        for data in events[:-2]:
+            assert "error" not in json.loads(data)  # whole chunks of the upstream's stream
+        assert json.loads(events[-2])["error"]["code"] == "insufficient_quota"
+        assert events[-1] == "[DONE]"
+    finally:
+        h.close()
+
+
+def test_hard_stop_never_cuts_a_stream_whose_final_usage_has_arrived(
+    adapter: str, backend: Any
+) -> None:
+    # a reasoning model: the text fits, the final usage (hidden reasoning) is far over the
+    # quota; generation is over, so there is nothing to save by cutting: charge it exactly
+    h = AIHarness(adapter, backend, _stop_config(600), upstream=bad_upstream)
+    try:
+        body = _body(CHAT, "", 50, stream=True, max_tokens=4000, x_reported=3000,
+                     stream_options={"include_usage": True})  # fmt: skip
+        r = h.post(body)
+        assert r.raw.endswith(b"data: [DONE]\n\n") and b"insufficient_quota" not in r.raw
+        usage = h.usage()
+        assert (usage["output"], usage["estimated"]) == (3000, 0)
+    finally:
+        h.close()
+
+
+def test_gemini_thoughts_count_in_the_running_output() -> None:
+    from quota_middleware.usage import UsageParser
+
+    p = UsageParser("gemini", content_type="text/event-stream")
+    p.feed(
+        b'data: {"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":'
+        b'{"promptTokenCount":3,"candidatesTokenCount":1,"thoughtsTokenCount":5000}}\n\n'
+    )
+    assert p.partial_output == 5001
+
+
+def test_an_outage_longer_than_the_replay_attempts_loses_no_charge(adapter: str) -> None:
+    from quota_middleware.flows import drive_sync
+
+    store = _Flaky()
+    h = AIHarness(adapter, store, _config(), upstream=bad_upstream)
+    try:
+        store.down = True
+        assert h.post(_body(CHAT, "", 20)).status == 200
+        for _ in range(20):  # twenty background drains while the store is still away
+            drive_sync(h.mw.engine.drain(), store)
+        assert len(h.mw.engine.settle_buffer) == 1 and h.mw.stats.get("settle_dropped", 0) == 0
+        store.down = False
+        drive_sync(h.mw.engine.drain(), store)
+        assert h.usage()["requests"] == 1 and h.mw.stats["settle_buffered"] == 1
+    finally:
+        h.close()
+
+
+def test_wsgi_hard_stop_closes_the_apps_iterable_once(backend: Any) -> None:
+    closed: list[int] = []
+
+    class App:
+        @staticmethod
+        def wsgi_app(environ: Any, start_response: Any) -> Any:
+            inner = bad_upstream.wsgi_app(environ, start_response)
+
+            class Body:
+                def __iter__(self) -> Any:
+                    return iter(inner)
+
+                def close(self) -> None:
+                    closed.append(1)
+
+            return Body()
+
+        asgi_app = bad_upstream.asgi_app
+
+    h = AIHarness("wsgi", backend, _stop_config(600), upstream=App)
+    try:
+        body = _body(CHAT, "", 2000, stream=True, max_tokens=50,
+                     stream_options={"include_usage": True})  # fmt: skip
+        assert b"insufficient_quota" in h.post(body).raw
+        assert closed == [1]
+    finally:
+        h.close()

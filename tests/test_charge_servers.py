@@ -48,8 +48,10 @@ class Served:
         with httpx.Client(timeout=30) as client:
             return client.post(self.base + path, json=body, headers=headers)
 
-    def stream(self, path: str, body: dict[str, Any]) -> int:
-        with httpx.Client(timeout=30) as client:
+    def stream(self, path: str, body: dict[str, Any], source: str = "127.0.0.1") -> int:
+        # another loopback source address is another caller (callers are told by client IP)
+        transport = httpx.HTTPTransport(local_address=source)
+        with httpx.Client(timeout=30, transport=transport) as client:
             with client.stream("POST", self.base + path, json=body) as r:
                 for _ in r.iter_bytes():
                     pass
@@ -155,8 +157,6 @@ def test_every_misbehaving_upstream_is_charged_from_what_was_relayed(
     assert r.status_code == 500
     charge = app.charge("upstream-error")
     assert charge["cost_micros"] == 0 and not charge["estimated"] and charge["error"]
-    pids = {c["pid"] for c in app.read()}
-    assert len(pids) >= 2, "the requests should have reached several workers"
 
 
 @pytest.mark.parametrize("server", SERVERS)
@@ -192,34 +192,47 @@ def _burst(app: Served, body: dict[str, Any], n: int = 50) -> Counter[int]:
         return Counter(pool.map(lambda _: app.stream(CHAT, body), range(n)))
 
 
-def _used(app: Served, admitted: int) -> int:
-    charges = app.read(wait_for=admitted)
+def _used(app: Served, admitted: int, caller: str = "127.0.0.1") -> int:
+    charges = [c for c in app.read(wait_for=admitted) if c["caller"] == caller]
     assert len(charges) == admitted, (len(charges), admitted)
     return sum(c["input_tokens"] + c["output_tokens"] for c in charges)
 
 
-def _warm_up(app: Served, body: dict[str, Any], workers: int = 4) -> int:
-    """Requests until every worker has settled one: each learns the input margin."""
-    sent = 0
-    while len({c["pid"] for c in app.read(wait_for=sent)}) < workers:
-        assert app.stream(CHAT, body) == 200
-        sent += 1
-        assert sent < 200, "requests did not reach every worker"
-    return sent
+def _until_refused(app: Served, body: dict[str, Any]) -> int:
+    """Requests after the burst until the quota refuses one: the quota is then spent."""
+    admitted = 0
+    while app.stream(CHAT, body) == 200:
+        admitted += 1
+        assert admitted < 20
+    return admitted
+
+
+def _warm_up(app: Served, body: dict[str, Any]) -> int:
+    """A few requests of another caller, settled: the margin they teach is in the store, where
+    every worker reads it before its first reservation for that model."""
+    for _ in range(3):
+        assert app.stream(CHAT, body, source="127.0.0.2") == 200
+    app.read(wait_for=3)
+    return 3
 
 
 @pytest.mark.parametrize("server", SERVERS)
 def test_overspend_after_the_input_margin_has_learned_is_one_requests_error(
     serve: Any, server: str
 ) -> None:
-    body = _chat("", 40, max_tokens=60, **STREAM)
+    # the output stays within its cap, but the upstream's tokenizer counts the prompt 50 % above
+    # our estimate: without the margin, every reservation is short by that much
+    # (the final usage comes a second after the text: all 50 are in flight together)
+    body = _chat("slow_tail", 40, max_tokens=40, x_pause=1.0, **STREAM)
     estimate = parse_request("openai-chat", json.dumps(body).encode()).prompt_tokens
-    body["x_prompt"] = estimate * 3 // 2  # the upstream's tokenizer counts 50 % more
+    body["x_prompt"] = estimate * 3 // 2
     app = serve(server, QM_TEST_TOKENS=str(QUOTA))
     warm = _warm_up(app, body)
     counts = _burst(app, body)
-    assert counts[200] + counts[429] == 50 and counts[429] > 0
-    used = _used(app, warm + counts[200])
+    assert counts[200] + counts[429] == 50
+    counts[200] += _until_refused(app, body)
+    app.read(wait_for=warm + counts[200])
+    used = _used(app, counts[200])
     one = body["x_prompt"] + 40
     print(f"\n{server}: margin learned, 50 concurrent: used {used} of {QUOTA}, "
           f"over by {max(0, used - QUOTA)} (one request: {one})")  # fmt: skip

@@ -650,3 +650,21 @@ def test_lua_matches_python_twin(
         # the state too: a reservation's payload and its ledger score are only read later
         states = {name: _snapshot(name, b[name]) for name in names}
         assert states["memory"] == states["fakeredis"] == states["real"], (i, call, states)
+
+
+def test_engine_settle_after_an_extension_whose_reply_was_lost_charges_exactly_actual(
+    backend: Any,
+) -> None:
+    """The script ran but its reply never came back: the holds were not grown, the reservation
+    was. Settle takes what is reserved from the reservation's own record, so the counters still
+    end at exactly the actual usage (they used to end one step above it)."""
+    from quota_middleware.extension import plan_extend
+
+    ai = AI.make(backend)
+    d = ai.admit(max_tokens=20)
+    call = plan_extend(d, 40, out_cost(40), LEASE * SEC, str(ai.now[0]))
+    assert call is not None
+    assert ai.sync.run(call)[0] == 1  # granted in the store; apply_extend never ran
+    usage = Usage(input_tokens=11, output_tokens=55, model="gpt-4o-mini")
+    ai.settle(d, usage)
+    assert ai.counters(d) == {"tpd": 66, "usd": cost_micros(usage, PRICE)}

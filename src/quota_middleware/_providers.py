@@ -210,9 +210,11 @@ class Providers:
         if isinstance(usage, dict) and self._merge(usage, _OPENAI_FIELDS):
             self._merge_detail(usage, "prompt_tokens_details", "cached_tokens", "cached")
             self._merge_detail(usage, "completion_tokens_details", "reasoning_tokens", "reasoning")
-            # Streams carry usage in their last chunk (no choices), or, on servers that repeat
-            # it on every chunk (vLLM's continuous usage stats), final with the finish reason
-            if self._whole or not choices or _finished(choices, "finish_reason"):
+            # Streams carry their final usage in a last chunk without choices. Servers that
+            # repeat a running count on every chunk (vLLM's continuous usage stats) end with
+            # that chunk too when asked for usage; a finish reason alone is not the end (with
+            # n > 1 the other choices go on)
+            if self._whole or not choices:
                 self._complete = True
         if not self._collect or not isinstance(choices, list):
             return

@@ -204,11 +204,13 @@ class QuotaMiddleware:
         async def drain() -> None:
             buffer = self.engine.settle_buffer
             while len(buffer):
-                await asyncio.sleep(DRAIN_INTERVAL)
+                before = len(buffer)
                 try:
                     await drive_async(self.engine.drain(), backend)
                 except Exception:  # never let the drainer die silently with settles left
                     log.exception("quota_middleware: draining the settle buffer failed")
+                if len(buffer) >= before:  # no progress: the store is still away
+                    await asyncio.sleep(DRAIN_INTERVAL)
 
         self._drainer = self._spawn(drain())
 
@@ -237,6 +239,7 @@ class _Responder:
 
     __slots__ = (
         "mw", "decision", "backend", "_send", "meter", "_extra", "_settled", "_hard_stop",
+        "_denied",
     )  # fmt: skip
 
     def __init__(
@@ -250,6 +253,7 @@ class _Responder:
         self._extra = allowed_headers(decision)
         self._settled = False
         self._hard_stop = self.meter is not None and mw.engine.hard_stop(decision)
+        self._denied = False  # the hard stop said no: end at the next event boundary
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -279,9 +283,13 @@ class _Responder:
         await self._send(message)
 
     async def _check(self, meter: Meter) -> None:
-        engine = self.mw.engine
-        if await drive_async(engine.top_up(self.decision, meter), self.backend):
-            return
+        if not self._denied:
+            if await drive_async(self.mw.engine.top_up(self.decision, meter), self.backend):
+                return
+            self._denied = True
+        assert meter.parser is not None
+        if not meter.parser.at_boundary:
+            return  # end it where an event ends, never inside one
         meter.stopped = True
         event = stop_event(self.decision.ai.estimate.format if self.decision.ai else "", meter)
         await self._send({"type": "http.response.body", "body": event, "more_body": False})

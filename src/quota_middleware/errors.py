@@ -44,6 +44,15 @@ class StorageError(QuotaError):
         self.original = original
         super().__init__(message)
 
+    @property
+    def outage(self) -> bool:
+        """The store could not be reached (circuit open, no connection, a timeout), as opposed
+        to a store that answered with an error: retrying later may succeed."""
+        if self.original is None:
+            return True
+        names = {c.__name__ for c in type(self.original).__mro__}
+        return bool(names & {"ConnectionError", "TimeoutError", "OSError", "BusyLoadingError"})
+
 
 class RequestTooLarge(QuotaError):
     """An AI request body is over the configured cap; answered with 413."""

@@ -29,24 +29,18 @@ def _extendable(hold: Hold) -> bool:
     return hold.kind == "q" and hold.ledger is not None
 
 
-def plan_extend(
-    decision: Decision, tokens: int, cost: int, lease_us: int, now_arg: str
+def plan_extend_holds(
+    decision: Decision, steps: list[tuple[Hold, int]], lease_us: int, now_arg: str
 ) -> ScriptCall | None:
-    """The ``extend`` call that adds ``tokens`` to every token quota and ``cost`` (micro-dollars)
-    to every budget ``decision`` holds a reservation on, and keeps the reservation alive
-    ``lease_us`` from now. ``now_arg`` is the script's ARGV[1]: ``""`` for Redis server time
-    (the engine's ``_now_arg()``). None when there is nothing to extend: no such hold, or both
-    amounts are 0 for the holds there are (a step of 0 is left out)."""
-    if tokens < 0 or cost < 0:
-        raise ValueError(f"an extension adds room, it never gives back: {tokens=}, {cost=}")
+    """The ``extend`` call that adds each step to its hold (of ``decision``; steps of 0 are
+    left out). None when there is nothing to extend."""
     keys: list[str] = []
     index: dict[str, int] = {}
     ops: list[ScriptArg] = []
-    for h in decision.holds:
-        if not _extendable(h):
-            continue
-        step = cost if h.param == 1 else tokens
-        if step == 0:
+    for h, step in steps:
+        if step < 0:
+            raise ValueError(f"an extension adds room, it never gives back: {step=}")
+        if not _extendable(h) or step == 0:
             continue
         assert h.ledger is not None
         if h.key not in index:
@@ -57,6 +51,20 @@ def plan_extend(
         return None
     args: list[ScriptArg] = [now_arg, decision.request_id, lease_us, len(ops) // _OP]
     return ScriptCall("extend", tuple(keys), tuple(args + ops))
+
+
+def plan_extend(
+    decision: Decision, tokens: int, cost: int, lease_us: int, now_arg: str
+) -> ScriptCall | None:
+    """The ``extend`` call that adds ``tokens`` to every token quota and ``cost`` (micro-dollars)
+    to every budget ``decision`` holds a reservation on, and keeps the reservation alive
+    ``lease_us`` from now. ``now_arg`` is the script's ARGV[1]: ``""`` for Redis server time
+    (the engine's ``_now_arg()``). None when there is nothing to extend: no such hold, or both
+    amounts are 0 for the holds there are (a step of 0 is left out)."""
+    if tokens < 0 or cost < 0:
+        raise ValueError(f"an extension adds room, it never gives back: {tokens=}, {cost=}")
+    steps = [(h, cost if h.param == 1 else tokens) for h in decision.holds]
+    return plan_extend_holds(decision, steps, lease_us, now_arg)
 
 
 def apply_extend(decision: Decision, call: ScriptCall, reply: Any) -> bool:
@@ -98,13 +106,20 @@ def extend_flow(
     request), False when denied (the stream must stop), and None when the store could not be
     asked (a :class:`StorageError` was thrown in). None is "unknown", not "denied": ending every
     stream on a Redis blip would be a hard stop caused by an outage, so the caller decides, e.g.
-    by the plan's ``on_error``. Usually nothing changed then; but if the script ran and only its
-    reply was lost, Redis holds the grown reservation while the holds do not, and a settle while
-    it is live moves the counters by ``actual - charged``: they end one step above the actual
-    usage (settle trusts the hold, not the reservation's own amount). Do not retry the call
-    blindly either: a second grant adds a second step.
+    by the plan's ``on_error``. Usually nothing changed then; if the script ran and only its
+    reply was lost, Redis holds the grown reservation while the holds do not, which is still
+    settled right: settle takes what is reserved from the reservation's own record, not from
+    the holds. Do not retry the call blindly: a second grant reserves a second step (given
+    back at settle, but held against the quota until then).
     """
     call = plan_extend(decision, tokens, cost, lease_us, now_arg)
+    return (yield from run_extend(decision, call))
+
+
+def run_extend(
+    decision: Decision, call: ScriptCall | None
+) -> Generator[ScriptCall, Any, bool | None]:
+    """Make a planned extend call (see :func:`extend_flow` for what the result means)."""
     if call is None:
         return True
     try:
@@ -114,4 +129,4 @@ def extend_flow(
     return apply_extend(decision, call, reply)
 
 
-__all__ = ["apply_extend", "extend_flow", "plan_extend"]
+__all__ = ["apply_extend", "extend_flow", "plan_extend", "plan_extend_holds", "run_extend"]

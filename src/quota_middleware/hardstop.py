@@ -18,7 +18,7 @@ from collections.abc import Generator
 from typing import Any
 
 from .decision import Decision, Hold
-from .extension import extend_flow
+from .extension import plan_extend_holds, run_extend
 from .metering import AIRequest, Meter
 from .pricing import cost_micros
 from .scripts import ScriptCall
@@ -34,32 +34,40 @@ def _holds(decision: Decision) -> list[Hold]:
     return [h for h in decision.holds if h.kind == "q" and h.ledger is not None]
 
 
-def overrun(decision: Decision, meter: Meter) -> tuple[int, int] | None:
-    """(tokens, micro-dollars) the reservation is short of the usage relayed so far, or None
-    while it fits (or for what the hard stop does not cover: a whole JSON document, a request
-    admitted without the store, a request with no quota or budget)."""
+def overrun(decision: Decision, meter: Meter) -> list[tuple[Hold, int]] | None:
+    """Each quota or budget hold the usage relayed so far has outgrown, with by how much
+    (tokens, or micro-dollars for budgets); None while every one fits, or for what the hard
+    stop does not cover: a whole JSON document, a response whose final usage has arrived (the
+    provider is done: nothing left to save), a request admitted without the store or without
+    any quota or budget."""
     ai, parser = decision.ai, meter.parser
-    if ai is None or parser is None or decision.degraded:
+    if ai is None or parser is None or decision.degraded or parser.complete:
         return None
     if parser.framing == "json" and not parser.json_array:
         return None
     holds = _holds(decision)
     if not holds:
         return None
-    token_room = min((h.charged for h in holds if h.param == 0), default=None)
-    cost_room = min((h.charged for h in holds if h.param == 1), default=None)
     # cheap bound first: a token is at least one byte, a character at most four
-    upper = max(4 * parser.text_chars, parser.partial_output)
-    if _fits(ai, upper, token_room, cost_room):
+    if not _short(ai, holds, max(4 * parser.text_chars, parser.partial_output)):
         return None
-    out = meter.running_output()
-    if _fits(ai, out, token_room, cost_room):
-        return None
+    short = _short(ai, holds, meter.running_output())
+    return short or None
+
+
+def _short(ai: AIRequest, holds: list[Hold], out: int) -> list[tuple[Hold, int]]:
     tokens = _prompt(ai) + out
-    cost = _cost(ai, out)
-    need_t = max(0, tokens - token_room) if token_room is not None else 0
-    need_c = max(0, cost - cost_room) if cost_room is not None else 0
-    return need_t, need_c
+    cost: int | None = None
+    found = []
+    for h in holds:
+        if h.param == 1:
+            cost = _cost(ai, out) if cost is None else cost
+            used = cost
+        else:
+            used = tokens
+        if used > h.charged:
+            found.append((h, used - h.charged))
+    return found
 
 
 def _prompt(ai: AIRequest) -> int:
@@ -84,20 +92,23 @@ def top_up(
     """Whether the stream may go on: True while the reservation fits or was grown, False when a
     quota or budget has no room (stop the stream). When the store cannot be asked, the plan's
     ``on_error`` decides (``fail_open``)."""
-    need = overrun(decision, meter)
-    if need is None:
+    short = overrun(decision, meter)
+    if short is None:
         return True
     ai = decision.ai
     assert ai is not None
-    need_t, need_c = need
     lease_us = int(ai.route.lease * 1_000_000)
-    # Both kinds grow together, even when only one ran short: an extension also renews the
-    # lease of every reservation it names, and one left out could lapse mid-stream.
-    step_t = max(need_t, ai.output_reserve // 2, _STEP_MIN)
-    step_c = max(need_c, _cost(ai, step_t) - _cost(ai, 0))
-    granted = yield from extend_flow(decision, step_t, step_c, lease_us, now_arg)
-    if granted is False and (step_t > need_t or step_c > need_c):
-        granted = yield from extend_flow(decision, need_t, need_c, lease_us, now_arg)
+    # A step of half the output allowance (in each hold's unit), so a long stream does not pay
+    # a round trip per chunk; only the holds that ran short grow.
+    tokens = max(ai.output_reserve // 2, _STEP_MIN)
+    cost = _cost(ai, tokens) - _cost(ai, 0)
+    steps = [(h, max(need, cost if h.param == 1 else tokens)) for h, need in short]
+    call = plan_extend_holds(decision, steps, lease_us, now_arg)
+    granted = yield from run_extend(decision, call)
+    if granted is False and steps != short:
+        # the step does not fit: what is needed right now still may
+        call = plan_extend_holds(decision, short, lease_us, now_arg)
+        granted = yield from run_extend(decision, call)
     if granted is None:
         return fail_open
     return granted

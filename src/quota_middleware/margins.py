@@ -121,6 +121,11 @@ class InputMargins:
             self._dirty.clear()
         return ScriptCall("margins", (self.key,), (len(pairs) // 2, *pairs))
 
+    def unsent(self, call: ScriptCall) -> None:
+        """The sync ``call`` could not be made: what it carried goes with the next one."""
+        with self._lock:
+            self._dirty.update(str(a) for a in call.args[1::2])
+
     def apply(self, reply: object) -> None:
         """Take the store's margins (every process's merged view): a higher one is adopted."""
         stored = hash_pairs(reply if isinstance(reply, list | tuple) else [])

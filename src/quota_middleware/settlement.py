@@ -45,7 +45,8 @@ class SettleBuffer:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._items: deque[tuple[Decision, Usage | None, int, int]] = deque()
+        # (decision, usage, cost, attempts, ended at µs)
+        self._items: deque[tuple[Decision, Usage | None, int, int, int]] = deque()
         self._lock = threading.Lock()
         #: settles dropped because the buffer was full or they kept failing
         self.dropped = 0
@@ -53,8 +54,12 @@ class SettleBuffer:
     def __len__(self) -> int:
         return len(self._items)
 
-    def push(self, decision: Decision, usage: Usage | None, cost: int, attempts: int = 0) -> bool:
-        """Keep one settle; False when that dropped the oldest (or this one: size 0)."""
+    def push(
+        self, decision: Decision, usage: Usage | None, cost: int, attempts: int = 0,
+        at_us: int = 0, *, front: bool = False,
+    ) -> bool:  # fmt: skip
+        """Keep one settle; False when that dropped the oldest (or this one: size 0).
+        ``front``: put back one that could not be written yet, to keep the order."""
         with self._lock:
             if self.size <= 0:
                 self.dropped += 1
@@ -63,12 +68,20 @@ class SettleBuffer:
             if dropped:
                 self._items.popleft()
                 self.dropped += 1
-            self._items.append((decision, usage, cost, attempts))
+            item = (decision, usage, cost, attempts, at_us)
+            if front:
+                self._items.appendleft(item)
+            else:
+                self._items.append(item)
             return not dropped
 
-    def pop(self) -> tuple[Decision, Usage | None, int, int] | None:
+    def pop(self) -> tuple[Decision, Usage | None, int, int, int] | None:
         with self._lock:
             return self._items.popleft() if self._items else None
+
+    def drop(self) -> None:
+        with self._lock:
+            self.dropped += 1
 
 
 class Settlement:
@@ -156,7 +169,9 @@ class Settlement:
         ]  # fmt: skip
         return ScriptCall("settle", tuple(key_list), tuple(args + ops))
 
-    def plan_app_settle(self, decision: Decision, cost: int) -> ScriptCall | None:
+    def plan_app_settle(
+        self, decision: Decision, cost: int, at_us: int | None = None
+    ) -> ScriptCall | None:
         """The second settle call: the request's cost on every app budget (their own keys,
         another cluster slot) and their thresholds. No reservation there: it is a kill switch
         on actual spend."""
@@ -168,7 +183,7 @@ class Settlement:
         budgets = self._app_budget_ops()
         ends: dict[str, int] = {}
         for b in budgets:
-            key, end_us = self.app_period_key(b)
+            key, end_us = self.app_period_key(b, at_us)
             if key not in index:
                 key_list += [key, key + ":r"]
                 index[key] = len(key_list) - 1
@@ -179,7 +194,7 @@ class Settlement:
             ops += ["e", index[key], "", _period_ttl_ms(end_us, now_us), 0]
         for b in budgets:
             if b.thresholds:
-                key, _ = self.app_period_key(b)
+                key, _ = self.app_period_key(b, at_us)
                 ops += ["t", index[key], b.name or "", b.micros, ",".join(map(str, b.thresholds))]
         args: list[ScriptArg] = [self._now_arg(), decision.request_id, SETTLE_MARKER_MS,
                                  len(ops) // 5]  # fmt: skip
@@ -244,51 +259,64 @@ class Settlement:
         buffered ones are applied after it."""
         if self.metrics is not None and usage is not None:
             self.metrics.usage(usage, cost)
-        events, ok = yield from self._settle_once(decision, usage, cost)
-        if not ok:
-            self._buffer(decision, usage, cost, 0)
+        at_us = self._now_us()
+        events, error = yield from self._settle_once(decision, usage, cost, at_us)
+        if error is not None:
+            # only an AI request's usage is owed: a slot or reservation frees itself when its
+            # lease ends, and must not take a charge's place in the buffer
+            if decision.ai is not None:
+                self._buffer(decision, usage, cost, 0, at_us)
         elif len(self.settle_buffer):
-            events += yield from self.drain()
+            events += yield from self.drain(answered=True)
         if decision.ai is not None:
             margins = self.margins.sync_call()
             if margins is not None:
                 try:
                     self.margins.apply((yield margins))
                 except StorageError:
-                    pass  # margins are an optimisation: the next sync tries again
+                    self.margins.unsent(margins)  # an optimisation: the next sync carries it
         # (a metrics object of the user's own may not have this hook)
         if self.metrics is not None and hasattr(self.metrics, "settle_buffer"):
             self.metrics.settle_buffer(len(self.settle_buffer), self.settle_buffer.dropped)
         return events
 
-    def drain(self) -> Generator[ScriptCall, Any, list[AlertEvent]]:
-        """Apply up to a batch of buffered settles, oldest first; stops at the first that fails
-        (the store is failing again). The adapters also run it in the background while the
-        buffer is not empty, so a worker that gets no more traffic still writes them."""
+    def drain(self, *, answered: bool = False) -> Generator[ScriptCall, Any, list[AlertEvent]]:
+        """Apply up to a batch of buffered settles, oldest first, stopping at the first that
+        fails. One that fails because the store is unreachable goes back to the front, as it
+        was: an outage never costs a charge. One the store refused (it answered with an error,
+        just after answering another call: ``answered``) counts an attempt and goes to the back;
+        after ``_REPLAY_ATTEMPTS`` it is dropped and logged. The adapters also run this in the
+        background while the buffer is not empty, so a worker with no more traffic writes them.
+        """
         events: list[AlertEvent] = []
         for _ in range(_DRAIN_BATCH):
             item = self.settle_buffer.pop()
             if item is None:
                 break
-            d, u, c, attempts = item
-            more, ok = yield from self._settle_once(d, u, c)
+            d, u, c, attempts, at_us = item
+            more, error = yield from self._settle_once(d, u, c, at_us)
             events += more
-            if ok:
+            if error is None:
                 self.stats.incr("settle_replayed")
+                answered = True
                 continue
-            if attempts + 1 < _REPLAY_ATTEMPTS:
-                self._buffer(d, u, c, attempts + 1)
+            if error.outage or not answered:
+                self.settle_buffer.push(d, u, c, attempts, at_us, front=True)
+            elif attempts + 1 < _REPLAY_ATTEMPTS:
+                self.settle_buffer.push(d, u, c, attempts + 1, at_us)
             else:
-                self.settle_buffer.dropped += 1
+                self.settle_buffer.drop()
                 self.stats.incr("settle_dropped")
-                log.error("quota_middleware: buffered settle %s dropped after %d attempts",
-                          d.public_id, _REPLAY_ATTEMPTS)  # fmt: skip
+                log.error("quota_middleware: buffered settle %s dropped after %d attempts (%s)",
+                          d.public_id, _REPLAY_ATTEMPTS, error)  # fmt: skip
             break
         return events
 
-    def _buffer(self, decision: Decision, usage: Usage | None, cost: int, attempts: int) -> None:
+    def _buffer(
+        self, decision: Decision, usage: Usage | None, cost: int, attempts: int, at_us: int
+    ) -> None:
         self.stats.incr("settle_buffered")
-        if not self.settle_buffer.push(decision, usage, cost, attempts):
+        if not self.settle_buffer.push(decision, usage, cost, attempts, at_us):
             self.stats.incr("settle_dropped")
             log.error(
                 "quota_middleware: settle buffer full (%d); the oldest unwritten settle was "
@@ -296,28 +324,29 @@ class Settlement:
             )  # fmt: skip
 
     def _settle_once(
-        self, decision: Decision, usage: Usage | None, cost: int
-    ) -> Generator[ScriptCall, Any, tuple[list[AlertEvent], bool]]:
-        """One request's settle calls; the flag says whether they were all written (what was
-        written is not written twice when the whole settle is replayed)."""
+        self, decision: Decision, usage: Usage | None, cost: int, at_us: int
+    ) -> Generator[ScriptCall, Any, tuple[list[AlertEvent], StorageError | None]]:
+        """One request's settle calls (app budgets in the period of ``at_us``, when the request
+        ended); the error of the first that could not be written, if any (what was written is
+        not written twice when the whole settle is replayed: each call has its done marker)."""
         events: list[AlertEvent] = []
-        ok = True
+        failed: StorageError | None = None
         call = self.plan_settle(decision, usage, cost)
         if call is not None:
             try:
                 reply = yield call
             except StorageError as e:
                 self._settle_failed("caller", e)
-                ok = False
+                failed = e
             else:
                 events += self._events(decision, parse_settle_events(reply), app=False)
-        app_call = self.plan_app_settle(decision, cost) if decision.ai is not None else None
+        app_call = self.plan_app_settle(decision, cost, at_us) if decision.ai is not None else None
         if app_call is not None:
             try:
                 reply = yield app_call
             except StorageError as e:
                 self._settle_failed("app budget", e)
-                ok = False
+                failed = failed or e
             else:
                 # each budget's period is the one it was charged in, read off the call's keys
                 periods = {
@@ -340,7 +369,7 @@ class Settlement:
                 for event in events:
                     # the last place these events exist: never drop them silently
                     log.warning("quota_middleware: alert not queued: %s", event.to_json())
-        return events, ok
+        return events, failed
 
     def _settle_failed(self, what: str, error: StorageError) -> None:
         self.stats.incr("settle_failed")

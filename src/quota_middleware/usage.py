@@ -148,8 +148,18 @@ class UsageParser(Providers, Framing):
 
     @property
     def partial_output(self) -> int:
-        """The output count reported so far (cumulative providers report it as they go)."""
-        return self._fields.get("out", 0)
+        """The output count reported so far (cumulative providers report it as they go),
+        Gemini's thoughts included, as in the final usage."""
+        out = self._fields.get("out", 0)
+        return out + self._fields.get("reasoning", 0) if self._kind == "gemini" else out
+
+    @property
+    def at_boundary(self) -> bool:
+        """No event, line or array element is half-received: bytes can be added to the body
+        here without landing inside one (the hard stop's error event)."""
+        if self._framing == "json":
+            return not bytes(self._doc).strip(b" \t\r\n,")
+        return not self._pending and not self._data and not self._skip_lf
 
     @property
     def framing(self) -> str:

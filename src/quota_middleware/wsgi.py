@@ -138,8 +138,8 @@ class WSGIQuotaMiddleware:
         """Writes the settle buffer from a daemon thread while it holds settles (the store was
         down), every ``DRAIN_INTERVAL`` seconds, so they land without waiting for traffic."""
         with self._drain_lock:
-            if self._drainer is not None and self._drainer.is_alive():
-                return
+            if self._drainer is not None:
+                return  # running, and it only stops with the buffer empty
             self._drainer = threading.Thread(
                 target=self._drain_loop, name="quota-settle-drain", daemon=True
             )
@@ -147,12 +147,20 @@ class WSGIQuotaMiddleware:
 
     def _drain_loop(self) -> None:
         buffer = self.engine.settle_buffer
-        while len(buffer):
-            time.sleep(DRAIN_INTERVAL)
+        while True:
+            before = len(buffer)
             try:
                 drive_sync(self.engine.drain(), self.backend)
             except Exception:  # never let the drainer die silently with settles left
                 log.exception("quota_middleware: draining the settle buffer failed")
+            if len(buffer) >= before:  # no progress: the store is still away
+                time.sleep(DRAIN_INTERVAL)
+            with self._drain_lock:
+                # decided under the lock that _start_drain takes: a settle buffered while this
+                # thread exits either sees it alive and is drained here, or starts a new one
+                if not len(buffer):
+                    self._drainer = None
+                    return
 
 
 class _Metered:
@@ -167,6 +175,7 @@ class _Metered:
         "meter",
         "app_iter",
         "_closed",
+        "_app_closed",
         "_settled",
     )
 
@@ -184,6 +193,7 @@ class _Metered:
         self.meter = Meter(decision.ai) if decision.ai is not None else None
         self.app_iter: Iterable[bytes] = ()
         self._closed = False
+        self._app_closed = False
         self._settled = False
 
     def start_response(
@@ -217,10 +227,16 @@ class _Metered:
                 yield chunk
         else:
             engine, backend = self.mw.engine, self.mw.backend
+            denied = False  # the hard stop said no: end at the next event boundary
             for chunk in self.app_iter:
                 meter.feed(chunk)
                 yield chunk
-                if chunk and not drive_sync(engine.top_up(self.decision, meter), backend):
+                if not chunk:
+                    continue
+                if not denied:
+                    denied = not drive_sync(engine.top_up(self.decision, meter), backend)
+                assert meter.parser is not None
+                if denied and meter.parser.at_boundary:  # never inside an event
                     meter.stopped = True
                     assert self.decision.ai is not None
                     event = stop_event(self.decision.ai.estimate.format, meter)
@@ -256,6 +272,9 @@ class _Metered:
             self._settle_once()
 
     def _close_app(self) -> None:
+        if self._app_closed:
+            return  # the hard stop closed it already; close() may run once only
+        self._app_closed = True
         close = getattr(self.app_iter, "close", None)
         if close is not None:
             close()

@@ -170,7 +170,7 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
     out: list[Any] = [1]
     rid = _s(argv[1])
     n = _i(argv[3])
-    live: dict[str, bool] = {}
+    live: dict[str, dict[str, int] | None] = {}
     for i in range(n):
         base = 4 + i * 5
         kind = _s(argv[base])
@@ -194,11 +194,17 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
                     store.pexpire(key, ms)
         elif kind == "q":
             if key not in live:
-                live[key] = store.hget(key, "r|" + rid) is not None
-                if live[key]:
+                payload = store.hget(key, "r|" + rid)
+                live[key] = None
+                if payload is not None:
+                    live[key] = {
+                        m.group(1): int(m.group(2))
+                        for m in _PAYLOAD_ITEM.finditer(payload.decode())
+                    }
                     store.hdel(key, "r|" + rid)
                     store.zrem(keys[kidx], rid)
-            delta = p2 - p1 if live[key] else p2
+            held = live[key]
+            delta = p2 - held.get(f, p1) if held is not None else p2
             if delta != 0 and store.hincrby(key, f, delta) < 0:
                 store.hset(key, {f: 0})
             if p2 > 0:

@@ -13,8 +13,10 @@
 --        p1 = interval_us. A refund never fills the bucket beyond full; a surcharge may run it
 --        into debt, which later requests wait out.
 --   "q"  calendar counter hash KEYS[k] field f, ledger KEYS[k+1]: p1 = reserved, p2 = actual.
---        While the reservation is live the counter moves by actual - reserved; if its lease
---        already ran out (and admit gave it back), the whole actual is charged. Field "f#"
+--        While the reservation is live the counter moves by actual - reserved, reserved being
+--        what the reservation's own record "r|<id>" says (admit and extend keep it; p1 where
+--        it names no such field); if its lease already ran out (and admit gave it back), the
+--        whole actual is charged. Field "f#"
 --        adds up the actual usage alone.
 --   "u"  usage record: HINCRBY KEYS[k] f by p2 and keep the key p1 ms
 --   "e"  keep KEYS[k] at least p1 ms (a period's counters live until the period ends + 1 h;
@@ -74,14 +76,22 @@ for i = 1, n do
     end
   elseif kind == 'q' then
     if live[key] == nil then
-      live[key] = redis.call('HEXISTS', key, 'r|' .. rid) == 1
-      if live[key] then
+      -- the reservation as admit and extend recorded it: what this request really holds here
+      -- (p1, the app's view, is only a fallback: an extend whose reply was lost grew it)
+      local payload = redis.call('HGET', key, 'r|' .. rid)
+      live[key] = false
+      if payload then
+        local held = {}
+        for name, amount in string.gmatch(payload, '([^=,]+)=(%d+)') do
+          held[name] = tonumber(amount)
+        end
+        live[key] = held
         redis.call('HDEL', key, 'r|' .. rid)
         redis.call('ZREM', KEYS[kidx + 1], rid)
       end
     end
     local delta = p2
-    if live[key] then delta = p2 - p1 end
+    if live[key] then delta = p2 - (live[key][f] or p1) end
     if delta ~= 0 then
       if redis.call('HINCRBY', key, f, string.format('%d', delta)) < 0 then
         redis.call('HSET', key, f, 0)
