@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from asgi_parts import read_body
+
 #: a streamed chat request reporting 40 prompt + 260 completion tokens, with include_usage: the
 #: load of the overspend and threshold tests
 STREAM_BODY = {
@@ -72,12 +74,7 @@ def respond(body: bytes) -> tuple[int, list[tuple[str, str]], Iterator[bytes]]:
 async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     status, headers, chunks = respond(body)
     raw = [(k.encode(), v.encode()) for k, v in headers]
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from asgi_parts import lifespan, read_body
+
 SSE = "text/event-stream"
 #: yielded by a stream where it waits ``x_pause`` seconds (asyncio.sleep in ASGI, time.sleep in
 #: WSGI), before its final usage event
@@ -225,21 +227,11 @@ def _respond(path: str, body: bytes) -> tuple[int, list[tuple[str, str]], Iterat
 
 async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     status, headers, chunks = respond(scope["path"], body)
     raw = [(k.encode(), v.encode()) for k, v in headers]
     pause = float(json.loads(body or b"{}").get("x_pause", 0))

@@ -298,3 +298,25 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     for name, c in counts.items():
         parts = ", ".join(f"{v} {k}" for k, v in sorted(c.items())) or "0 run"
         terminalreporter.write_line(f"{name:>10}: {parts}")
+
+
+@pytest.fixture(scope="module")
+def twin_backends(redis_server: Any) -> Any:
+    """``reset()`` -> the memory backend, fakeredis and a real Redis, all empty: the Lua scripts
+    and their Python twins run side by side (the property tests compare them)."""
+    import fakeredis
+    import redis
+
+    from quota_middleware.backends.redis import SyncRedisBackend
+
+    real = SyncRedisBackend(redis.Redis.from_url(redis_server.url))
+    state: dict[str, Any] = {"real": real}
+
+    def reset() -> dict[str, Any]:
+        real.client.flushall()
+        state["memory"] = MemoryBackend()
+        state["fakeredis"] = SyncRedisBackend(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+        return state
+
+    yield reset
+    real.close()

@@ -470,26 +470,6 @@ def _build(step: dict[str, Any], p: dict[str, int], now: int) -> ScriptCall:
     return settle_call(ops, now=now, rid=step["rid"], marker=marker)
 
 
-@pytest.fixture(scope="module")
-def twin_backends(redis_server: Any) -> Any:
-    import fakeredis
-    import redis
-
-    from quota_middleware.backends.redis import SyncRedisBackend
-
-    real = SyncRedisBackend(redis.Redis.from_url(redis_server.url))
-    state: dict[str, Any] = {"real": real}
-
-    def reset() -> dict[str, Any]:
-        real.client.flushall()
-        state["memory"] = MemoryBackend()
-        state["fakeredis"] = SyncRedisBackend(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
-        return state
-
-    yield reset
-    real.close()
-
-
 @pytest.mark.redis
 @pytest.mark.fakeredis
 @pytest.mark.memory
@@ -512,8 +492,6 @@ def test_lua_matches_python_twin(twin_backends: Any, p: dict[str, int], steps: l
 def test_memory_store_expires_keys_of_callers_that_never_come_back() -> None:
     """Like Redis' active expiry: keys nobody reads again are dropped as the store is used."""
     import time
-
-    from quota_middleware.backends.memory import MemoryBackend
 
     backend = MemoryBackend()
     # 2,000 one-off callers, each with a bucket that is full again (key expires) ~1 s later

@@ -573,26 +573,6 @@ def _build(
     return settle_call(ops, now=now, rid=rid, marker=f"qm:{TAG}:done:{step['marker']}")
 
 
-@pytest.fixture(scope="module")
-def twin_backends(redis_server: Any) -> Any:
-    import fakeredis
-    import redis
-
-    from quota_middleware.backends.redis import SyncRedisBackend
-
-    real = SyncRedisBackend(redis.Redis.from_url(redis_server.url))
-    state: dict[str, Any] = {"real": real}
-
-    def reset() -> dict[str, Any]:
-        real.client.flushall()
-        state["memory"] = MemoryBackend()
-        state["fakeredis"] = SyncRedisBackend(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
-        return state
-
-    yield reset
-    real.close()
-
-
 def _snapshot(name: str, b: Any) -> tuple[Any, ...]:
     class View:  # State reads a backend factory; give it the one backend it needs
         def __init__(self) -> None:

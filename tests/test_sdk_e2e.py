@@ -14,6 +14,7 @@ The servers run the example policy plus the test-only plans in ``tests/data/sdk_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -44,7 +45,7 @@ from quota_middleware.backends.redis import SyncRedisBackend
 from quota_middleware.estimate import parse_request
 from quota_middleware.pricing import PriceTable, cost_micros
 from quota_middleware.usage import Usage
-from servers import free_port
+from servers import free_port, stop_process
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
@@ -119,6 +120,30 @@ def _wait_healthy(server: Server) -> None:
     raise RuntimeError(f"{server.name} did not start:\n{server.log_tail()}")
 
 
+@contextlib.contextmanager
+def _serving(
+    name: str, tmp: Path, policy: Path, env: dict[str, str], client: Any
+) -> Iterator[Server]:
+    """Example app ``name`` served for real on a free port (log in ``tmp``), its usage read
+    through ``client``; stopped and closed afterwards."""
+    port = free_port()
+    log = tmp / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            _command(name, port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    reader = UsageReader(QuotaConfig.from_toml(policy), SyncRedisBackend(client))
+    srv = Server(name, port, proc, log, reader)
+    try:
+        _wait_healthy(srv)
+        yield srv
+    finally:
+        for c in srv.clients:
+            c.close()
+        stop_process(proc)
+        client.close()
+
+
 @pytest.fixture(scope="module", params=["fastapi", "flask"])
 def server(
     request: pytest.FixtureRequest, redis_server: Any, tmp_path_factory: pytest.TempPathFactory
@@ -137,28 +162,8 @@ def server(
         FAKE_UPSTREAM_DELAY_MS="1",
         PYTHONUNBUFFERED="1",
     )
-    port = free_port()
-    log = tmp / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            _command(name, port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    config = QuotaConfig.from_toml(policy)
-    reader = UsageReader(config, SyncRedisBackend(client))
-    srv = Server(name, port, proc, log, reader)
-    try:
-        _wait_healthy(srv)
+    with _serving(name, tmp, policy, env, client) as srv:
         yield srv
-    finally:
-        for c in srv.clients:
-            c.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        client.close()
 
 
 @pytest.fixture(autouse=True)
@@ -479,28 +484,8 @@ def gzip_server(
         ANTHROPIC_API_KEY=UPSTREAM_ANTHROPIC_KEY,
         PYTHONUNBUFFERED="1",
     )
-    port = free_port()
-    log = tmp / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            _command(name, port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    client = redis.Redis.from_url(redis_server.url)
-    srv = Server(name, port, proc, log, UsageReader(QuotaConfig.from_toml(policy),
-                                                    SyncRedisBackend(client)))  # fmt: skip
-    try:
-        _wait_healthy(srv)
+    with _serving(name, tmp, policy, env, redis.Redis.from_url(redis_server.url)) as srv:
         yield srv
-    finally:
-        for c in srv.clients:
-            c.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        client.close()
 
 
 def _upstream_saw(upstream: fake_upstream.LocalUpstream, n: int) -> list[Any]:

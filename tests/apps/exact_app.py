@@ -6,10 +6,21 @@ Configured by environment: ``QM_TEST_URL`` (the store) and ``QM_TEST_BURST``.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
-from quota_middleware import Plan, QuotaConfig, QuotaMiddleware, RequestRate, WSGIQuotaMiddleware
-from quota_middleware.config import StorageConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asgi_parts import lifespan  # noqa: E402
+from quota_middleware import (  # noqa: E402
+    Plan,
+    QuotaConfig,
+    QuotaMiddleware,
+    RequestRate,
+    WSGIQuotaMiddleware,
+)
+from quota_middleware.config import StorageConfig  # noqa: E402
 
 
 def _config() -> QuotaConfig:
@@ -23,13 +34,8 @@ def _config() -> QuotaConfig:
 
 async def _asgi(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send)
+        return
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"ok"})
 
