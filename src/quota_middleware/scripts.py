@@ -1,12 +1,15 @@
-"""The single registry of Lua scripts, and the plain value that asks a backend to run one.
+"""The Lua scripts' sources, and the plain value that asks a backend to run one.
 
 Each operation is one file in ``lua/`` whose header states its KEYS / ARGV / return contract. The
 memory backend implements the same contract in Python (``backends/memory.py``); the test suite
-checks that both agree.
+checks that both agree. Code shared by several scripts
+lives in ``lua/prelude/``: a script names it with a ``-- #include prelude/<name>.lua`` line, and
+:func:`source` returns the script with that line replaced (the text Redis runs and hashes).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -37,10 +40,30 @@ def hash_pairs(flat: Any) -> dict[str, int]:
     return out
 
 
+_LUA = resources.files(__package__).joinpath("lua")
+
+# a line "-- #include prelude/<name>.lua": replaced with that prelude's code
+_INCLUDE = re.compile(r"^-- #include (prelude/[a-z_]+\.lua)\n", re.MULTILINE)
+
+
+def _raw(name: str) -> str:
+    return _LUA.joinpath(f"{name}.lua").read_text("utf-8")
+
+
+@cache
+def _prelude(path: str) -> str:
+    # its leading comment says what it is for; the scripts get only the code
+    lines = _LUA.joinpath(path).read_text("utf-8").splitlines(keepends=True)
+    while lines and lines[0].startswith("--"):
+        del lines[0]
+    return "".join(lines)
+
+
 @cache
 def source(name: str) -> str:
-    """The Lua source of script ``name``, read once from the package data."""
-    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+    """The Lua source of script ``name`` as Redis runs it (its preludes in place), read once
+    from the package data."""
+    return _INCLUDE.sub(lambda m: _prelude(m.group(1)), _raw(name))
 
 
 SCRIPT_NAMES = (

@@ -23,13 +23,7 @@
 -- returns {allowed, denied_index (0 if none), retry_us (-1: can never fit), now_us,
 --          then per limit: remaining, reset_us, charged}
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+-- #include prelude/now.lua
 local rid = ARGV[2]
 local lease = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])

@@ -22,13 +22,7 @@
 --         {0, index of the first op that does not fit (0: not live), then per op:
 --          max(0, limit - used)} when denied, and nothing changed
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+-- #include prelude/now.lua
 local rid = ARGV[2]
 local lease = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])

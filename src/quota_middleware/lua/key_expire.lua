@@ -8,13 +8,7 @@
 -- returns {1, expires_us} when the key is active (its expiry, possibly unchanged), else
 --         {0, state}: state is "missing", "revoked" or "expired"
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+-- #include prelude/now.lua
 local r = redis.call('HMGET', KEYS[1], 'caller', 'expires', 'revoked')
 if not r[1] then
   return {0, 'missing'}

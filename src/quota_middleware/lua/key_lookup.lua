@@ -8,13 +8,7 @@
 --         {caller, plan ("" for none), tenant, created, expires, revoked, digest, state}
 --         as strings; state is "active", "revoked" or "expired"
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+-- #include prelude/now.lua
 local r = redis.call('HMGET', KEYS[1], 'caller', 'plan', 'tenant', 'created', 'expires',
                      'revoked', 'digest')
 if not r[1] then

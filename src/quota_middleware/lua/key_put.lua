@@ -10,13 +10,7 @@
 -- ARGV[7]  retention in ms: an expired record is dropped this long after it expires
 -- returns {1, created_us, expires_us (0: never)}, or {0} when the record exists already
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+-- #include prelude/now.lua
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0}
 end

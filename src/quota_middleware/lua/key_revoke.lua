@@ -5,13 +5,7 @@
 -- ARGV[2]  retention in ms
 -- returns 1 when revoked now, 0 when there is no such key or it was revoked already
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+-- #include prelude/now.lua
 local r = redis.call('HMGET', KEYS[1], 'caller', 'revoked')
 if not r[1] or r[2] == '1' then
   return 0

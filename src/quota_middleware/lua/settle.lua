@@ -39,13 +39,7 @@ local function event(out, kind, name, level, used)
   out[#out + 1] = used
 end
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+-- #include prelude/now.lua
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', tonumber(ARGV[3])) then
   return {0}
 end
