@@ -1,4 +1,29 @@
-"""Exception types. Every error this library raises is a :class:`QuotaError`."""
+"""Exception types. Every error this library raises is a :class:`QuotaError`::
+
+    QuotaError
+    ├── ConfigurationError (ValueError)   a bad policy or config value, at construction time
+    ├── InvalidArgument (ValueError)      a bad argument to a call: KeyStore.create / rotate,
+    │                                     top_callers
+    ├── BackendMismatch (TypeError)       a sync call on an async backend or the reverse, or a
+    │                                     source that is not a sync Redis client (reports)
+    ├── IdentificationError               the caller could not be identified: 401
+    │   ├── MissingCredentials
+    │   └── InvalidCredentials
+    ├── StorageError                      the store could not be reached or answered an error
+    ├── RequestTooLarge                   an AI request body over its cap: 413
+    ├── ModelNotAllowed                   a model outside the plan's allow-list: 403
+    ├── UnpricedModel                     a budgeted model without a price (pricing.py)
+    ├── TokenizerUnavailable              a bundled vocabulary is missing or corrupt
+    │                                     (estimate.py)
+    ├── ApiKeyError                       an admin operation on a stored API key failed
+    │   ├── ApiKeyNotFound (ValueError)   no such key
+    │   ├── ApiKeyNotActive (ValueError)  the key is revoked or expired
+    │   └── KeyIdExhausted (RuntimeError) no unique key id could be allocated
+    └── DeliveryError                     an alert sink refused or could not take an event
+
+A builtin base in parentheses is kept so that ``except ValueError`` (``TypeError``,
+``RuntimeError``) written before the error had its own type still catches it.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +41,15 @@ class ConfigurationError(QuotaError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+class InvalidArgument(QuotaError, ValueError):
+    """An argument to a call is out of range (a caller name, a lifetime, a report's period)."""
+
+
+class BackendMismatch(QuotaError, TypeError):
+    """A sync call on an async backend or the reverse, or a source that is not a sync Redis
+    client or backend."""
 
 
 class IdentificationError(QuotaError):
@@ -60,3 +94,32 @@ class RequestTooLarge(QuotaError):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         super().__init__(f"request body exceeds {limit} bytes")
+
+
+class ModelNotAllowed(QuotaError):
+    """The request's model is not on the plan's ``models`` allow-list; answered with 403."""
+
+    def __init__(self, model: str | None) -> None:
+        self.model = model
+        super().__init__(f"model {model!r} is not allowed on this plan")
+
+
+class ApiKeyError(QuotaError):
+    """An admin operation on a stored API key (:class:`~quota_middleware.apikeys.KeyStore`)
+    failed."""
+
+
+class ApiKeyNotFound(ApiKeyError, ValueError):
+    """There is no API key with this id."""
+
+
+class ApiKeyNotActive(ApiKeyError, ValueError):
+    """The API key is revoked or expired, and the operation needs an active one."""
+
+
+class KeyIdExhausted(ApiKeyError, RuntimeError):
+    """No unique key id could be allocated (a collision, several times in a row)."""
+
+
+class DeliveryError(QuotaError):
+    """A sink refused or could not take an event (non-2xx, network error, callable raised)."""

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from .config import AIRoute, Plan, QuotaConfig
+from .errors import ModelNotAllowed
 from .estimate import RequestEstimate, count_tokens, parse_request, with_output_cap
 from .limits import model_matches
 from .margins import InputMargins
@@ -56,12 +57,6 @@ class AIRequest:
 # purpose: some servers count thinking outside the cap, and a false alarm costs an estimate.
 _CAP_FACTOR = 4
 _CAP_SLACK = 65_536
-
-
-class ModelNotAllowed(Exception):
-    def __init__(self, model: str | None) -> None:
-        self.model = model
-        super().__init__(f"model {model!r} is not allowed on this plan")
 
 
 def price_table(config: QuotaConfig) -> tuple[PriceTable, ModelPrice | None]:

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 from .backends.base import AsyncBackend, SyncBackend
 from .backends.memstore import MemoryStore
 from .config import Plan, QuotaConfig
+from .errors import BackendMismatch, InvalidArgument
 from .flows import drive_async, drive_sync
 from .keys import CallerKeys, caller_tag
 from .limits import Budget, TokenQuota
@@ -162,12 +163,14 @@ class UsageReader:
 
     def _sync(self) -> SyncBackend:
         if not hasattr(self.backend, "run"):
-            raise TypeError("this UsageReader has an async backend: use ausage()/aremaining()")
+            raise BackendMismatch(
+                "this UsageReader has an async backend: use ausage()/aremaining()"
+            )
         return self.backend  # type: ignore[return-value]
 
     def _async(self) -> AsyncBackend:
         if not hasattr(self.backend, "run_async"):
-            raise TypeError("this UsageReader has a sync backend: use usage()/remaining()")
+            raise BackendMismatch("this UsageReader has a sync backend: use usage()/remaining()")
         return self.backend  # type: ignore[return-value]
 
 
@@ -249,12 +252,12 @@ def _redis_client(source: Any) -> Any:
     """The sync redis-py client of ``source`` (a client or a ``SyncRedisBackend``)."""
     client = source if hasattr(source, "scan_iter") else getattr(source, "client", None)
     if not hasattr(client, "scan_iter") or not hasattr(client, "pipeline"):
-        raise TypeError(f"need a sync redis client or backend, got {type(source).__name__}")
+        raise BackendMismatch(f"need a sync redis client or backend, got {type(source).__name__}")
     from redis.asyncio import Redis as AsyncRedis
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
     if isinstance(client, AsyncRedis | AsyncRedisCluster):
-        raise TypeError("need a sync redis client, not a redis.asyncio one")
+        raise BackendMismatch("need a sync redis client, not a redis.asyncio one")
     return client
 
 
@@ -328,11 +331,11 @@ def top_callers(
     primary: meant for admin tools and reports, never for the request path.
     """
     if period not in ("day", "month"):
-        raise ValueError("period must be 'day' or 'month'")
+        raise InvalidArgument("period must be 'day' or 'month'")
     if by not in ("cost", "tokens", "requests"):
-        raise ValueError("by must be 'cost', 'tokens' or 'requests'")
+        raise InvalidArgument("by must be 'cost', 'tokens' or 'requests'")
     if limit is not None and limit < 1:
-        raise ValueError("limit must be >= 1 (or None for every caller)")
+        raise InvalidArgument("limit must be >= 1 (or None for every caller)")
     prefix = config.storage.prefix
     pid, days = _period_days(config, period, now, zone)
     wanted = set(days)

@@ -12,12 +12,12 @@ from typing import Any, Protocol
 
 from ..backends.memory import MemoryBackend
 from ..config import QuotaConfig, StorageConfig
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, DeliveryError
 from ..events import AlertEvent, outbox_key
 from .config import AlertsConfig
 from .lanes import _MemoryLane, _RedisLane
 from .outbox import dead_key
-from .sinks import DeliveryError, Sink
+from .sinks import Sink
 
 # one logger for the whole package: its name is documented (README, LogSink)
 log = logging.getLogger("quota_middleware.alerts")

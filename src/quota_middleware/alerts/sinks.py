@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError
+from ..errors import DeliveryError as DeliveryError  # alerts.DeliveryError, raised by sinks
 from ..events import AlertEvent
 from .text import format_text, plain_text
 
@@ -76,10 +77,6 @@ def _mask(url: str, *, hide_path: bool = False) -> str:
 
 
 # -- sinks ---------------------------------------------------------------------------------------
-class DeliveryError(Exception):
-    """A sink refused or could not take an event (non-2xx, network error, callable raised)."""
-
-
 class Sink(Protocol):
     @property
     def name(self) -> str:
