@@ -87,11 +87,17 @@ def test_rates() -> None:
     assert RequestRate(rate="10/second", burst=20).interval_us == 100_000
 
 
-def test_env_overrides_storage_url(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_overrides_storage_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("QUOTA_REDIS_URL", "redis://:hunter2@example:6379/3")
-    config = QuotaConfig(plans=[Plan(name="p")], storage=StorageConfig(url="memory://"))
-    assert config.storage.url == "redis://:hunter2@example:6379/3"
-    assert "hunter2" not in repr(config.storage)
+    storage = StorageConfig(url="memory://", prefix="app")
+    built = QuotaConfig(plans=[Plan(name="p")], storage=storage)
+    assert built.storage.url == "memory://"  # a value built in code does not read the environment
+    path = tmp_path / "policy.toml"
+    path.write_text('[plans.p]\n[storage]\nurl = "memory://"\nprefix = "app"\n')
+    for config in (built.with_env(), QuotaConfig.from_toml(path)):
+        assert config.storage.url == "redis://:hunter2@example:6379/3"
+        assert config.storage.prefix == "app"
+        assert "hunter2" not in repr(config.storage)
 
 
 def test_python_construction_errors() -> None:

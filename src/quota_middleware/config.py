@@ -136,7 +136,9 @@ class Routes:
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class StorageConfig:
     """Where state lives. ``url``: ``memory://`` (default), ``redis://``, ``rediss://``,
-    ``redis+cluster://``; the ``QUOTA_REDIS_URL`` environment variable overrides it."""
+    ``redis+cluster://``; the ``QUOTA_REDIS_URL`` environment variable overrides it in a
+    policy loaded with :meth:`QuotaConfig.from_toml` and in the middlewares and the command line
+    (:meth:`QuotaConfig.with_env`)."""
 
     url: str = "memory://"
     prefix: str = "qm"
@@ -351,9 +353,17 @@ class QuotaConfig:
             1 <= self.usage_retention_days <= 3660
         ):
             raise ConfigurationError("usage_retention_days", "must be 1..3660")
+
+    def with_env(self) -> QuotaConfig:
+        """This config with the environment's overrides: ``QUOTA_REDIS_URL``, when set, replaces
+        ``storage.url`` (every other storage field carried over). :meth:`from_toml`, the
+        middlewares and the command line apply it; a ``QuotaConfig(...)`` built in code does
+        not read the environment until then."""
         env_url = os.environ.get("QUOTA_REDIS_URL")
-        if env_url and env_url != self.storage.url:
-            object.__setattr__(self, "storage", _replace_storage(self.storage, env_url))
+        if not env_url or env_url == self.storage.url:
+            return self
+        storage = dataclasses.replace(self.storage, url=env_url)
+        return dataclasses.replace(self, storage=storage)
 
     def plan(self, name: str | None) -> Plan:
         """The plan called ``name``, or the default plan for unknown or missing names."""
@@ -376,7 +386,8 @@ class QuotaConfig:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> QuotaConfig:
-        """Load a policy file; see the README's configuration reference for its keys."""
+        """Load a policy file; see the README's configuration reference for its keys.
+        ``QUOTA_REDIS_URL``, when set, overrides its ``storage.url`` (:meth:`with_env`)."""
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
@@ -384,7 +395,7 @@ class QuotaConfig:
             raise ConfigurationError("policy", f"cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigurationError("policy", f"{path} is not valid TOML: {e}") from None
-        return cls.from_dict(data, base_dir=Path(path).parent)
+        return cls.from_dict(data, base_dir=Path(path).parent).with_env()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base_dir: Path | None = None) -> QuotaConfig:
@@ -452,10 +463,6 @@ class QuotaConfig:
             ai_routes=ai_routes,
             **extra,
         )
-
-
-def _replace_storage(s: StorageConfig, url: str) -> StorageConfig:
-    return dataclasses.replace(s, url=url)  # every other field carried over
 
 
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:

@@ -155,7 +155,7 @@ def load_config(args: argparse.Namespace) -> QuotaConfig:
         if path is not None:
             config = read_policy(path)
         else:
-            config = QuotaConfig(plans=[Plan(name="default")])
+            config = QuotaConfig(plans=[Plan(name="default")]).with_env()
         prefix = getattr(args, "prefix", None)
         if prefix is not None:
             storage = dataclasses.replace(config.storage, prefix=prefix)
