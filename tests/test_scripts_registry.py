@@ -1,9 +1,11 @@
-"""The Lua scripts in ``lua/`` and what they share: the scripts that take the time read it in one
-prelude (``lua/prelude/now.lua``), which :func:`~quota_middleware.scripts.source` puts in place
-of their ``-- #include`` line; Redis runs and hashes that composed text."""
+"""The script registry (``backends/registry.py``) against ``lua/``: every script has its Python
+twin and every twin its script. The scripts that take the time read it in one prelude
+(``lua/prelude/now.lua``), which :func:`~quota_middleware.scripts.source` puts in place of their
+``-- #include`` line; Redis runs and hashes that composed text."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import re
 from importlib import resources
@@ -12,13 +14,17 @@ from pathlib import Path
 import fakeredis
 import pytest
 
+from quota_middleware.backends.memory import MemoryBackend
 from quota_middleware.backends.redis import SyncRedisBackend
-from quota_middleware.scripts import ScriptCall, source
+from quota_middleware.backends.registry import SCRIPTS
+from quota_middleware.scripts import SCRIPT_NAMES, ScriptCall, source
 
 LUA = Path(str(resources.files("quota_middleware").joinpath("lua")))
 FILES = sorted(p.stem for p in LUA.glob("*.lua"))
 INCLUDE_NOW = "-- #include prelude/now.lua\n"
 TAKES_NOW = re.compile(r'^-- ARGV\[1\]  now in microseconds, or "" to read TIME$', re.MULTILINE)
+# operations without Lua: on Redis the alert lanes use stream commands (alerts/lanes.py)
+MEMORY_ONLY = {"alerts_claim", "alerts_dead", "alerts_recent"}
 
 
 def raw(name: str) -> str:
@@ -30,6 +36,45 @@ def code(text: str) -> str:
     return "\n".join(line.split("--", 1)[0] for line in text.splitlines())
 
 
+# -- the registry -------------------------------------------------------------------------------
+def test_every_script_has_a_twin_and_every_twin_a_script() -> None:
+    with_lua = {name for name, s in SCRIPTS.items() if s.lua is not None}
+    assert sorted(with_lua) == FILES
+    assert set(SCRIPTS) - with_lua == MEMORY_ONLY
+    for name, s in SCRIPTS.items():
+        assert s.lua in (None, f"{name}.lua"), name
+        assert callable(s.twin), name
+
+
+def test_script_names_are_the_lua_files() -> None:
+    assert list(SCRIPT_NAMES) == FILES
+
+
+def test_the_table_is_static() -> None:
+    with pytest.raises(TypeError):
+        SCRIPTS["extra"] = SCRIPTS["read"]  # type: ignore[index]
+
+
+def test_the_twins_need_nothing_outside_the_backends() -> None:
+    # nothing registers scripts on import: the table and its twins import neither the key store
+    # nor the alerts (no import cycle), and a fresh memory backend runs their operations
+    backends = LUA.parent / "backends"
+    for module in ("registry", "memory", "memory_scripts", "memory_outbox"):
+        tree = ast.parse((backends / f"{module}.py").read_text("utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                assert node.level == 1 or node.module == "scripts", (module, node.module)
+    b = MemoryBackend()
+    assert b.run(ScriptCall("key_lookup", ("k",), ("",))) == []
+    assert b.run(ScriptCall("alerts_recent", ("s",), (5, ""))) == []
+
+
+def test_unknown_script() -> None:
+    with pytest.raises(KeyError):
+        MemoryBackend().run(ScriptCall("nope", (), ()))
+
+
+# -- the prelude --------------------------------------------------------------------------------
 def compile_error(text: str) -> str:
     """Lua 5.1's (as in Redis) complaint about compiling ``text``, "" for none."""
     check = "local _, err = loadstring(ARGV[1]); return err or ''"

@@ -21,12 +21,10 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .backends.memory import SCRIPTS
-from .backends.memstore import MemoryStore
 from .errors import ConfigurationError, InvalidCredentials
 from .scripts import ScriptArg, ScriptCall
 
@@ -503,113 +501,3 @@ class ApiKeyVerifier:
             until = min(until, rec.expires)
         self._cache.put(digest, match, until)
         return match
-
-
-# -- Python twins of lua/key_*.lua (the memory backend, and the reference for tests) ----------
-
-
-def _a(v: ScriptArg) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _twin_now(store: MemoryStore, v: ScriptArg) -> int:
-    text = _a(v)
-    return int(text) if text != "" else store.time_us()
-
-
-def _key_lookup(store: MemoryStore, keys: Sequence[str], argv: Sequence[ScriptArg]) -> list[bytes]:
-    now = _twin_now(store, argv[0])
-    h = store.hgetall(keys[0])
-    if "caller" not in h:
-        return []
-    expires = int(h.get("expires", b"0"))
-    state = b"active"
-    if h.get("revoked") == b"1":
-        state = b"revoked"
-    elif 0 < expires <= now:
-        state = b"expired"
-    return [
-        h["caller"],
-        h.get("plan", b""),
-        h.get("tenant", b"default"),
-        h.get("created", b"0"),
-        h.get("expires", b"0"),
-        h.get("revoked", b"0"),
-        h.get("digest", b""),
-        state,
-    ]
-
-
-def _key_put(store: MemoryStore, keys: Sequence[str], argv: Sequence[ScriptArg]) -> list[int]:
-    now = _twin_now(store, argv[0])
-    if store.exists(keys[0]):
-        return [0]
-    ttl_us, retention_ms = int(_a(argv[4])), int(_a(argv[6]))
-    expires = now + ttl_us if ttl_us > 0 else 0
-    store.hset(
-        keys[0],
-        {
-            "caller": _a(argv[1]),
-            "plan": _a(argv[2]),
-            "tenant": _a(argv[3]),
-            "created": now,
-            "expires": expires,
-            "revoked": 0,
-            "digest": _a(argv[5]),
-        },
-    )
-    if expires > 0:
-        store.pexpireat(keys[0], expires // 1000 + retention_ms)
-    return [1, now, expires]
-
-
-def _key_revoke(store: MemoryStore, keys: Sequence[str], argv: Sequence[ScriptArg]) -> int:
-    now = _twin_now(store, argv[0])
-    h = store.hgetall(keys[0])
-    if "caller" not in h or h.get("revoked") == b"1":
-        return 0
-    store.hset(keys[0], {"revoked": 1, "revoked_at": now})
-    retention_ms = int(_a(argv[1]))
-    if store.pttl(keys[0]) < 0 or store.pttl(keys[0]) > retention_ms:
-        store.pexpire(keys[0], retention_ms)
-    return 1
-
-
-def _key_expire(store: MemoryStore, keys: Sequence[str], argv: Sequence[ScriptArg]) -> list[Any]:
-    now = _twin_now(store, argv[0])
-    h = store.hgetall(keys[0])
-    if "caller" not in h:
-        return [0, b"missing"]
-    if h.get("revoked") == b"1":
-        return [0, b"revoked"]
-    expires = int(h.get("expires", b"0"))
-    if 0 < expires <= now:
-        return [0, b"expired"]
-    at = now + int(_a(argv[1]))
-    if expires == 0 or at < expires:
-        expires = at
-        store.hset(keys[0], {"expires": expires})
-        store.pexpireat(keys[0], expires // 1000 + int(_a(argv[2])))
-    return [1, expires]
-
-
-def _key_list(store: MemoryStore, keys: Sequence[str], argv: Sequence[ScriptArg]) -> Any:
-    op = _a(argv[0])
-    if op == "add":
-        return sum(store.sadd(keys[0], _a(m)) for m in argv[1:])
-    if op == "remove":
-        return sum(store.srem(keys[0], _a(m)) for m in argv[1:])
-    if op == "list":
-        return [m.encode() for m in sorted(store.smembers(keys[0]))]
-    raise ValueError(f"key_list: unknown operation {op}")
-
-
-SCRIPTS.update(
-    {
-        "key_lookup": _key_lookup,
-        "key_put": _key_put,
-        "key_revoke": _key_revoke,
-        "key_expire": _key_expire,
-        "key_list": _key_list,
-    }
-)

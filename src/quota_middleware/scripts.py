@@ -1,8 +1,8 @@
 """The Lua scripts' sources, and the plain value that asks a backend to run one.
 
-Each operation is one file in ``lua/`` whose header states its KEYS / ARGV / return contract. The
-memory backend implements the same contract in Python (``backends/memory.py``); the test suite
-checks that both agree. Code shared by several scripts
+Each operation is one file in ``lua/`` whose header states its KEYS / ARGV / return contract;
+:data:`~quota_middleware.backends.registry.SCRIPTS` pairs each with its Python twin, which the
+memory backend runs and the test suite checks against the Lua. Code shared by several scripts
 lives in ``lua/prelude/``: a script names it with a ``-- #include prelude/<name>.lua`` line, and
 :func:`source` returns the script with that line replaced (the text Redis runs and hashes).
 """
@@ -66,15 +66,7 @@ def source(name: str) -> str:
     return _INCLUDE.sub(lambda m: _prelude(m.group(1)), _raw(name))
 
 
-SCRIPT_NAMES = (
-    "admit",
-    "settle",
-    "extend",
-    "read",
-    "margins",
-    "outbox_add",
-    "key_lookup",
-    "key_put",
-    "key_revoke",
-    "key_list",
+#: every script in ``lua/``, sorted (their Python twins: ``backends/registry.py``)
+SCRIPT_NAMES: tuple[str, ...] = tuple(
+    sorted(p.name[: -len(".lua")] for p in _LUA.iterdir() if p.name.endswith(".lua"))
 )

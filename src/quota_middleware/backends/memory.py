@@ -7,24 +7,11 @@ has its own counters, so use Redis there.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..scripts import ScriptCall
-from . import memory_scripts
 from .memstore import MemoryStore
-
-ScriptImpl = Callable[[MemoryStore, Sequence[str], Sequence[Any]], Any]
-
-#: script name -> Python twin. Extended by modules that add scripts (API keys, usage, alerts).
-SCRIPTS: dict[str, ScriptImpl] = {
-    "admit": memory_scripts.admit,
-    "settle": memory_scripts.settle,
-    "extend": memory_scripts.extend,
-    "read": memory_scripts.read,
-    "margins": memory_scripts.margins,
-    "outbox_add": memory_scripts.outbox_add,
-}
+from .registry import SCRIPTS
 
 
 class MemoryBackend:
@@ -35,10 +22,7 @@ class MemoryBackend:
         self._lock = threading.Lock()
 
     def run(self, call: ScriptCall) -> Any:
-        impl = SCRIPTS.get(call.name)
-        if impl is None:
-            _load_extensions()
-            impl = SCRIPTS[call.name]
+        impl = SCRIPTS[call.name].twin
         with self._lock:
             store = self.store
             store.frozen_us = None
@@ -58,7 +42,3 @@ class MemoryBackend:
 
     async def aclose(self) -> None:
         pass
-
-
-def _load_extensions() -> None:
-    from .. import apikeys  # noqa: F401  (registers the key store's scripts)

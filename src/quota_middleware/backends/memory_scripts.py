@@ -1,5 +1,5 @@
 """Python twins of ``lua/admit.lua``, ``lua/settle.lua`` and the other scripts, written to read
-like the Lua.
+like the Lua (``registry.py`` pairs each script with its twin).
 
 They are the memory backend and the reference model the Lua scripts are property-tested against.
 Any change to a Lua script changes its twin in the same commit.
@@ -370,3 +370,93 @@ def margins(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> lis
     if flat:
         store.pexpire(key, 7 * 86_400_000)
     return flat
+
+
+# -- API keys: lua/key_*.lua ------------------------------------------------------------------
+
+
+def key_lookup(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[bytes]:
+    now = _now(store, argv[0])
+    h = store.hgetall(keys[0])
+    if "caller" not in h:
+        return []
+    expires = int(h.get("expires", b"0"))
+    state = b"active"
+    if h.get("revoked") == b"1":
+        state = b"revoked"
+    elif 0 < expires <= now:
+        state = b"expired"
+    return [
+        h["caller"],
+        h.get("plan", b""),
+        h.get("tenant", b"default"),
+        h.get("created", b"0"),
+        h.get("expires", b"0"),
+        h.get("revoked", b"0"),
+        h.get("digest", b""),
+        state,
+    ]
+
+
+def key_put(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[int]:
+    now = _now(store, argv[0])
+    if store.exists(keys[0]):
+        return [0]
+    ttl_us, retention_ms = int(_s(argv[4])), int(_s(argv[6]))
+    expires = now + ttl_us if ttl_us > 0 else 0
+    store.hset(
+        keys[0],
+        {
+            "caller": _s(argv[1]),
+            "plan": _s(argv[2]),
+            "tenant": _s(argv[3]),
+            "created": now,
+            "expires": expires,
+            "revoked": 0,
+            "digest": _s(argv[5]),
+        },
+    )
+    if expires > 0:
+        store.pexpireat(keys[0], expires // 1000 + retention_ms)
+    return [1, now, expires]
+
+
+def key_revoke(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> int:
+    now = _now(store, argv[0])
+    h = store.hgetall(keys[0])
+    if "caller" not in h or h.get("revoked") == b"1":
+        return 0
+    store.hset(keys[0], {"revoked": 1, "revoked_at": now})
+    retention_ms = int(_s(argv[1]))
+    if store.pttl(keys[0]) < 0 or store.pttl(keys[0]) > retention_ms:
+        store.pexpire(keys[0], retention_ms)
+    return 1
+
+
+def key_expire(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[Any]:
+    now = _now(store, argv[0])
+    h = store.hgetall(keys[0])
+    if "caller" not in h:
+        return [0, b"missing"]
+    if h.get("revoked") == b"1":
+        return [0, b"revoked"]
+    expires = int(h.get("expires", b"0"))
+    if 0 < expires <= now:
+        return [0, b"expired"]
+    at = now + int(_s(argv[1]))
+    if expires == 0 or at < expires:
+        expires = at
+        store.hset(keys[0], {"expires": expires})
+        store.pexpireat(keys[0], expires // 1000 + int(_s(argv[2])))
+    return [1, expires]
+
+
+def key_list(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> Any:
+    op = _s(argv[0])
+    if op == "add":
+        return sum(store.sadd(keys[0], _s(m)) for m in argv[1:])
+    if op == "remove":
+        return sum(store.srem(keys[0], _s(m)) for m in argv[1:])
+    if op == "list":
+        return [m.encode() for m in sorted(store.smembers(keys[0]))]
+    raise ValueError(f"key_list: unknown operation {op}")
