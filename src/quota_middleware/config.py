@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -33,6 +33,7 @@ from .limits import (
     _check_patterns,
     path_matches,
 )
+from .usage import Format
 
 OnError = Literal["open", "closed"]
 T = TypeVar("T")
@@ -178,11 +179,7 @@ class StorageConfig:
         )
 
 
-AIFormat = Literal[
-    "openai-chat", "openai-completions", "openai-responses", "openai-embeddings",
-    "anthropic-messages", "gemini", "ollama", "auto",
-]  # fmt: skip
-_AI_FORMATS = AIFormat.__args__  # type: ignore[attr-defined]
+_AI_FORMATS: tuple[str, ...] = get_args(Format)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,7 +203,7 @@ class AIRoute:
     """
 
     path: str
-    format: AIFormat = "auto"
+    format: Format = "auto"
     methods: Sequence[str] = ("POST",)
     max_body: int = 1 << 20
     default_output_tokens: int = 1024
@@ -532,3 +529,11 @@ def _plan_from_dict(name: str, d: Any) -> Plan:
         timezone=d.get("timezone", "UTC"),
         hard_stop=hard_stop,
     )
+
+
+def load_config(config: QuotaConfig | str | os.PathLike[str]) -> QuotaConfig:
+    """The middlewares' policy: a TOML file or a value, with the environment's overrides
+    (``QUOTA_REDIS_URL``) applied here, at construction, not by the value itself."""
+    if isinstance(config, QuotaConfig):
+        return config.with_env()
+    return QuotaConfig.from_toml(config)
