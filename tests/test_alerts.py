@@ -378,7 +378,7 @@ def test_a_new_sink_starts_replay_seconds_back(store: Store, receiver: Any) -> N
 def test_consumers_of_killed_workers_are_pruned(
     redis_server: Any, receiver: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import quota_middleware.alerts as alerts_mod
+    import quota_middleware.alerts.lanes as alerts_mod
 
     s = Store("redis", redis_server.url, f"t{os.urandom(4).hex()}")
     stream, group = outbox_key(s.prefix), "quota-alerts:hook"

@@ -1,5 +1,7 @@
 """``QuotaMiddleware``: pure ASGI middleware. It wraps ``receive`` and ``send`` (no
-BaseHTTPMiddleware), so responses, SSE included, pass through chunk by chunk, untouched."""
+BaseHTTPMiddleware), so responses, SSE included, pass through chunk by chunk, untouched. What
+happens to a request is :class:`~quota_middleware.exchange.Exchange`'s: this module only
+translates ASGI messages into its calls and runs its flows on the async backend."""
 
 from __future__ import annotations
 
@@ -7,46 +9,33 @@ import asyncio
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from typing import Any, TypeVar
 
 from .alerts import in_process_delivery
 from .backends.base import AsyncBackend
 from .backends.factory import async_backend
-from .backends.memory import MemoryBackend
-from .config import QuotaConfig
+from .config import QuotaConfig, load_config
 from .decision import Charge
-from .engine import Decision, Engine, drive_async, drive_sync
-from .errors import IdentificationError
-from .hardstop import stop_event
+from .engine import Engine, drive_async, drive_sync
+from .exchange import Exchange
 from .identity import Identifier
-from .metering import Meter
 from .reports import UsageReader
 from .request import RequestInfo
-from .responses import (
-    RawHeaders,
-    Response,
-    allowed_headers,
-    denied,
-    too_large,
-    unauthorized,
-    without_request_id,
-)
+from .responses import RawHeaders, Response
+from .scripts import ScriptCall
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+T = TypeVar("T")
 
 log = logging.getLogger("quota_middleware")
 
 #: seconds between background attempts to write buffered settles
 DRAIN_INTERVAL = 1.0
-
-
-def load_config(config: QuotaConfig | str | os.PathLike[str]) -> QuotaConfig:
-    return config if isinstance(config, QuotaConfig) else QuotaConfig.from_toml(config)
 
 
 class QuotaMiddleware:
@@ -91,7 +80,6 @@ class QuotaMiddleware:
         # A redis.asyncio connection belongs to the loop that opened it; a test client or a
         # server reload may run us on a new loop, so a Redis backend built here is per loop.
         self._per_loop = self._backend is None
-        self._sync_backend = self._backend if isinstance(self._backend, MemoryBackend) else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: set[asyncio.Task[Any]] = set()
         self._drainer: asyncio.Task[Any] | None = None
@@ -131,69 +119,66 @@ class QuotaMiddleware:
         backend = self._get_backend()
         if self.alerts is not None:
             self.alerts.ensure(backend)
-        info = RequestInfo.from_scope(scope)
-        route = self.engine.ai_route(info)
-        if route is not None:
-            body = await _read_body(scope, receive, route.max_body)
-            if body is None:
-                await _send_response(send, too_large(route.max_body))
-                return
-            info.body = body
-            upstream_receive, receive = receive, _replay(body, receive)
-        try:
-            if self._sync_backend is not None:
-                # the embedded store answers in microseconds: no coroutine per store call
-                decision = drive_sync(self.engine.admit(info), self._sync_backend)
-            else:
-                decision = await self._admit(info, backend)
-        except IdentificationError as e:
-            await _send_response(send, unauthorized(e))
+        ex = Exchange(self.engine, RequestInfo.from_scope(scope))
+        body = None
+        client_receive = receive
+        if ex.max_body is not None:
+            body = await _read_body(scope, receive, ex.max_body)
+            if body is not None:
+                receive = _replay(body, client_receive)
+        refusal = await self._admit(ex, body, backend)
+        if ex.decision is not None:
+            scope.setdefault("state", {})["quota"] = ex.decision
+        if refusal is not None:
+            await _send_response(send, refusal)
             return
-        state = scope.get("state")
-        if state is None:
-            state = scope["state"] = {}
-        state["quota"] = decision
-        if not decision.allowed:
-            await _send_response(send, denied(decision))
-            return
-        if decision.ai is not None and decision.ai.body is not None:
-            # the output cap was written into the body: the app gets that body
-            receive = _replay(decision.ai.body, upstream_receive)
+        if ex.app_body is not None:  # the output cap was written in: the app gets that body
+            receive = _replay(ex.app_body, client_receive)
             scope["headers"] = [
                 *((k, v) for k, v in scope.get("headers") or () if k.lower() != b"content-length"),
-                (b"content-length", str(len(decision.ai.body)).encode()),
+                (b"content-length", str(len(ex.app_body)).encode()),
             ]
-        if not decision.needs_settle:
-            extra = allowed_headers(decision)
-            await self.app(scope, receive, _with_headers(send, extra) if extra else send)
+        if not ex.tracks_response:
+            await self.app(scope, receive, _with_headers(send, ex.extra) if ex.extra else send)
             return
-        responder = _Responder(self, decision, backend, send)
+        relay = _Relay(self, ex, backend, send)
         try:
-            await self.app(scope, receive, responder.send)
+            await self.app(scope, receive, relay.send)
         except BaseException as e:
-            if not (responder.meter is not None and responder.meter.stopped and _stopped(e)):
+            if not (ex.stopped and _stopped(e)):
                 raise
             # the hard stop ended the response: the app (and its upstream) stopped with it
         finally:
-            await responder.settle()
+            charge = await asyncio.shield(self._spawn(self._run(ex.settle(), backend)))
+            if ex.buffered:
+                self._start_drain(backend)
+            if charge is not None and self.on_settle is not None:
+                await _call_hook(self.on_settle, charge)
 
-    async def _admit(self, info: RequestInfo, backend: AsyncBackend) -> Decision:
+    async def _run(self, flow: Generator[ScriptCall, Any, T], backend: AsyncBackend) -> T:
+        if getattr(backend, "inline", False):
+            # the embedded store answers in microseconds: no coroutine per store call
+            return drive_sync(flow, backend)  # type: ignore[arg-type]
+        return await drive_async(flow, backend)
+
+    async def _admit(
+        self, ex: Exchange, body: bytes | None, backend: AsyncBackend
+    ) -> Response | None:
+        if getattr(backend, "inline", False):
+            return await self._run(ex.admit(body), backend)
         # Shielded: if the client goes away while the admit call is in flight, the call still
         # completes in Redis, and what it took (a slot, a reservation) must be given back now,
         # not when its lease ends.
-        task = self._spawn(drive_async(self.engine.admit(info), backend))
+        task = self._spawn(drive_async(ex.admit(body), backend))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            task.add_done_callback(lambda t: self._release_orphan(t, backend))
+            task.add_done_callback(lambda t: self._release_orphan(t, ex, backend))
             raise
 
-    def _release_orphan(self, task: asyncio.Task[Any], backend: AsyncBackend) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        decision: Decision = task.result()
-        if decision.allowed and decision.needs_settle:
-            self._spawn(drive_async(self.engine.settle(decision), backend))
+    def _release_orphan(self, task: asyncio.Task[Any], ex: Exchange, backend: AsyncBackend) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._spawn(drive_async(ex.release(), backend))
 
     def _start_drain(self, backend: AsyncBackend) -> None:
         """Writes the settle buffer in the background while it holds settles (the store was
@@ -203,14 +188,16 @@ class QuotaMiddleware:
 
         async def drain() -> None:
             buffer = self.engine.settle_buffer
+            progress = False
             while len(buffer):
+                if not progress:  # the store was away a moment ago: give it time
+                    await asyncio.sleep(DRAIN_INTERVAL)
                 before = len(buffer)
                 try:
                     await drive_async(self.engine.drain(), backend)
                 except Exception:  # never let the drainer die silently with settles left
                     log.exception("quota_middleware: draining the settle buffer failed")
-                if len(buffer) >= before:  # no progress: the store is still away
-                    await asyncio.sleep(DRAIN_INTERVAL)
+                progress = len(buffer) < before
 
         self._drainer = self._spawn(drain())
 
@@ -233,82 +220,38 @@ def _stopped(e: BaseException) -> bool:
     return isinstance(e, BaseExceptionGroup) and all(_stopped(x) for x in e.exceptions)
 
 
-class _Responder:
-    """Per request: adds headers, meters the body as it passes, ends it at the hard stop,
-    settles exactly once."""
+class _Relay:
+    """Per request: the app's ``send``, through the exchange: headers added, the body metered
+    as it passes, the stream ended at the hard stop."""
 
-    __slots__ = (
-        "mw", "decision", "backend", "_send", "meter", "_extra", "_settled", "_hard_stop",
-        "_denied",
-    )  # fmt: skip
+    __slots__ = ("mw", "ex", "backend", "_send")
 
-    def __init__(
-        self, mw: QuotaMiddleware, decision: Decision, backend: AsyncBackend, send: Send
-    ) -> None:
-        self.mw = mw
-        self.decision = decision
-        self.backend = backend
-        self._send = send
-        self.meter = Meter(decision.ai) if decision.ai is not None else None
-        self._extra = allowed_headers(decision)
-        self._settled = False
-        self._hard_stop = self.meter is not None and mw.engine.hard_stop(decision)
-        self._denied = False  # the hard stop said no: end at the next event boundary
+    def __init__(self, mw: QuotaMiddleware, ex: Exchange, backend: AsyncBackend, send: Send):
+        self.mw, self.ex, self.backend, self._send = mw, ex, backend, send
 
     async def send(self, message: Message) -> None:
-        kind = message["type"]
-        meter = self.meter
-        if meter is not None and meter.stopped:
+        ex = self.ex
+        if ex.stopped:
             raise _HardStop("the response was ended by the hard stop")
+        kind = message["type"]
         if kind == "http.response.start":
             headers = message.get("headers") or ()
-            if self.meter is not None:
-                self.meter.start(
-                    message["status"],
-                    _header(headers, b"content-type"),
-                    _header(headers, b"content-encoding"),
-                )
-            if self._extra:
+            extra = ex.response_start(message["status"], headers)
+            if extra:
                 message = dict(message)
-                extra = self._extra
-                if self.meter is not None:
-                    extra = without_request_id(extra, headers)
                 message["headers"] = [*headers, *extra]
-        elif kind == "http.response.body" and meter is not None:
-            meter.feed(message.get("body", b""))
-            if self._hard_stop and message.get("more_body") and message.get("body"):
+        elif kind == "http.response.body":
+            chunk = message.get("body", b"")
+            ex.response_chunk(chunk)
+            if ex.hard_stop and chunk and message.get("more_body"):
                 await self._send(message)
-                await self._check(meter)
+                last = await self.mw._run(ex.stop(), self.backend)
+                if last is not None:
+                    await self._send({"type": "http.response.body", "body": last,
+                                      "more_body": False})  # fmt: skip
+                    raise _HardStop("the quota or budget has no room for the rest")
                 return
         await self._send(message)
-
-    async def _check(self, meter: Meter) -> None:
-        if not self._denied:
-            if await drive_async(self.mw.engine.top_up(self.decision, meter), self.backend):
-                return
-            self._denied = True
-        assert meter.parser is not None
-        if not meter.parser.at_boundary:
-            return  # end it where an event ends, never inside one
-        meter.stopped = True
-        event = stop_event(self.decision.ai.estimate.format if self.decision.ai else "", meter)
-        await self._send({"type": "http.response.body", "body": event, "more_body": False})
-        raise _HardStop("the quota or budget has no room for the rest of this response")
-
-    async def settle(self) -> None:
-        if self._settled:
-            return
-        self._settled = True
-        usage, cost, charge = self.mw.engine.finish(self.decision, self.meter)
-        if self.decision.needs_settle:
-            flow = self.mw.engine.settle(self.decision, usage, cost)
-            # Shielded: a client disconnect cancels the request task, but what it held must
-            # still be given back and what it used charged.
-            await asyncio.shield(self.mw._spawn(drive_async(flow, self.backend)))
-        if len(self.mw.engine.settle_buffer):
-            self.mw._start_drain(self.backend)
-        if charge is not None and self.mw.on_settle is not None:
-            await _call_hook(self.mw.on_settle, charge)
 
 
 async def _call_hook(hook: Callable[[Charge], object], charge: Charge) -> None:

@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -33,7 +33,6 @@ from .limits import (
     _check_patterns,
     path_matches,
 )
-from .usage import Format
 
 OnError = Literal["open", "closed"]
 T = TypeVar("T")
@@ -179,7 +178,11 @@ class StorageConfig:
         )
 
 
-_AI_FORMATS: tuple[str, ...] = get_args(Format)
+AIFormat = Literal[
+    "openai-chat", "openai-completions", "openai-responses", "openai-embeddings",
+    "anthropic-messages", "gemini", "ollama", "auto",
+]  # fmt: skip
+_AI_FORMATS = AIFormat.__args__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,7 +206,7 @@ class AIRoute:
     """
 
     path: str
-    format: Format = "auto"
+    format: AIFormat = "auto"
     methods: Sequence[str] = ("POST",)
     max_body: int = 1 << 20
     default_output_tokens: int = 1024

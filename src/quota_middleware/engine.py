@@ -19,19 +19,19 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from .config import AIRoute, Plan, QuotaConfig
+from .context import Context
 from .decision import Decision, Hold, LimitStatus, Reason, Stats
 from .errors import IdentificationError, StorageError
 from .flows import drive_async, drive_sync
 from .hardstop import top_up
 from .identity import Caller, Identifier
-from .keys import CallerKeys, app_tag
+from .keys import CallerKeys
 from .limits import AppBudget, Budget, Concurrency, Limit, RequestRate, TokenQuota, TokenRate
-from .margins import InputMargins
 from .metering import AIRequest, Meter, ModelNotAllowed, UnpricedModel, prepare, price_table
 from .periods import day_id, period_of
 from .request import RequestInfo
 from .scripts import ScriptArg, ScriptCall, hash_pairs
-from .settlement import SETTLE_MARKER_MS, SettleBuffer, Settlement
+from .settlement import SETTLE_MARKER_MS, Settlement
 
 log = logging.getLogger("quota_middleware")
 
@@ -83,8 +83,11 @@ def _ceil_s(us: int) -> int:
     return max(0, -(-int(us) // 1_000_000))
 
 
-class Engine(Settlement):
-    """Decides requests for one :class:`QuotaConfig`. Shared by the ASGI and WSGI adapters."""
+class Engine:
+    """Decides and settles requests for one :class:`QuotaConfig`; what both adapters drive
+    (through :class:`~quota_middleware.exchange.Exchange`). Two peers over one
+    :class:`~quota_middleware.context.Context`: :class:`Admission` (this module) and
+    :class:`~quota_middleware.settlement.Settlement`."""
 
     def __init__(
         self,
@@ -94,24 +97,41 @@ class Engine(Settlement):
         clock: Callable[[], int] | None = None,
         metrics: Any = None,
     ) -> None:
-        self.config = config
-        #: a :class:`~quota_middleware.metrics.PrometheusMetrics` (or anything with its hooks)
-        self.metrics = metrics
-        self.identifier = identifier or Identifier(config.identity, prefix=config.storage.prefix)
-        #: microseconds override for deterministic tests; None means Redis server time
-        self.clock = clock
-        self.stats = Stats()
-        #: settles not yet written because the store was down (see :class:`SettleBuffer`)
-        self.settle_buffer = SettleBuffer(config.storage.settle_buffer)
-        self._prefix = config.storage.prefix
+        self.ctx = ctx = Context(config, clock=clock, metrics=metrics)
+        self.admission = Admission(ctx, identifier)
+        self.settlement = Settlement(ctx)
+        # the surface the adapters, the exchange, the reports and the tests use
+        self.config = ctx.config
+        self.stats = ctx.stats
+        self.margins = ctx.margins
+        self.settle_buffer = ctx.settle_buffer
+        self.app_period_key = ctx.app_period_key
+        adm, stl = self.admission, self.settlement
+        self.identifier = adm.identifier
+        self.ai_route, self.admit, self.plan_admit, self.decide = (
+            adm.ai_route, adm.admit, adm.plan_admit, adm.decide)  # fmt: skip
+        self.hard_stop, self.top_up = adm.hard_stop, adm.top_up
+        self.finish, self.settle, self.drain = stl.finish, stl.settle, stl.drain
+        self.plan_settle, self.plan_app_settle = stl.plan_settle, stl.plan_app_settle
+
+    @property
+    def metrics(self) -> Any:
+        return self.ctx.metrics
+
+    @property
+    def clock(self) -> Callable[[], int] | None:
+        return self.ctx.clock
+
+
+class Admission:
+    """From a request to a :class:`Decision`: identification, the estimate and the admit call
+    (the hot path), the app budgets' kill switch, the hard stop's top-ups."""
+
+    def __init__(self, ctx: Context, identifier: Identifier | None = None) -> None:
+        self.ctx = ctx
+        config = ctx.config
+        self.identifier = identifier or Identifier(config.identity, prefix=ctx.prefix)
         self._prices, self._default_price = price_table(config)
-        #: prompt-estimate margins per model, configured or learned from settles
-        self.margins = InputMargins(
-            config.input_margins, key=f"{self._prefix}:{{@margins}}",
-            learn=config.learn_input_margins,
-        )  # fmt: skip
-        self._retention_ms = config.usage_retention_days * 86_400_000
-        self._app_tag = app_tag(self._prefix)
         self._routes_seen: dict[tuple[str, str], tuple[bool, AIRoute | None, int]] = {}
         self._limits_seen: dict[tuple[str, str], tuple[Limit, ...]] = {}
         self._plain_seen: dict[
@@ -122,29 +142,26 @@ class Engine(Settlement):
 
     def ai_route(self, info: RequestInfo) -> AIRoute | None:
         """The AI route this request is on, if any: the adapter then buffers its body first."""
-        if not self.config.ai_routes:
+        if not self.ctx.config.ai_routes:
             return None
         return self._route_facts(info.method, info.path)[1]
-
-    def _now_us(self) -> int:
-        return self.clock() if self.clock is not None else time.time_ns() // 1000
 
     # -- admit ----------------------------------------------------------------------------
     def admit(self, info: RequestInfo) -> Flow:
         """The admission flow. Raises :class:`IdentificationError` for a 401."""
-        if self.metrics is None:
+        if self.ctx.metrics is None:
             return self._admit(info)  # one generator less per request
         return self._admit_observed(info)
 
     def _admit_observed(self, info: RequestInfo) -> Flow:
-        assert self.metrics is not None
+        assert self.ctx.metrics is not None
         try:
             decision = yield from self._admit(info)
         except IdentificationError:
-            self.metrics.decisions.labels("denied", "unauthenticated", "").inc()
+            self.ctx.metrics.decisions.labels("denied", "unauthenticated", "").inc()
             raise
         if decision.limited or decision.degraded or not decision.allowed:
-            self.metrics.decision(decision)
+            self.ctx.metrics.decision(decision)
         return decision
 
     def _route_facts(self, method: str, path: str) -> tuple[bool, AIRoute | None, int]:
@@ -153,9 +170,9 @@ class Engine(Settlement):
         key = (method, path)
         facts = self._routes_seen.get(key)
         if facts is None:
-            routes = self.config.routes
+            routes = self.ctx.config.routes
             limited = routes.is_limited(path)
-            route = self.config.ai_route(method, path) if limited else None
+            route = self.ctx.config.ai_route(method, path) if limited else None
             facts = (limited, route, routes.weight(method, path))
             if len(self._routes_seen) >= 4096:  # paths are client-chosen: stay bounded
                 self._routes_seen.clear()
@@ -180,16 +197,16 @@ class Engine(Settlement):
         rid = new_request_id()
         limited, route, weight = self._route_facts(info.method, info.path)
         if not limited:
-            self.stats.incr("exempt")
+            self.ctx.stats.incr("exempt")
             return Decision(allowed=True, request_id=rid)
         try:
             caller = yield from self.identifier.identify(info)
         except StorageError as e:
-            return self._degraded(rid, None, self.config.plan(None), None, e)
+            return self._degraded(rid, None, self.ctx.config.plan(None), None, e)
         except IdentificationError:
-            self.stats.incr("unauthenticated")
+            self.ctx.stats.incr("unauthenticated")
             raise
-        plan = self.config.plan(caller.plan)
+        plan = self.ctx.config.plan(caller.plan)
         ai: AIRequest | None = None
         limits: Sequence[Limit]
         trace = path = None
@@ -202,7 +219,7 @@ class Engine(Settlement):
             except UnpricedModel as e:
                 return self._refuse(rid, caller, plan, "unpriced", f"model {e.model!r}")
             limits = [lim for lim in plan.limits if lim.applies(info.path, ai.model)]
-            margins = self.margins
+            margins = self.ctx.margins
             est = ai.estimate
             if not margins.known(est.format, est.model) and (load := margins.sync_call()):
                 # a model this worker has no margin for yet: what the other workers learned,
@@ -219,13 +236,13 @@ class Engine(Settlement):
             if stopped is not None:
                 budget, end_us = stopped
                 return self._refuse(rid, caller, plan, "budget", budget.name or "app",
-                                    retry_us=end_us - self._now_us())  # fmt: skip
+                                    retry_us=end_us - self.ctx.now_us())  # fmt: skip
         else:
             limits = self._plain_limits(plan, info.path)
-        now_us = self._now_us() if ai is not None else None
+        now_us = self.ctx.now_us() if ai is not None else None
         day = day_id(now_us, plan.zone) if now_us is not None else None
         if not limits:
-            self.stats.incr("allowed")
+            self.ctx.stats.incr("allowed")
             return Decision(
                 allowed=True, request_id=rid, caller=caller, plan=plan.name, ai=ai, day=day,
                 trace_id=trace, path=path,
@@ -252,8 +269,8 @@ class Engine(Settlement):
     def _prepare(self, route: AIRoute, info: RequestInfo, plan: Plan) -> AIRequest:
         budgeted = any(isinstance(lim, Budget) for lim in plan.limits)
         return prepare(
-            route, info.path, info.body or b"", plan, self.config, self._prices,
-            self._default_price, budgeted=budgeted, margins=self.margins,
+            route, info.path, info.body or b"", plan, self.ctx.config, self._prices,
+            self._default_price, budgeted=budgeted, margins=self.ctx.margins,
         )  # fmt: skip
 
     def plan_admit(
@@ -268,15 +285,15 @@ class Engine(Settlement):
     ) -> tuple[ScriptCall, tuple[Hold, ...]]:
         """The admit call, and for each limit what it would hold if admitted (charged amounts
         come from the reply)."""
-        keys = CallerKeys(self._prefix, caller.tenant, caller.id)
+        keys = CallerKeys(self.ctx.prefix, caller.tenant, caller.id)
         if ai is None:
             return self._plan_plain(keys, limits, weight, rid)
         key_list: list[str] = [keys.buckets]
         index: dict[str, int] = {}
         lease_us = int(ai.route.lease * 1_000_000)
-        args: list[ScriptArg] = [self._now_arg(), rid, lease_us, len(limits)]
+        args: list[ScriptArg] = [self.ctx.now_arg(), rid, lease_us, len(limits)]
         holds: list[Hold] = []
-        now = now_us if now_us is not None else self._now_us()
+        now = now_us if now_us is not None else self.ctx.now_us()
         for lim in limits:
             if isinstance(lim, RequestRate | TokenRate):
                 assert lim.name is not None
@@ -345,7 +362,7 @@ class Engine(Settlement):
             )  # fmt: skip
         else:
             holds = ()
-        return ScriptCall("admit", key_list, (self._now_arg(), rid, *tail_bytes)), holds
+        return ScriptCall("admit", key_list, (self.ctx.now_arg(), rid, *tail_bytes)), holds
 
     def decide(
         self,
@@ -386,7 +403,7 @@ class Engine(Settlement):
                 held.append(holds[i])  # nothing reserved (tokens-only), still charged at settle
         del now_us
         if allowed:
-            self.stats.incr("allowed")
+            self.ctx.stats.incr("allowed")
             return Decision(
                 allowed=True, request_id=rid, caller=caller, plan=plan.name, limited=True,
                 statuses=tuple(statuses), ai=ai, holds=tuple(held), day=day,
@@ -404,8 +421,8 @@ class Engine(Settlement):
         else:
             reason = "rate"
         retry_after = max(1, _ceil_s(retry_us)) if retry_us >= 0 else None
-        self.stats.incr("shadow_denied" if plan.shadow else "denied")
-        self.stats.incr(f"denied_{reason}")
+        self.ctx.stats.incr("shadow_denied" if plan.shadow else "denied")
+        self.ctx.stats.incr(f"denied_{reason}")
         if plan.shadow:
             log.info(
                 "quota_middleware: shadow plan %s would deny caller %s (%s)",
@@ -421,7 +438,7 @@ class Engine(Settlement):
         self, rid: str, caller: Caller, plan: Plan, reason: Reason, what: str,
         retry_us: int | None = None,
     ) -> Decision:  # fmt: skip
-        self.stats.incr(f"denied_{reason}")
+        self.ctx.stats.incr(f"denied_{reason}")
         if plan.shadow:
             log.info("quota_middleware: shadow plan %s would refuse %s", plan.name, what)
         retry_after = None if retry_us is None else max(1, _ceil_s(retry_us))
@@ -431,23 +448,17 @@ class Engine(Settlement):
         )  # fmt: skip
 
     # -- the app-wide budgets (their own key, so not in the caller's admit call) ------------
-    def app_period_key(self, budget: AppBudget, now_us: int | None = None) -> tuple[str, int]:
-        from zoneinfo import ZoneInfo
-
-        pid, end_us = period_of(budget.period, now_us or self._now_us(), ZoneInfo(budget.timezone))
-        return f"{self._app_tag}:q:{pid}", end_us
-
     def _app_gate(self) -> Generator[ScriptCall, Any, tuple[AppBudget, int] | None]:
         """The hard-stopped app budget that is spent, if any, from a copy of the app counters
         at most ``check_interval`` old (one read per interval per process, not per request)."""
-        stops = [b for b in self.config.app_budgets if b.hard_stop]
+        stops = [b for b in self.ctx.config.app_budgets if b.hard_stop]
         if not stops:
             return None
         now = time.monotonic()
         stale = []
         for b in stops:
             assert b.name is not None
-            key, _ = self.app_period_key(b)
+            key, _ = self.ctx.app_period_key(b)
             seen = self._app_seen.get(b.name)
             if seen is None or seen[0] != key or now - seen[3] > b.check_interval:
                 stale.append((b, key))
@@ -467,7 +478,7 @@ class Engine(Settlement):
             assert b.name is not None
             key, spent, limit, _ = self._app_seen[b.name]
             if spent >= limit:
-                return b, self.app_period_key(b)[1]
+                return b, self.ctx.app_period_key(b)[1]
         return None
 
     def _degraded(
@@ -480,7 +491,7 @@ class Engine(Settlement):
         day: str | None = None,
     ) -> Decision:
         fail_open = plan.on_error == "open"
-        self.stats.incr("degraded_open" if fail_open else "degraded_closed")
+        self.ctx.stats.incr("degraded_open" if fail_open else "degraded_closed")
         log.warning(
             "quota_middleware: store unavailable (%s); plan %s fails %s for caller %s",
             error, plan.name, plan.on_error, caller.id if caller else "-",
@@ -492,7 +503,7 @@ class Engine(Settlement):
             plan=plan.name,
             degraded=True,
             reason=None if fail_open else "unavailable",
-            retry_after=None if fail_open else max(1, int(self.config.storage.breaker_reset)),
+            retry_after=None if fail_open else max(1, int(self.ctx.config.storage.breaker_reset)),
             # a fail-open AI request is still metered: if the store is back by the time it
             # ends, the full usage is charged
             ai=ai if fail_open else None,
@@ -504,18 +515,17 @@ class Engine(Settlement):
         """Whether this request's stream is ended when its quota or budget runs out."""
         if decision.ai is None or decision.degraded or decision.shadow:
             return False
-        return self.config.plan(decision.plan).hard_stop
+        return self.ctx.config.plan(decision.plan).hard_stop
 
     def top_up(self, decision: Decision, meter: Meter) -> Generator[ScriptCall, Any, bool]:
         """Whether the stream may go on; grows its reservation when it outgrew it."""
-        fail_open = self.config.plan(decision.plan).on_error == "open"
-        granted = yield from top_up(decision, meter, now_arg=self._now_arg(), fail_open=fail_open)
+        fail_open = self.ctx.config.plan(decision.plan).on_error == "open"
+        granted = yield from top_up(
+            decision, meter, now_arg=self.ctx.now_arg(), fail_open=fail_open
+        )
         if not granted:
-            self.stats.incr("hard_stops")
+            self.ctx.stats.incr("hard_stops")
         return granted
-
-    def _now_arg(self) -> str:
-        return "" if self.clock is None else str(self.clock())
 
 
 __all__ = [

@@ -184,10 +184,3 @@ def allowed_headers(decision: Decision) -> RawHeaders:
 
 
 REQUEST_ID = b"x-request-id"
-
-
-def without_request_id(extra: RawHeaders, app_headers: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
-    """``extra`` less our ``x-request-id`` when the app's response already has one."""
-    if any(k.lower() == REQUEST_ID for k, _ in app_headers):
-        return [(k, v) for k, v in extra if k != REQUEST_ID]
-    return extra

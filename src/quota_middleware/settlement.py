@@ -1,18 +1,16 @@
-"""Settling: what an admitted request gives back and is charged once its response is done,
-the app budgets' share of it, and the alert events that come out of it. A mixin of
-:class:`~quota_middleware.engine.Engine`, kept apart because admission is the hot path and this
-is the other half of a request's life."""
+"""Settling: what an admitted request gives back and is charged once its response is done
+(the meter's usage and its cost), the app budgets' share of it, the alert events that come out
+of it, and the settles kept while the store is down. A peer of admission over one
+:class:`~quota_middleware.context.Context`."""
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .config import QuotaConfig
-from .decision import Charge, Decision, Stats
+from .context import Context
+from .decision import Charge, Decision
 from .errors import StorageError
 from .events import AlertEvent, outbox_call, parse_settle_events
 from .keys import CallerKeys
@@ -21,7 +19,6 @@ from .scripts import ScriptArg, ScriptCall
 from .usage import Usage, clean_model
 
 if TYPE_CHECKING:
-    from .margins import InputMargins
     from .metering import Meter
 
 log = logging.getLogger("quota_middleware")
@@ -37,67 +34,11 @@ _REPLAY_ATTEMPTS = 5
 SETTLE_MARKER_MS = 15 * 60 * 1000
 
 
-class SettleBuffer:
-    """Settles that could not be written (the store was down), kept per process until it
-    answers again, oldest dropped first when full. Each entry is replayed through the same
-    settle calls, which are idempotent per request id (their done markers), so a settle that
-    did reach Redis before its reply was lost is not applied twice."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        # (decision, usage, cost, attempts, ended at µs)
-        self._items: deque[tuple[Decision, Usage | None, int, int, int]] = deque()
-        self._lock = threading.Lock()
-        #: settles dropped because the buffer was full or they kept failing
-        self.dropped = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def push(
-        self, decision: Decision, usage: Usage | None, cost: int, attempts: int = 0,
-        at_us: int = 0, *, front: bool = False,
-    ) -> bool:  # fmt: skip
-        """Keep one settle; False when that dropped the oldest (or this one: size 0).
-        ``front``: put back one that could not be written yet, to keep the order."""
-        with self._lock:
-            if self.size <= 0:
-                self.dropped += 1
-                return False
-            dropped = len(self._items) >= self.size
-            if dropped:
-                self._items.popleft()
-                self.dropped += 1
-            item = (decision, usage, cost, attempts, at_us)
-            if front:
-                self._items.appendleft(item)
-            else:
-                self._items.append(item)
-            return not dropped
-
-    def pop(self) -> tuple[Decision, Usage | None, int, int, int] | None:
-        with self._lock:
-            return self._items.popleft() if self._items else None
-
-    def drop(self) -> None:
-        with self._lock:
-            self.dropped += 1
-
-
 class Settlement:
-    """The settle half of the engine (see :class:`~quota_middleware.engine.Engine`)."""
+    """The settle half of a request's life, a peer of admission over one :class:`Context`."""
 
-    config: QuotaConfig
-    metrics: Any
-    stats: Stats
-    settle_buffer: SettleBuffer
-    margins: InputMargins
-    _prefix: str
-    _app_tag: str
-    _retention_ms: int
-    _now_us: Callable[[], int]
-    _now_arg: Callable[[], str]
-    app_period_key: Callable[..., tuple[str, int]]
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
 
     def plan_settle(
         self, decision: Decision, usage: Usage | None = None, cost: int = 0
@@ -108,7 +49,7 @@ class Settlement:
             return None
         caller = decision.caller
         assert caller is not None
-        keys = CallerKeys(self._prefix, caller.tenant, caller.id)
+        keys = CallerKeys(self.ctx.prefix, caller.tenant, caller.id)
         key_list = [keys.settled(decision.request_id)]
         index: dict[str, int] = {}
 
@@ -130,7 +71,7 @@ class Settlement:
             else:
                 actual = cost if h.param == 1 else tokens
                 ops += ["q", key(h.key, h.ledger), h.name, h.charged, actual]
-        now_us = self._now_us()
+        now_us = self.ctx.now_us()
         kept: set[str] = set()
         for h in decision.holds:
             if h.kind == "q" and h.key not in kept:
@@ -140,7 +81,7 @@ class Settlement:
             if h.kind == "q" and h.thresholds and (cost if h.param == 1 else tokens):
                 pcts = ",".join(str(t) for t in h.thresholds)
                 ops += ["t", key(h.key), h.name, h.amount, pcts]
-        spikes = self.config.spikes
+        spikes = self.ctx.config.spikes
         if spikes is not None and tokens > 0:
             params = f"{int(spikes.multiple * 1000)},{spikes.floor_tokens},{spikes.window_hours}"
             ops += ["h", key(keys.hourly), "", tokens, params]
@@ -161,11 +102,11 @@ class Settlement:
                                and not usage.total_tokens)),
             ):  # fmt: skip
                 if value:
-                    ops += ["u", ukey, f"{model}|{field}", self._retention_ms, value]
+                    ops += ["u", ukey, f"{model}|{field}", self.ctx.retention_ms, value]
         if not ops:
             return None
         args: list[ScriptArg] = [
-            self._now_arg(), decision.request_id, SETTLE_MARKER_MS, len(ops) // 5
+            self.ctx.now_arg(), decision.request_id, SETTLE_MARKER_MS, len(ops) // 5
         ]  # fmt: skip
         return ScriptCall("settle", tuple(key_list), tuple(args + ops))
 
@@ -175,34 +116,34 @@ class Settlement:
         """The second settle call: the request's cost on every app budget (their own keys,
         another cluster slot) and their thresholds. No reservation there: it is a kill switch
         on actual spend."""
-        if not self.config.app_budgets or cost <= 0:
+        if not self.ctx.config.app_budgets or cost <= 0:
             return None
-        key_list = [f"{self._app_tag}:s:{decision.request_id}"]
+        key_list = [f"{self.ctx.app_tag}:s:{decision.request_id}"]
         ops: list[ScriptArg] = []
         index: dict[str, int] = {}
         budgets = self._app_budget_ops()
         ends: dict[str, int] = {}
         for b in budgets:
-            key, end_us = self.app_period_key(b, at_us)
+            key, end_us = self.ctx.app_period_key(b, at_us)
             if key not in index:
                 key_list += [key, key + ":r"]
                 index[key] = len(key_list) - 1
                 ends[key] = end_us
             ops += ["q", index[key], b.name or "", 0, cost]
-        now_us = self._now_us()
+        now_us = self.ctx.now_us()
         for key, end_us in ends.items():
             ops += ["e", index[key], "", _period_ttl_ms(end_us, now_us), 0]
         for b in budgets:
             if b.thresholds:
-                key, _ = self.app_period_key(b, at_us)
+                key, _ = self.ctx.app_period_key(b, at_us)
                 ops += ["t", index[key], b.name or "", b.micros, ",".join(map(str, b.thresholds))]
-        args: list[ScriptArg] = [self._now_arg(), decision.request_id, SETTLE_MARKER_MS,
+        args: list[ScriptArg] = [self.ctx.now_arg(), decision.request_id, SETTLE_MARKER_MS,
                                  len(ops) // 5]  # fmt: skip
         return ScriptCall("settle", tuple(key_list), tuple(args + ops))
 
     def _app_budget_ops(self) -> tuple[AppBudget, ...]:
         """The app budgets, in the order their "q" operations open the app settle call."""
-        return tuple(self.config.app_budgets)
+        return tuple(self.ctx.config.app_budgets)
 
     def finish(
         self, decision: Decision, meter: Meter | None
@@ -216,20 +157,20 @@ class Settlement:
         cost = meter.cost(usage)
         ai = meter.ai
         if meter.invalid is not None:
-            self.stats.incr("usage_invalid")
+            self.ctx.stats.incr("usage_invalid")
             log.warning(
                 "quota_middleware: usage_invalid route=%s model=%s status=%d (%s); charged "
                 "from the estimate", ai.route.path, usage.model or "-", meter.status,
                 meter.invalid,
             )  # fmt: skip
         if usage.error is not None and not usage.estimated and not usage.total_tokens:
-            self.stats.incr("upstream_errors")
+            self.ctx.stats.incr("upstream_errors")
         elif usage.estimated:
-            self.stats.incr("estimated")
+            self.ctx.stats.incr("estimated")
         est = ai.estimate
         if not (usage.estimated or usage.error or est.opaque or est.estimated_from_bytes):
             # an exact count: how far this model's tokenizer runs above our estimate
-            self.margins.observe(est.format, est.model, est.prompt_tokens, usage.input_tokens)
+            self.ctx.margins.observe(est.format, est.model, est.prompt_tokens, usage.input_tokens)
         caller = decision.caller
         if caller is None:
             return usage, cost, None
@@ -257,27 +198,29 @@ class Settlement:
         they will not fire again) still reach the outbox, or at least the log. A settle that
         could not be written goes to the settle buffer; once a settle succeeds again, the
         buffered ones are applied after it."""
-        if self.metrics is not None and usage is not None:
-            self.metrics.usage(usage, cost)
-        at_us = self._now_us()
+        if self.ctx.metrics is not None and usage is not None:
+            self.ctx.metrics.usage(usage, cost)
+        at_us = self.ctx.now_us()
         events, error = yield from self._settle_once(decision, usage, cost, at_us)
         if error is not None:
             # only an AI request's usage is owed: a slot or reservation frees itself when its
             # lease ends, and must not take a charge's place in the buffer
             if decision.ai is not None:
                 self._buffer(decision, usage, cost, 0, at_us)
-        elif len(self.settle_buffer):
+        elif len(self.ctx.settle_buffer):
             events += yield from self.drain(answered=True)
         if decision.ai is not None:
-            margins = self.margins.sync_call()
+            margins = self.ctx.margins.sync_call()
             if margins is not None:
                 try:
-                    self.margins.apply((yield margins))
+                    self.ctx.margins.apply((yield margins))
                 except StorageError:
-                    self.margins.unsent(margins)  # an optimisation: the next sync carries it
+                    self.ctx.margins.unsent(margins)  # an optimisation: the next sync carries it
         # (a metrics object of the user's own may not have this hook)
-        if self.metrics is not None and hasattr(self.metrics, "settle_buffer"):
-            self.metrics.settle_buffer(len(self.settle_buffer), self.settle_buffer.dropped)
+        if self.ctx.metrics is not None and hasattr(self.ctx.metrics, "settle_buffer"):
+            self.ctx.metrics.settle_buffer(
+                len(self.ctx.settle_buffer), self.ctx.settle_buffer.dropped
+            )
         return events
 
     def drain(self, *, answered: bool = False) -> Generator[ScriptCall, Any, list[AlertEvent]]:
@@ -290,23 +233,23 @@ class Settlement:
         """
         events: list[AlertEvent] = []
         for _ in range(_DRAIN_BATCH):
-            item = self.settle_buffer.pop()
+            item = self.ctx.settle_buffer.pop()
             if item is None:
                 break
             d, u, c, attempts, at_us = item
             more, error = yield from self._settle_once(d, u, c, at_us)
             events += more
             if error is None:
-                self.stats.incr("settle_replayed")
+                self.ctx.stats.incr("settle_replayed")
                 answered = True
                 continue
             if error.outage or not answered:
-                self.settle_buffer.push(d, u, c, attempts, at_us, front=True)
+                self.ctx.settle_buffer.push(d, u, c, attempts, at_us, front=True)
             elif attempts + 1 < _REPLAY_ATTEMPTS:
-                self.settle_buffer.push(d, u, c, attempts + 1, at_us)
+                self.ctx.settle_buffer.push(d, u, c, attempts + 1, at_us)
             else:
-                self.settle_buffer.drop()
-                self.stats.incr("settle_dropped")
+                self.ctx.settle_buffer.drop()
+                self.ctx.stats.incr("settle_dropped")
                 log.error("quota_middleware: buffered settle %s dropped after %d attempts (%s)",
                           d.public_id, _REPLAY_ATTEMPTS, error)  # fmt: skip
             break
@@ -315,12 +258,12 @@ class Settlement:
     def _buffer(
         self, decision: Decision, usage: Usage | None, cost: int, attempts: int, at_us: int
     ) -> None:
-        self.stats.incr("settle_buffered")
-        if not self.settle_buffer.push(decision, usage, cost, attempts, at_us):
-            self.stats.incr("settle_dropped")
+        self.ctx.stats.incr("settle_buffered")
+        if not self.ctx.settle_buffer.push(decision, usage, cost, attempts, at_us):
+            self.ctx.stats.incr("settle_dropped")
             log.error(
                 "quota_middleware: settle buffer full (%d); the oldest unwritten settle was "
-                "dropped", self.settle_buffer.size,
+                "dropped", self.ctx.settle_buffer.size,
             )  # fmt: skip
 
     def _settle_once(
@@ -359,11 +302,11 @@ class Settlement:
                 )
         if events:
             for event in events:
-                self.stats.incr(f"alerts_{event.type}")
-                if self.metrics is not None:
-                    self.metrics.alert(event, "fired")
+                self.ctx.stats.incr(f"alerts_{event.type}")
+                if self.ctx.metrics is not None:
+                    self.ctx.metrics.alert(event, "fired")
             try:
-                yield outbox_call(self._prefix, events)
+                yield outbox_call(self.ctx.prefix, events)
             except StorageError as e:
                 self._settle_failed("outbox", e)
                 for event in events:
@@ -372,7 +315,7 @@ class Settlement:
         return events, failed
 
     def _settle_failed(self, what: str, error: StorageError) -> None:
-        self.stats.incr("settle_failed")
+        self.ctx.stats.incr("settle_failed")
         log.warning(
             "quota_middleware: %s settle failed (%s); kept in the settle buffer until the "
             "store answers", what, error,
@@ -388,8 +331,8 @@ class Settlement:
     ) -> list[AlertEvent]:
         caller = decision.caller
         out = []
-        at = self._now_us() / 1_000_000
-        budgets = {b.name: b for b in self.config.app_budgets}
+        at = self.ctx.now_us() / 1_000_000
+        budgets = {b.name: b for b in self.ctx.config.app_budgets}
         holds = {h.name: h for h in decision.holds if h.kind == "q"}
         for kind, name, level, used in raw:
             if kind == "h":

@@ -1,6 +1,7 @@
 """``WSGIQuotaMiddleware``: wraps ``start_response`` and the body iterable, and settles in
 ``close()`` (PEP 3333: the server calls it once the response is sent, also when the client went
-away mid-stream)."""
+away mid-stream). What happens to a request is :class:`~quota_middleware.exchange.Exchange`'s:
+this module only translates the environ and the iterable into its calls."""
 
 from __future__ import annotations
 
@@ -16,16 +17,14 @@ from typing import TYPE_CHECKING, Any
 from .alerts import in_process_delivery
 from .backends.base import SyncBackend
 from .backends.factory import sync_backend
-from .config import QuotaConfig
+from .config import QuotaConfig, load_config
 from .decision import Charge
-from .engine import Decision, Engine, drive_sync
-from .errors import IdentificationError
-from .hardstop import stop_event
+from .engine import Engine, drive_sync
+from .exchange import Exchange
 from .identity import Identifier
-from .metering import Meter
 from .reports import UsageReader
 from .request import RequestInfo
-from .responses import Response, allowed_headers, denied, too_large, unauthorized
+from .responses import RawHeaders, Response
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -63,7 +62,7 @@ class WSGIQuotaMiddleware:
             raise TypeError("WSGIQuotaMiddleware: on_settle must be a plain function")
         self.on_settle = on_settle
         self.app = app
-        self.config = config if isinstance(config, QuotaConfig) else QuotaConfig.from_toml(config)
+        self.config = load_config(config)
         self.engine = Engine(self.config, identifier=identifier, clock=clock, metrics=metrics)
         self._observer = metrics.store if metrics is not None else None
         self.backend = backend or sync_backend(self.config.storage, redis, observer=self._observer)
@@ -84,28 +83,20 @@ class WSGIQuotaMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.alerts is not None:
             self.alerts.ensure(self.backend)
-        info = RequestInfo.from_environ(environ)
-        route = self.engine.ai_route(info)
-        if route is not None:
-            body = _read_body(environ, route.max_body)
-            if body is None:
-                return _respond(start_response, too_large(route.max_body))
-            info.body = body
-        try:
-            decision = drive_sync(self.engine.admit(info), self.backend)
-        except IdentificationError as e:
-            return _respond(start_response, unauthorized(e))
-        environ[ENVIRON_KEY] = decision
-        if not decision.allowed:
-            return _respond(start_response, denied(decision))
-        if decision.ai is not None and decision.ai.body is not None:
-            # the output cap was written into the body: the app gets that body
-            environ["wsgi.input"] = io.BytesIO(decision.ai.body)
-            environ["CONTENT_LENGTH"] = str(len(decision.ai.body))
-        extra = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in allowed_headers(decision)]
-        if not decision.needs_settle:
-            if not extra:
+        ex = Exchange(self.engine, RequestInfo.from_environ(environ))
+        body = _read_body(environ, ex.max_body) if ex.max_body is not None else None
+        refusal = drive_sync(ex.admit(body), self.backend)
+        if ex.decision is not None:
+            environ[ENVIRON_KEY] = ex.decision
+        if refusal is not None:
+            return _respond(start_response, refusal)
+        if ex.app_body is not None:  # the output cap was written in: the app gets that body
+            environ["wsgi.input"] = io.BytesIO(ex.app_body)
+            environ["CONTENT_LENGTH"] = str(len(ex.app_body))
+        if not ex.tracks_response:
+            if not ex.extra:
                 return self.app(environ, start_response)
+            extra = _text_headers(ex.extra)
 
             def add_headers(
                 status: str, headers: list[tuple[str, str]], exc_info: Any = None
@@ -113,7 +104,7 @@ class WSGIQuotaMiddleware:
                 return start_response(status, [*headers, *extra], exc_info)
 
             return self.app(environ, add_headers)
-        metered = _Metered(self, decision, start_response, extra)
+        metered = _Metered(self, ex, start_response)
         try:
             app_iter = self.app(environ, metered.start_response)
         except BaseException:
@@ -122,12 +113,10 @@ class WSGIQuotaMiddleware:
         metered.app_iter = app_iter
         return metered
 
-    def _settle(self, decision: Decision, meter: Meter | None) -> None:
-        usage, cost, charge = self.engine.finish(decision, meter)
-        if decision.needs_settle:
-            drive_sync(self.engine.settle(decision, usage, cost), self.backend)
-            if len(self.engine.settle_buffer):
-                self._start_drain()
+    def _settle(self, ex: Exchange) -> None:
+        charge = drive_sync(ex.settle(), self.backend)
+        if ex.buffered:
+            self._start_drain()
         if charge is not None and self.on_settle is not None:
             try:
                 self.on_settle(charge)
@@ -147,14 +136,16 @@ class WSGIQuotaMiddleware:
 
     def _drain_loop(self) -> None:
         buffer = self.engine.settle_buffer
+        progress = False
         while True:
+            if not progress:  # the store was away a moment ago: give it time
+                time.sleep(DRAIN_INTERVAL)
             before = len(buffer)
             try:
                 drive_sync(self.engine.drain(), self.backend)
             except Exception:  # never let the drainer die silently with settles left
                 log.exception("quota_middleware: draining the settle buffer failed")
-            if len(buffer) >= before:  # no progress: the store is still away
-                time.sleep(DRAIN_INTERVAL)
+            progress = len(buffer) < before
             with self._drain_lock:
                 # decided under the lock that _start_drain takes: a settle buffered while this
                 # thread exits either sees it alive and is drained here, or starts a new one
@@ -164,33 +155,16 @@ class WSGIQuotaMiddleware:
 
 
 class _Metered:
-    """The app's body, metered as it is iterated; ``close()`` closes the app's iterable and then
-    settles, exactly once (a ``ClosingIterator`` that also counts)."""
+    """The app's body, through the exchange as it is iterated (metered, ended at the hard
+    stop); ``close()`` closes the app's iterable and then settles, exactly once (a
+    ``ClosingIterator`` that also counts)."""
 
-    __slots__ = (
-        "mw",
-        "decision",
-        "_start_response",
-        "_extra",
-        "meter",
-        "app_iter",
-        "_closed",
-        "_app_closed",
-        "_settled",
-    )
+    __slots__ = ("mw", "ex", "_start_response", "app_iter", "_closed", "_app_closed", "_settled")
 
-    def __init__(
-        self,
-        mw: WSGIQuotaMiddleware,
-        decision: Decision,
-        start_response: StartResponse,
-        extra: list[tuple[str, str]],
-    ) -> None:
+    def __init__(self, mw: WSGIQuotaMiddleware, ex: Exchange, start_response: StartResponse):
         self.mw = mw
-        self.decision = decision
+        self.ex = ex
         self._start_response = start_response
-        self._extra = extra
-        self.meter = Meter(decision.ai) if decision.ai is not None else None
         self.app_iter: Iterable[bytes] = ()
         self._closed = False
         self._app_closed = False
@@ -199,50 +173,38 @@ class _Metered:
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
     ) -> Callable[[bytes], object]:
-        if self.meter is not None:
-            code = int(status.split(" ", 1)[0]) if status[:3].isdigit() else 500
-            lower = {k.lower(): v for k, v in headers}
-            self.meter.start(code, lower.get("content-type"), lower.get("content-encoding"))
-        extra = self._extra
-        if self.meter is not None and any(k.lower() == "x-request-id" for k, _ in headers):
-            extra = [(k, v) for k, v in extra if k != "x-request-id"]  # the app's own wins
+        code = int(status.split(" ", 1)[0]) if status[:3].isdigit() else 500
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        extra = _text_headers(self.ex.response_start(code, raw))
         write = self._start_response(status, [*headers, *extra], exc_info)
-        if self.meter is None:
+        if self.ex.meter is None:
             return write
-        meter = self.meter
+        ex = self.ex
 
         def metered_write(data: bytes) -> object:
-            meter.feed(data)
+            ex.response_chunk(data)
             return write(data)
 
         return metered_write
 
     def __iter__(self) -> Iterator[bytes]:
-        meter = self.meter
-        if meter is None:
+        ex = self.ex
+        if ex.meter is None:
             yield from self.app_iter
-        elif not self.mw.engine.hard_stop(self.decision):
+        elif not ex.hard_stop:
             for chunk in self.app_iter:
-                meter.feed(chunk)
+                ex.response_chunk(chunk)
                 yield chunk
         else:
-            engine, backend = self.mw.engine, self.mw.backend
-            denied = False  # the hard stop said no: end at the next event boundary
+            backend = self.mw.backend
             for chunk in self.app_iter:
-                meter.feed(chunk)
+                ex.response_chunk(chunk)
                 yield chunk
-                if not chunk:
-                    continue
-                if not denied:
-                    denied = not drive_sync(engine.top_up(self.decision, meter), backend)
-                assert meter.parser is not None
-                if denied and meter.parser.at_boundary:  # never inside an event
-                    meter.stopped = True
-                    assert self.decision.ai is not None
-                    event = stop_event(self.decision.ai.estimate.format, meter)
+                last = drive_sync(ex.stop(), backend) if chunk else None
+                if last is not None:
                     self._close_app()  # the app stops generating, its upstream is closed
-                    if event:
-                        yield event
+                    if last:
+                        yield last
                     break
         # The whole body went to the server: settle now. Servers may skip close() (werkzeug's
         # dev server does when the client resets the connection after the last byte).
@@ -251,7 +213,7 @@ class _Metered:
     def _settle_once(self) -> None:
         if not self._settled:
             self._settled = True
-            self.mw._settle(self.decision, self.meter)
+            self.mw._settle(self.ex)
 
     def __del__(self) -> None:
         # Last resort for servers that drop the iterable without close() when the client
@@ -278,6 +240,10 @@ class _Metered:
         close = getattr(self.app_iter, "close", None)
         if close is not None:
             close()
+
+
+def _text_headers(raw: RawHeaders) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
 
 
 def _read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:

@@ -37,6 +37,7 @@ from .commands import cli_run, cli_tail, cli_test, sample_event
 from .config import AlertsConfig
 from .delivery import InProcessDelivery, in_process_delivery
 from .dispatcher import Dispatcher
+from .lanes import DEAD_MAXLEN, PRUNE_EVERY, PRUNE_IDLE_MS
 from .outbox import dead_key, outbox_events, read_stream
 from .sinks import (
     EVENT_ID_HEADER,
@@ -52,14 +53,6 @@ from .sinks import (
     verify_signature,
 )
 from .text import format_text, plain_text
-
-# Tunables: the lanes read them from this package at run time, so setting
-# ``quota_middleware.alerts.PRUNE_EVERY`` (as the tests do) still takes effect.
-#: entries kept in the dead-letter stream (approximately)
-DEAD_MAXLEN = 10_000
-#: how often (s) a dispatcher removes consumers that hold nothing and were idle PRUNE_IDLE_MS
-PRUNE_EVERY = 600.0
-PRUNE_IDLE_MS = 3_600_000
 
 __all__ = [
     "DEAD_MAXLEN",

@@ -8,13 +8,19 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .. import alerts as _package
 from ..scripts import ScriptCall
 from .outbox import _cursor_key, _s
 from .sinks import Sink
 
 if TYPE_CHECKING:
     from .dispatcher import Dispatcher
+
+# Tunables, read at run time (tests set ``quota_middleware.alerts.lanes.PRUNE_EVERY``)
+#: entries kept in the dead-letter stream (approximately)
+DEAD_MAXLEN = 10_000
+#: how often (s) a dispatcher removes consumers that hold nothing and were idle PRUNE_IDLE_MS
+PRUNE_EVERY = 600.0
+PRUNE_IDLE_MS = 3_600_000
 
 # one logger for the whole package: its name is documented (README, LogSink)
 log = logging.getLogger("quota_middleware.alerts")
@@ -51,7 +57,7 @@ class _RedisLane:
         try:
             n = self._retry_pending()
             n += self._read_new()
-            if time.monotonic() - self.pruned > _package.PRUNE_EVERY:
+            if time.monotonic() - self.pruned > PRUNE_EVERY:
                 self.pruned = time.monotonic()
                 self._prune()
         except Exception as e:
@@ -119,7 +125,7 @@ class _RedisLane:
     def _dead(self, eid: str, raw: Any, error: str, attempts: int) -> None:
         c, d = self.d.client, self.d
         fields = d.dead_fields(self.sink, self.group, eid, raw, error, attempts)
-        c.xadd(d.dead_stream, fields, maxlen=_package.DEAD_MAXLEN, approximate=True)
+        c.xadd(d.dead_stream, fields, maxlen=DEAD_MAXLEN, approximate=True)
         c.xack(d.stream, self.group, eid)
         self.errors.pop(eid, None)
 
@@ -130,7 +136,7 @@ class _RedisLane:
         c, d = self.d.client, self.d
         for info in c.xinfo_consumers(d.stream, self.group):
             name = _s(info["name"])
-            if int(info["pending"]) == 0 and int(info["idle"]) > _package.PRUNE_IDLE_MS:
+            if int(info["pending"]) == 0 and int(info["idle"]) > PRUNE_IDLE_MS:
                 if name != d.consumer:
                     c.xgroup_delconsumer(d.stream, self.group, name)
 
@@ -187,7 +193,7 @@ class _MemoryLane:
         if attempts >= d.config.max_attempts or _is_malformed(error):
             self.pending.pop(eid, None)
             fields = d.dead_fields(self.sink, self.group, eid, raw, error, attempts)
-            flat: list[Any] = [_package.DEAD_MAXLEN]
+            flat: list[Any] = [DEAD_MAXLEN]
             for k, v in fields.items():
                 flat += [k, v]
             self._run("alerts_dead", (d.dead_stream,), tuple(flat))

@@ -17,6 +17,10 @@ from .registry import SCRIPTS
 class MemoryBackend:
     """Runs each script's Python twin under one lock, as Redis runs one script at a time."""
 
+    #: answers in microseconds without I/O: async callers may run it inline (no coroutine per
+    #: call), as the ASGI adapter does
+    inline = True
+
     def __init__(self, store: MemoryStore | None = None) -> None:
         self.store = store or MemoryStore()
         self._lock = threading.Lock()

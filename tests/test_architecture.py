@@ -1,0 +1,230 @@
+"""The layering contract, over the package's import graph (read from the source with ``ast``,
+so a lazy import inside a function counts as much as one at the top; imports under
+``if TYPE_CHECKING:`` do not, they never run).
+
+- Every module has a layer; a module imports only modules of its own layer or below.
+- The import graph has no cycles.
+- The sans-IO core imports no I/O or framework library.
+
+ARCHITECTURE.md draws the same layers. A new module must be placed in ``LAYERS``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "src" / "quota_middleware"
+PACKAGE = "quota_middleware"
+
+#: (module or package prefix, layer), lowest first. The longest matching prefix wins.
+LAYERS: list[tuple[str, int]] = [
+    # values and protocols everything else speaks
+    ("errors", 0),
+    ("limits", 1),
+    ("periods", 1),
+    ("scripts", 1),
+    ("keys", 1),
+    ("request", 1),
+    ("events", 1),
+    ("backends.base", 1),
+    ("flows", 2),
+    # identity: JWTs, API keys, client IPs
+    ("jwt_auth", 2),
+    ("client_ip", 2),
+    ("apikeys", 3),
+    ("identity", 3),
+    # metering: framing, per-provider usage, the parser, estimates, prices
+    ("_framing", 2),
+    ("_providers", 2),
+    ("usage", 3),
+    ("estimate", 4),
+    ("pricing", 4),
+    # the policy (and the alert sinks' configuration it holds)
+    ("alerts.sinks", 3),
+    ("alerts.text", 3),
+    ("alerts.config", 4),
+    ("config", 5),
+    ("margins", 5),
+    ("metering", 6),
+    # the sans-IO core: decisions, admission, settlement, the per-request exchange
+    ("decision", 7),
+    ("responses", 8),
+    ("context", 8),
+    ("extension", 8),
+    ("hardstop", 8),
+    ("settlement", 9),
+    ("engine", 10),
+    ("exchange", 11),
+    # stores
+    ("backends", 5),
+    # what runs beside the core: reading usage, delivering alerts, metrics
+    ("reports", 12),
+    ("alerts", 12),
+    ("metrics", 12),
+    # the adapters, then the command line and the package's public face
+    ("asgi", 13),
+    ("wsgi", 13),
+    ("cli", 14),
+    ("", 15),
+]
+
+#: the one known cycle left (policy <-> alerts), to be cut next: QuotaConfig builds the alerts
+#: configuration from its TOML table, and alerts/config.py borrows config's table helpers
+KNOWN_UPWARD = {
+    ("alerts.config", "config"),
+    ("config", "alerts"),
+}
+
+CORE = [
+    "decision", "responses", "context", "extension", "hardstop", "settlement", "engine",
+    "exchange", "flows", "keys", "periods", "scripts", "events", "request", "margins",
+]  # fmt: skip
+IO_LIBRARIES = ("redis", "asyncio", "starlette", "werkzeug", "flask", "fastapi", "httpx")
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(p for p in parts if p != "__init__")
+        mods[name] = path
+    return mods
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(name: str, path: Path, mods: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """(modules of this package, top-level names of other libraries) imported by ``name``."""
+    inside: set[str] = set()
+    outside: set[str] = set()
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    if name == "":
+        package = []
+
+    def add(target: str, names: list[str]) -> None:
+        for n in names:
+            cand = f"{target}.{n}" if target else n
+            inside.add(cand if cand in mods else target)
+
+    class Visitor(ast.NodeVisitor):
+        def visit_If(self, node: ast.If) -> None:
+            if _is_type_checking(node.test):
+                for n in node.orelse:
+                    self.visit(n)
+                return
+            self.generic_visit(node)
+
+        def visit_Import(self, node: ast.Import) -> None:
+            for a in node.names:
+                if a.name == PACKAGE or a.name.startswith(PACKAGE + "."):
+                    inside.add(a.name.removeprefix(PACKAGE).removeprefix("."))
+                else:
+                    outside.add(a.name.split(".")[0])
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            if node.level == 0:
+                module = node.module or ""
+                if module == PACKAGE or module.startswith(PACKAGE + "."):
+                    add(
+                        module.removeprefix(PACKAGE).removeprefix("."), [a.name for a in node.names]
+                    )
+                else:
+                    outside.add(module.split(".")[0])
+                return
+            base = package[: len(package) - (node.level - 1)]
+            target = ".".join(base + ([node.module] if node.module else []))
+            add(target, [a.name for a in node.names])
+
+    Visitor().visit(ast.parse(path.read_text("utf-8")))
+    inside.discard(name)
+    return {m for m in inside if m in mods}, outside
+
+
+def _graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    mods = _modules()
+    inside, outside = {}, {}
+    for name, path in mods.items():
+        inside[name], outside[name] = _imports(name, path, mods)
+    return inside, outside
+
+
+def _layer(module: str) -> int:
+    best: tuple[str, int] | None = None
+    for prefix, layer in LAYERS:
+        if prefix == "" or module == prefix or module.startswith(prefix + "."):
+            if best is None or len(prefix) > len(best[0]):
+                best = (prefix, layer)
+    assert best is not None
+    return best[1]
+
+
+def test_every_module_imports_only_its_layer_or_below() -> None:
+    inside, _ = _graph()
+    upward = {(m, t) for m, targets in inside.items() for t in targets if _layer(t) > _layer(m)}
+    assert upward <= KNOWN_UPWARD, sorted(upward - KNOWN_UPWARD)
+    assert KNOWN_UPWARD <= upward, "a known exception is gone: remove it from KNOWN_UPWARD"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_but_the_known_one() -> None:
+    inside, _ = _graph()
+    for a, b in KNOWN_UPWARD:  # cut the known edges: nothing else may close a circle
+        inside[a].discard(b)
+    assert _cycles(inside) == []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_core_imports_no_io_or_framework_library() -> None:
+    _, outside = _graph()
+    for module in CORE:
+        bad = outside[module] & set(IO_LIBRARIES)
+        assert not bad, (module, bad)
+
+
+def test_every_module_has_a_layer_below_the_package() -> None:
+    inside, _ = _graph()
+    for module in inside:
+        if module:
+            assert _layer(module) < _layer(""), module
