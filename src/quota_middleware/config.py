@@ -13,11 +13,11 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, get_args
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, check_keys, construct
 from .identity import IdentityConfig
 from .limits import (
     _NAME_RE,
@@ -33,9 +33,9 @@ from .limits import (
     _check_patterns,
     path_matches,
 )
+from .usage import Format
 
 OnError = Literal["open", "closed"]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,11 +178,7 @@ class StorageConfig:
         )
 
 
-AIFormat = Literal[
-    "openai-chat", "openai-completions", "openai-responses", "openai-embeddings",
-    "anthropic-messages", "gemini", "ollama", "auto",
-]  # fmt: skip
-_AI_FORMATS = AIFormat.__args__  # type: ignore[attr-defined]
+_AI_FORMATS: tuple[str, ...] = get_args(Format)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,7 +202,7 @@ class AIRoute:
     """
 
     path: str
-    format: AIFormat = "auto"
+    format: Format = "auto"
     methods: Sequence[str] = ("POST",)
     max_body: int = 1 << 20
     default_output_tokens: int = 1024
@@ -399,18 +395,18 @@ class QuotaConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base_dir: Path | None = None) -> QuotaConfig:
-        _known(data, set(cls.__dataclass_fields__), "")
+        check_keys(data, set(cls.__dataclass_fields__), "")
         plans_d = data.get("plans")
         if not isinstance(plans_d, Mapping) or not plans_d:
             raise ConfigurationError("plans", "a [plans.NAME] table is required")
         plans = [_plan_from_dict(name, p) for name, p in plans_d.items()]
         routes_d = _table(data, "routes")
-        _known(routes_d, {"include", "exempt", "weights"}, "routes")
+        check_keys(routes_d, {"include", "exempt", "weights"}, "routes")
         weights = []
         for i, w in enumerate(_list(routes_d, "weights", "routes")):
             if not isinstance(w, Mapping):
                 raise ConfigurationError(f"routes.weights[{i}]", "must be a table")
-            _known(w, {"path", "weight", "methods"}, f"routes.weights[{i}]")
+            check_keys(w, {"path", "weight", "methods"}, f"routes.weights[{i}]")
             weights.append(RouteWeight(**w))
         routes = Routes(
             include=routes_d.get("include", ("*",)),
@@ -418,13 +414,13 @@ class QuotaConfig:
             weights=weights,
         )
         storage_d = _table(data, "storage")
-        _known(storage_d, set(StorageConfig.__dataclass_fields__), "storage")
+        check_keys(storage_d, set(StorageConfig.__dataclass_fields__), "storage")
         identity = IdentityConfig.from_dict(_table(data, "identity"), base_dir=base_dir)
         ai_routes = []
         for i, r in enumerate(_list(data, "ai_routes", "")):
             if not isinstance(r, Mapping):
                 raise ConfigurationError(f"ai_routes[{i}]", "must be a table")
-            _known(r, set(AIRoute.__dataclass_fields__), f"ai_routes[{i}]")
+            check_keys(r, set(AIRoute.__dataclass_fields__), f"ai_routes[{i}]")
             ai_routes.append(AIRoute(**r))
         extra: dict[str, Any] = {
             k: data[k]
@@ -442,16 +438,16 @@ class QuotaConfig:
         for i, b in enumerate(_list(data, "app_budgets", "")):
             if not isinstance(b, Mapping):
                 raise ConfigurationError(f"app_budgets[{i}]", "must be a table")
-            _known(b, set(AppBudget.__dataclass_fields__), f"app_budgets[{i}]")
+            check_keys(b, set(AppBudget.__dataclass_fields__), f"app_budgets[{i}]")
             app_budgets.append(AppBudget(**b))
         if app_budgets:
             extra["app_budgets"] = app_budgets
         if "spikes" in data:
             spikes = _table(data, "spikes")
-            _known(spikes, set(SpikeRule.__dataclass_fields__), "spikes")
+            check_keys(spikes, set(SpikeRule.__dataclass_fields__), "spikes")
             extra["spikes"] = SpikeRule(**spikes)
         if "alerts" in data:
-            from .alerts import AlertsConfig
+            from .alerts.config import AlertsConfig
 
             extra["alerts"] = AlertsConfig.from_dict(_table(data, "alerts"), base_dir=base_dir)
         return cls(
@@ -472,18 +468,6 @@ def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
-def construct(cls: Callable[..., T], params: Mapping[str, Any], where: str) -> T:
-    """``cls(**params)`` from a policy table; any error becomes a :class:`ConfigurationError`
-    whose field is the table's path (``plans.free.limits[0].rate``), not the class's own."""
-    try:
-        return cls(**params)
-    except ConfigurationError as e:
-        field_name = e.field.split(".")[-1]
-        raise ConfigurationError(f"{where}.{field_name}", str(e).split(": ", 1)[-1]) from None
-    except TypeError as e:
-        raise ConfigurationError(where, str(e)) from None
-
-
 def _init_fields(cls: Any) -> set[str]:
     """The fields a user may set (derived ones, like a bucket's interval, are not)."""
     return {name for name, f in cls.__dataclass_fields__.items() if f.init}
@@ -496,18 +480,11 @@ def _list(data: Mapping[str, Any], key: str, where: str) -> list[Any]:
     return value
 
 
-def _known(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    for key in data:
-        if key not in allowed:
-            dotted = f"{where}.{key}" if where else key
-            raise ConfigurationError(dotted, f"unknown key; expected one of {sorted(allowed)}")
-
-
 def _plan_from_dict(name: str, d: Any) -> Plan:
     where = f"plans.{name}"
     if not isinstance(d, Mapping):
         raise ConfigurationError(where, "must be a table")
-    _known(d, {"limits", "shadow", "on_error", "models", "timezone", "hard_stop"}, where)
+    check_keys(d, {"limits", "shadow", "on_error", "models", "timezone", "hard_stop"}, where)
     limits: list[Limit] = []
     for i, lim in enumerate(_list(d, "limits", where)):
         lw = f"{where}.limits[{i}]"
@@ -517,7 +494,7 @@ def _plan_from_dict(name: str, d: Any) -> Plan:
         if kind is None:
             raise ConfigurationError(f"{lw}.type", f"unknown limit type {lim['type']!r}")
         params = {k: v for k, v in lim.items() if k != "type"}
-        _known(params, _init_fields(kind), lw)
+        check_keys(params, _init_fields(kind), lw)
         limits.append(construct(kind, params, lw))
     shadow, hard_stop = d.get("shadow", False), d.get("hard_stop", False)
     for flag, value in (("shadow", shadow), ("hard_stop", hard_stop)):

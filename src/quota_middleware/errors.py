@@ -27,6 +27,11 @@ A builtin base in parentheses is kept so that ``except ValueError`` (``TypeError
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 
 class QuotaError(Exception):
     """Base class of every error raised by quota-middleware."""
@@ -41,6 +46,39 @@ class ConfigurationError(QuotaError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+# -- policy tables: the checks every ``from_dict`` shares, so each error names its field ----------
+
+
+def check_keys(
+    table: Mapping[str, object],
+    allowed: Collection[str],
+    where: str,
+    *,
+    python_only: Collection[str] = (),
+) -> None:
+    """A :class:`ConfigurationError` naming the first key of a policy table not in ``allowed``
+    (``where`` is the table's dotted path, ``""`` at the top level); a key in ``python_only``
+    is named as one that only Python code can set."""
+    for key in table:
+        if key not in allowed:
+            dotted = f"{where}.{key}" if where else key
+            hint = " (Python only)" if key in python_only else ""
+            expected = sorted(allowed)
+            raise ConfigurationError(dotted, f"unknown key{hint}; expected one of {expected}")
+
+
+def construct(cls: Callable[..., T], params: Mapping[str, Any], where: str) -> T:
+    """``cls(**params)`` from a policy table; any error becomes a :class:`ConfigurationError`
+    whose field is the table's path (``plans.free.limits[0].rate``), not the class's own."""
+    try:
+        return cls(**params)
+    except ConfigurationError as e:
+        field_name = e.field.split(".")[-1]
+        raise ConfigurationError(f"{where}.{field_name}", str(e).split(": ", 1)[-1]) from None
+    except TypeError as e:
+        raise ConfigurationError(where, str(e)) from None
 
 
 class InvalidArgument(QuotaError, ValueError):

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import construct
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, check_keys, construct
 from ..events import AlertEvent
 from .sinks import CallableSink, LogSink, Sink, SlackSink, WebhookSink, _callable_name, _check_url
 
@@ -127,12 +126,7 @@ class AlertsConfig:
         ``base_dir``)."""
         if not isinstance(d, Mapping):
             raise ConfigurationError("alerts", "must be a table")
-        for key in d:
-            if key not in _TOML_KEYS:
-                hint = " (Python only)" if key == "callables" else ""
-                raise ConfigurationError(
-                    f"alerts.{key}", f"unknown key{hint}; expected one of {sorted(_TOML_KEYS)}"
-                )
+        check_keys(d, _TOML_KEYS, "alerts", python_only=("callables",))
         raw_hooks = d.get("webhooks", [])
         if not isinstance(raw_hooks, list):
             raise ConfigurationError("alerts.webhooks", "must be an array of tables")
@@ -141,11 +135,7 @@ class AlertsConfig:
             where = f"alerts.webhooks[{i}]"
             if not isinstance(w, Mapping):
                 raise ConfigurationError(where, "must be a table")
-            for key in w:
-                if key not in _WEBHOOK_KEYS:
-                    raise ConfigurationError(
-                        f"{where}.{key}", f"unknown key; expected one of {sorted(_WEBHOOK_KEYS)}"
-                    )
+            check_keys(w, _WEBHOOK_KEYS, where)
             params = dict(w)
             if "secret_file" in params and base_dir is not None:
                 params["secret_file"] = str(Path(base_dir) / str(params["secret_file"]))
