@@ -25,7 +25,14 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .errors import ConfigurationError, InvalidCredentials
+from .errors import (
+    ApiKeyNotActive,
+    ApiKeyNotFound,
+    ConfigurationError,
+    InvalidArgument,
+    InvalidCredentials,
+    KeyIdExhausted,
+)
 from .scripts import ScriptArg, ScriptCall
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -204,11 +211,11 @@ class KeyStore:
         """A new key for ``caller``: returns the plain key (shown this once) and its record."""
         for name, value in (("caller", caller), ("tenant", tenant)):
             if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
-                raise ValueError(f"{name} must be 1-256 printable ASCII characters")
+                raise InvalidArgument(f"{name} must be 1-256 printable ASCII characters")
         if plan is not None and (not isinstance(plan, str) or not _NAME_RE.fullmatch(plan)):
-            raise ValueError("plan must be 1-256 printable ASCII characters")
+            raise InvalidArgument("plan must be 1-256 printable ASCII characters")
         if expires_in is not None and not expires_in > 0:
-            raise ValueError("expires_in must be positive seconds")
+            raise InvalidArgument("expires_in must be positive seconds")
         ttl_us = 0 if expires_in is None else max(1, int(expires_in * _US))
         for _ in range(3):
             key = generate_key(self.key_prefix)
@@ -235,7 +242,7 @@ class KeyStore:
                     status="active",
                     digest=key_digest(key),
                 )
-        raise RuntimeError("could not allocate a unique key id")  # pragma: no cover
+        raise KeyIdExhausted("could not allocate a unique key id")  # pragma: no cover
 
     def get(self, key_id: str) -> KeyRecord | None:
         """The record of ``key_id`` (any status), or ``None``."""
@@ -278,22 +285,28 @@ class KeyStore:
         """Replace ``key_id`` with a new key for the same caller, plan and tenant (and the same
         remaining lifetime, if it has one); the old key keeps working for ``grace`` more seconds
         (never longer than it would have), then expires. Returns the new plain key (shown this
-        once) and its record. Raises ``ValueError`` when ``key_id`` is unknown, revoked or
-        expired. App servers may accept the old key for up to their cache TTL after the grace.
+        once) and its record. Raises :class:`~quota_middleware.errors.ApiKeyNotFound` when
+        ``key_id`` is unknown and :class:`~quota_middleware.errors.ApiKeyNotActive` when it is
+        revoked or expired (both ``ValueError``). App servers may accept the old key for up to
+        their cache TTL after the grace.
         """
         if not isinstance(grace, int | float) or not 0 <= grace <= 366 * 86400:
-            raise ValueError("grace must be between 0 seconds and 366 days")
+            raise InvalidArgument("grace must be between 0 seconds and 366 days")
         old = self.get(key_id)
         if old is None:
-            raise ValueError(f"no API key {key_id!r}")
+            raise ApiKeyNotFound(f"no API key {key_id!r}")
         if not old.active:
-            raise ValueError(f"API key {key_id} is {old.status}: only active keys can be rotated")
+            raise ApiKeyNotActive(
+                f"API key {key_id} is {old.status}: only active keys can be rotated"
+            )
         expires_in = None
         if old.expires is not None:
             now = self._clock() if self._clock is not None else time.time()
             expires_in = old.expires - now
             if expires_in <= 0:
-                raise ValueError(f"API key {key_id} is expired: only active keys can be rotated")
+                raise ApiKeyNotActive(
+                    f"API key {key_id} is expired: only active keys can be rotated"
+                )
         key, rec = self.create(old.caller, old.plan, tenant=old.tenant, expires_in=expires_in)
         call = ScriptCall(
             "key_expire",
@@ -304,7 +317,7 @@ class KeyStore:
         if int(reply[0]) != 1:
             # Revoked or expired in the meantime: the new key must not outlive the old one.
             self.revoke(rec.key_id)
-            raise ValueError(
+            raise ApiKeyNotActive(
                 f"API key {key_id} is {_str(reply[1])}: only active keys can be rotated"
             )
         return key, rec

@@ -110,11 +110,18 @@ class _Scoped:
         return self.models is None or model_matches(self.models, model)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class _Bucket(_Scoped):
-    __slots__ = ()
+    """The fields of a token bucket, on requests or on AI tokens."""
+
     rate: str
-    burst: int | None
-    interval_us: int
+    burst: int | None = None
+    name: str | None = None
+    paths: Sequence[str] | None = None
+    models: Sequence[str] | None = None
+
+    #: microseconds to refill one unit (derived from ``rate``)
+    interval_us: int = field(default=0, init=False, repr=False, compare=False)
 
     def _bucket(self, prefix: str) -> None:
         count, period = parse_rate(self.rate, where=f"limit {self.name or self.rate!r}.rate")
@@ -143,15 +150,6 @@ class RequestRate(_Bucket):
     ``RequestRate(rate="10/second", burst=20)`` admits 20 at once, then 10 per second.
     """
 
-    rate: str
-    burst: int | None = None
-    name: str | None = None
-    paths: Sequence[str] | None = None
-    models: Sequence[str] | None = None
-
-    #: microseconds to refill one unit (derived from ``rate``)
-    interval_us: int = field(default=0, init=False, repr=False, compare=False)
-
     def __post_init__(self) -> None:
         self._bucket("")
 
@@ -163,15 +161,6 @@ class TokenRate(_Bucket):
     Reserves the prompt estimate plus the output allowance at admission and is corrected to the
     real usage when the response ends; a response larger than the reservation runs it into debt.
     """
-
-    rate: str
-    burst: int | None = None
-    name: str | None = None
-    paths: Sequence[str] | None = None
-    models: Sequence[str] | None = None
-
-    #: microseconds to refill one unit (derived from ``rate``)
-    interval_us: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._bucket("tok")
