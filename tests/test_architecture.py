@@ -69,13 +69,6 @@ LAYERS: list[tuple[str, int]] = [
     ("", 15),
 ]
 
-#: the one known cycle left (policy <-> alerts), to be cut next: QuotaConfig builds the alerts
-#: configuration from its TOML table, and alerts/config.py borrows config's table helpers
-KNOWN_UPWARD = {
-    ("alerts.config", "config"),
-    ("config", "alerts"),
-}
-
 CORE = [
     "decision", "responses", "context", "extension", "hardstop", "settlement", "engine",
     "exchange", "flows", "keys", "periods", "scripts", "events", "request", "margins",
@@ -205,10 +198,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_no_import_cycles_but_the_known_one() -> None:
+def test_no_import_cycles() -> None:
     inside, _ = _graph()
-    for a, b in KNOWN_UPWARD:  # cut the known edges: nothing else may close a circle
-        inside[a].discard(b)
     assert _cycles(inside) == []
 
 
