@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -36,6 +36,7 @@ from .limits import (
 from .usage import Format
 
 OnError = Literal["open", "closed"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -402,12 +403,7 @@ class QuotaConfig:
         plans = [_plan_from_dict(name, p) for name, p in plans_d.items()]
         routes_d = _table(data, "routes")
         check_keys(routes_d, {"include", "exempt", "weights"}, "routes")
-        weights = []
-        for i, w in enumerate(_list(routes_d, "weights", "routes")):
-            if not isinstance(w, Mapping):
-                raise ConfigurationError(f"routes.weights[{i}]", "must be a table")
-            check_keys(w, {"path", "weight", "methods"}, f"routes.weights[{i}]")
-            weights.append(RouteWeight(**w))
+        weights = _tables(routes_d, "weights", "routes", RouteWeight)
         routes = Routes(
             include=routes_d.get("include", ("*",)),
             exempt=routes_d.get("exempt", ()),
@@ -416,12 +412,7 @@ class QuotaConfig:
         storage_d = _table(data, "storage")
         check_keys(storage_d, set(StorageConfig.__dataclass_fields__), "storage")
         identity = IdentityConfig.from_dict(_table(data, "identity"), base_dir=base_dir)
-        ai_routes = []
-        for i, r in enumerate(_list(data, "ai_routes", "")):
-            if not isinstance(r, Mapping):
-                raise ConfigurationError(f"ai_routes[{i}]", "must be a table")
-            check_keys(r, set(AIRoute.__dataclass_fields__), f"ai_routes[{i}]")
-            ai_routes.append(AIRoute(**r))
+        ai_routes = _tables(data, "ai_routes", "", AIRoute)
         extra: dict[str, Any] = {
             k: data[k]
             for k in (
@@ -434,12 +425,7 @@ class QuotaConfig:
             )  # fmt: skip
             if k in data
         }
-        app_budgets = []
-        for i, b in enumerate(_list(data, "app_budgets", "")):
-            if not isinstance(b, Mapping):
-                raise ConfigurationError(f"app_budgets[{i}]", "must be a table")
-            check_keys(b, set(AppBudget.__dataclass_fields__), f"app_budgets[{i}]")
-            app_budgets.append(AppBudget(**b))
+        app_budgets = _tables(data, "app_budgets", "", AppBudget)
         if app_budgets:
             extra["app_budgets"] = app_budgets
         if "spikes" in data:
@@ -478,6 +464,20 @@ def _list(data: Mapping[str, Any], key: str, where: str) -> list[Any]:
     if not isinstance(value, list):
         raise ConfigurationError(f"{where}.{key}" if where else key, "must be a list")
     return value
+
+
+def _tables(data: Mapping[str, Any], key: str, where: str, cls: type[T]) -> list[T]:
+    """The array of tables ``data[key]`` (``[[key]]``), each checked for unknown keys and built
+    as ``cls``; errors name ``{where}.{key}[i]``."""
+    base = f"{where}.{key}" if where else key
+    items = []
+    for i, item in enumerate(_list(data, key, where)):
+        at = f"{base}[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigurationError(at, "must be a table")
+        check_keys(item, _init_fields(cls), at)
+        items.append(cls(**item))
+    return items
 
 
 def _plan_from_dict(name: str, d: Any) -> Plan:
