@@ -10,7 +10,8 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from enum import StrEnum
+from typing import ClassVar, Literal
 
 from .errors import ConfigurationError
 
@@ -27,6 +28,18 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 _MAX_US = 1 << 52
 
 Period = Literal["day", "month"]
+
+
+class LimitKind(StrEnum):
+    """The kinds of limit: a policy table's ``type`` and :attr:`LimitStatus.kind
+    <quota_middleware.decision.LimitStatus.kind>`. Each member equals (and formats as) its
+    name string; the scripts' one-letter codes for them stay inside the scripts."""
+
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+    CONCURRENCY = "concurrency"
+    TOKEN_QUOTA = "token_quota"
+    BUDGET = "budget"
 
 
 def parse_rate(text: str, *, where: str = "rate") -> tuple[int, float]:
@@ -150,6 +163,8 @@ class RequestRate(_Bucket):
     ``RequestRate(rate="10/second", burst=20)`` admits 20 at once, then 10 per second.
     """
 
+    kind: ClassVar[LimitKind] = LimitKind.REQUESTS
+
     def __post_init__(self) -> None:
         self._bucket("")
 
@@ -162,6 +177,8 @@ class TokenRate(_Bucket):
     real usage when the response ends; a response larger than the reservation runs it into debt.
     """
 
+    kind: ClassVar[LimitKind] = LimitKind.TOKENS
+
     def __post_init__(self) -> None:
         self._bucket("tok")
 
@@ -170,6 +187,8 @@ class TokenRate(_Bucket):
 class Concurrency(_Scoped):
     """At most ``max`` requests of one caller in flight. A slot is a lease of ``lease`` seconds, so
     a worker that dies without releasing it frees the slot when the lease ends."""
+
+    kind: ClassVar[LimitKind] = LimitKind.CONCURRENCY
 
     max: int
     lease: float = 300.0
@@ -216,6 +235,8 @@ class _Calendar(_Scoped):
 class TokenQuota(_Calendar):
     """At most ``tokens`` AI tokens per calendar ``period`` in the plan's time zone."""
 
+    kind: ClassVar[LimitKind] = LimitKind.TOKEN_QUOTA
+
     tokens: int
     period: Period = "day"
     name: str | None = None
@@ -237,6 +258,8 @@ class TokenQuota(_Calendar):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Budget(_Calendar):
     """At most ``usd`` of AI spend per calendar ``period``, priced from the price table."""
+
+    kind: ClassVar[LimitKind] = LimitKind.BUDGET
 
     usd: float
     period: Period = "month"
@@ -318,10 +341,7 @@ class SpikeRule:
 
 
 Limit = RequestRate | TokenRate | Concurrency | TokenQuota | Budget
-LIMIT_TYPES: dict[str, type[Limit]] = {
-    "requests": RequestRate,
-    "tokens": TokenRate,
-    "concurrency": Concurrency,
-    "token_quota": TokenQuota,
-    "budget": Budget,
+#: the limit class of each kind, in :class:`LimitKind` order
+LIMIT_TYPES: dict[LimitKind, type[Limit]] = {
+    cls.kind: cls for cls in (RequestRate, TokenRate, Concurrency, TokenQuota, Budget)
 }
