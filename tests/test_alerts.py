@@ -28,6 +28,7 @@ import redis
 from werkzeug.test import Client
 
 from ai_app import STREAM_BODY
+from ai_harness import PATH, AIHarness, FailingKeys, ai_info, chat, config
 from quota_middleware import AIRoute, Plan, QuotaConfig, StorageConfig, TokenQuota
 from quota_middleware.alerts import (
     AlertsConfig,
@@ -45,13 +46,13 @@ from quota_middleware.alerts import (
 )
 from quota_middleware.backends.memory import MemoryBackend
 from quota_middleware.backends.redis import SyncRedisBackend
+from quota_middleware.engine import Engine, drive_sync
 from quota_middleware.errors import ConfigurationError
 from quota_middleware.events import AlertEvent, outbox_call, outbox_key
 from quota_middleware.limits import AppBudget, SpikeRule
 from quota_middleware.pricing import PriceTable, cost_micros
 from quota_middleware.usage import Usage
 from servers import free_port, serve_app, stop_process
-from test_ai import PATH, AIHarness, chat
 
 APPS = Path(__file__).parent / "apps"
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -732,3 +733,33 @@ def test_cli_tail_run_once_and_test(redis_server: Any, receiver: Any) -> None:
     memory = QuotaConfig(plans=[Plan(name="p")], alerts=alerts(hook(r)))
     assert cli_run(memory, once=True, err=io.StringIO()) == 2
     s.close()
+
+
+def test_month_app_budget_outlives_a_day(backend: Any) -> None:
+    """The app budget's key is only written by settle; it used to get a fixed 1-day TTL, so a
+    monthly budget (and its hard stop) reset a day after its first charge."""
+    cfg = config(limits=[TokenQuota(tokens=10**9, name="tpd")],
+                 app_budgets=[AppBudget(usd=1000, period="month", name="m")])  # fmt: skip
+    h = AIHarness("wsgi", backend, cfg)
+    try:
+        assert h.post(chat(x_prompt=100, x_completion=100)).status == 200
+    finally:
+        h.close()
+    key, end_us = Engine(cfg).app_period_key(cfg.app_budgets[0])
+    client = backend.sync_client()
+    ttl_ms = client.pttl(key) if client is not None else backend.sync().store.pttl(key)
+    assert ttl_ms >= (end_us - time.time_ns() // 1000) // 1000 + 3_500_000
+
+
+def test_events_survive_an_outbox_failure_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(limits=[TokenQuota(tokens=1000, name="tpd")])
+    engine = Engine(cfg)
+    backend = FailingKeys("outbox_add")
+    decision = drive_sync(engine.admit(ai_info(json.dumps(chat(max_tokens=10)).encode())),
+                          backend)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="quota_middleware"):
+        events = drive_sync(engine.settle(decision, Usage(input_tokens=600, output_tokens=0)),
+                            backend)  # fmt: skip
+    assert [e.threshold for e in events] == [50]
+    assert any("alert not queued" in r.message and '"threshold":50' in r.message
+               for r in caplog.records)  # fmt: skip

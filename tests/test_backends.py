@@ -13,12 +13,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from quota_middleware import Concurrency, Plan, QuotaConfig, QuotaMiddleware
 from quota_middleware.backends.base import CircuitBreaker
 from quota_middleware.backends.memory import MemoryBackend
 from quota_middleware.errors import StorageError
+from quota_middleware.keys import app_tag, caller_tag
 from quota_middleware.scripts import ScriptCall
 
 NOW = 1_700_000_000_000_000  # unix microseconds: realistic magnitudes (Lua numbers are doubles)
@@ -505,3 +508,76 @@ def test_memory_store_expires_keys_of_callers_that_never_come_back() -> None:
         lim = ("b", 1, "req", 1, 1_000_000, 1, 1)
         backend.run(ScriptCall("admit", ("qm:{default:steady}",), ("", f"s{i}", 0, 1, *lim)))
     assert len(backend.store.data) <= 2
+
+
+def test_batch_of_many_is_never_left_hanging(redis_server: Any) -> None:
+    from quota_middleware.backends.redis import AsyncRedisBackend
+
+    async def main() -> list[Any]:
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        backend = AsyncRedisBackend(client)
+        good = ScriptCall("read", ("qm:{default:a}",), ())
+        bad = ScriptCall("read", ("qm:{default:\ud800}",), ())
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(backend.run_async(c) for c in (good, bad, good)),
+                               return_exceptions=True), 5)  # fmt: skip
+        finally:
+            await client.aclose()
+
+    replies = asyncio.run(main())
+    assert replies[0] == [[]] and replies[2] == [[]]  # the good calls answered
+
+
+def test_request_cancelled_during_admit_gives_its_slot_back(redis_server: Any) -> None:
+    """The admit call still runs in Redis after the client is gone; its slot is released at
+    once instead of when the 300 s lease ends."""
+    from quota_middleware.backends.redis import AsyncRedisBackend
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    cfg = QuotaConfig(plans=[Plan(name="p", limits=[Concurrency(max=1)])])
+
+    class Slow(AsyncRedisBackend):
+        """The admit is already queued for Redis when the client goes away."""
+
+        async def _flush_batch(self, batch: Any) -> None:
+            if any(call.name == "admit" for call, _ in batch):
+                await asyncio.sleep(0.2)
+            await super()._flush_batch(batch)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> None:
+        aclient = redis.asyncio.Redis.from_url(redis_server.url)
+        mw = QuotaMiddleware(app, config=cfg, backend=Slow(aclient))
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": [],
+                 "client": ("10.1.1.1", 1), "query_string": b""}  # fmt: skip
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Any) -> None:
+            pass
+
+        task = asyncio.ensure_future(mw(scope, receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)  # the admit completes, then the orphan is released
+        await aclient.aclose()
+
+    asyncio.run(main())
+    assert client.zcard("qm:{default:10.1.1.1}:c:inflight") == 0
+
+
+def test_caller_tags_are_unambiguous() -> None:
+    assert caller_tag("a:b", "c") != caller_tag("a", "b:c")
+    assert caller_tag("default", "2001:db8::/64") == "{default:2001:db8::/64}"
+    hashed = caller_tag("t", "x{y}")[3:-1]
+    assert caller_tag("t", hashed) != caller_tag("t", "x{y}")  # a raw id can't pose as a digest
+    assert all(app_tag("qm") != f"qm:{caller_tag(t, c)}" for t in ("app", "@app")
+               for c in ("*", "@app", ""))  # fmt: skip

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 import bad_upstream
+from ai_harness import AIHarness
 from quota_middleware import AIRoute, Charge, Plan, QuotaConfig, TokenQuota
 from quota_middleware.estimate import count_tokens, parse_request
-from test_ai import AIHarness
 
 CHAT, MESSAGES = "/v1/chat/completions", "/v1/messages"
 GEMINI = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"

@@ -21,6 +21,7 @@ from quota_middleware import (
     StorageConfig,
     TokenQuota,
 )
+from quota_middleware.config import mask_url
 from quota_middleware.limits import parse_rate
 
 BAD = {
@@ -138,3 +139,9 @@ def test_any_policy_shape_is_a_configuration_error_or_loads(
         QuotaConfig.from_dict(data)
     except ConfigurationError:
         pass
+
+
+def test_urls_are_masked() -> None:
+    assert mask_url("redis://h:6379/0?password=s3cr3t") == "redis://h:6379/0?password=***"
+    assert mask_url("redis://:p@ssw0rd@h:6379/0") == "redis://:***@h:6379/0"
+    assert mask_url("memory://") == "memory://"

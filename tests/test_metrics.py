@@ -12,9 +12,9 @@ prometheus_client = pytest.importorskip("prometheus_client")
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from ai_harness import AIHarness, chat, config  # noqa: E402
 from quota_middleware import RequestRate, TokenQuota  # noqa: E402
 from quota_middleware.metrics import PrometheusMetrics  # noqa: E402
-from test_ai import AIHarness, chat, config  # noqa: E402
 
 
 def value(registry: Any, name: str, **labels: str) -> float:

@@ -3,13 +3,25 @@ and no exception ever reaches the server."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import pytest
 
+from ai_harness import FailingKeys, ai_info, chat, config
 from harness import Harness
-from quota_middleware import Plan, QuotaConfig, RequestRate, StorageConfig
+from quota_middleware import (
+    AppBudget,
+    Plan,
+    QuotaConfig,
+    RequestRate,
+    StorageConfig,
+    TokenQuota,
+)
+from quota_middleware.backends.base import CircuitBreaker
+from quota_middleware.engine import Engine, drive_sync
+from quota_middleware.usage import Usage
 
 ADAPTERS = ["asgi", "wsgi"]
 
@@ -98,3 +110,26 @@ def test_redis_restart_flushes_scripts_and_limits_keep_working(
         assert [h.request().status for _ in range(5)] == [200, 200, 200, 429, 429]
     finally:
         h.close()
+
+
+def test_cancelled_probe_does_not_keep_the_circuit_open() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failures=1, reset=1.0, clock=lambda: now[0])
+    breaker.failure()
+    now[0] = 2.0
+    breaker.before()  # this call is the probe...
+    breaker.abandon()  # ...and it was cancelled
+    breaker.before()  # the next call may probe again instead of failing forever
+    breaker.success()
+    breaker.before()
+
+
+def test_app_spend_is_charged_when_the_caller_settle_fails() -> None:
+    cfg = config(limits=[TokenQuota(tokens=10**6, name="tpd")],
+                 app_budgets=[AppBudget(usd=1000, period="day", name="d")])  # fmt: skip
+    engine = Engine(cfg)
+    backend = FailingKeys("10.9.8.7}:s:")  # the caller's settle marker: caller settle fails
+    decision = drive_sync(engine.admit(ai_info(json.dumps(chat()).encode())), backend)
+    drive_sync(engine.settle(decision, Usage(input_tokens=1000, output_tokens=0), 150), backend)
+    key = engine.app_period_key(cfg.app_budgets[0])[0]
+    assert int(backend.store.hget(key, "d") or 0) == 150

@@ -8,12 +8,14 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quota_middleware.usage import Format, Usage, UsageParser
+from ai_harness import AIHarness, chat, config
+from quota_middleware.usage import Format, Usage, UsageParser, clean_model
 
 STREAMS = Path(__file__).parent / "data" / "streams"
 SSE = "text/event-stream"
@@ -527,3 +529,24 @@ def test_finish_is_idempotent() -> None:
         case = CASES[name]
         p = _parse(case, [_data(name)])
         assert p.finish() == p.finish() == case.usage
+
+
+SURROGATE_BODY = (
+    b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}], "x_prompt": 3}'
+)
+
+
+@pytest.mark.parametrize("adapter", ["asgi", "wsgi"])
+def test_unencodable_model_name_is_dropped_not_fatal(adapter: str, backend: Any) -> None:
+    """A lone surrogate is valid JSON: it used to hang the whole Redis batch (ASGI) or escape to
+    the server unsettled (WSGI)."""
+    h = AIHarness(adapter, backend, config(unpriced="tokens-only"))
+    try:
+        r = h.post(SURROGATE_BODY)
+        assert r.status == 200
+        assert h.usage()["requests"] == 1  # charged, under the model "unknown"
+        assert h.post(chat(x_prompt=5, x_completion=5)).status == 200
+    finally:
+        h.close()
+    assert clean_model("\ud800") is None and clean_model("x" * 201) is None
+    assert clean_model("gpt-4o") == "gpt-4o"
