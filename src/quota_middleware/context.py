@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 from .config import QuotaConfig
 from .decision import Decision, Stats
-from .keys import app_tag
+from .keys import AppKeys
 from .limits import AppBudget
 from .margins import InputMargins
 from .periods import period_of
@@ -86,7 +86,7 @@ class Context:
         self.clock = clock
         self.stats = Stats()
         self.prefix = config.storage.prefix
-        self.app_tag = app_tag(self.prefix)
+        self.app_keys = AppKeys(self.prefix)
         self.retention_ms = config.usage_retention_days * 86_400_000
         #: settles not yet written because the store was down (see :class:`SettleBuffer`)
         self.settle_buffer = SettleBuffer(config.storage.settle_buffer)
@@ -106,4 +106,4 @@ class Context:
     def app_period_key(self, budget: AppBudget, now_us: int | None = None) -> tuple[str, int]:
         """The app budget's counter key for the period of ``now_us`` (default: now), and its end."""
         pid, end_us = period_of(budget.period, now_us or self.now_us(), ZoneInfo(budget.timezone))
-        return f"{self.app_tag}:q:{pid}", end_us
+        return self.app_keys.period(pid), end_us

@@ -65,3 +65,29 @@ class CallerKeys:
 
     def settled(self, request_id: str) -> str:
         return f"{self.base}:s:{request_id}"
+
+
+class AppKeys:
+    """The app-wide keys under ``prefix`` (the app budgets): their own hash tag, so one cluster
+    slot of their own, apart from every caller's."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, prefix: str) -> None:
+        self.base = app_tag(prefix)
+
+    def period(self, period_id: str) -> str:
+        """The app budgets' counters of one period (``d2026-11-28``, ``m2026-11``)."""
+        return f"{self.base}:q:{period_id}"
+
+    def ledger(self, period_key: str) -> str:
+        return f"{period_key}:r"
+
+    def settled(self, request_id: str) -> str:
+        return f"{self.base}:s:{request_id}"
+
+
+def period_name(period_key: str) -> str:
+    """The period a counter key (caller's or app's) counts, as events and reports name it:
+    ``…:q:d2026-11-28`` -> ``2026-11-28``, ``…:q:m2026-11`` -> ``2026-11``."""
+    return period_key.rsplit(":q:", 1)[-1][1:]

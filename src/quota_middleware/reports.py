@@ -20,7 +20,7 @@ from .backends.memstore import MemoryStore
 from .config import Plan, QuotaConfig
 from .errors import BackendMismatch, InvalidArgument
 from .flows import drive_async, drive_sync
-from .keys import CallerKeys, caller_tag
+from .keys import CallerKeys, caller_tag, period_name
 from .limits import Budget, TokenQuota
 from .periods import period_of
 from .scripts import ScriptCall, hash_pairs
@@ -402,7 +402,7 @@ def app_budget_status(
         out.append(
             AppBudgetStatus(
                 name=b.name,
-                period=key.rsplit(":q:", 1)[1][1:],
+                period=period_name(key),
                 spent=fields.get(b.name, 0),
                 configured=b.micros,
                 override=fields.get(f"{b.name}:limit"),

@@ -13,7 +13,7 @@ from .context import Context
 from .decision import Charge, Decision
 from .errors import StorageError
 from .events import AlertEvent, outbox_call, parse_settle_events
-from .keys import CallerKeys
+from .keys import CallerKeys, period_name
 from .limits import AppBudget
 from .scripts import ScriptArg, ScriptCall
 from .usage import Usage, clean_model
@@ -118,7 +118,8 @@ class Settlement:
         on actual spend."""
         if not self.ctx.config.app_budgets or cost <= 0:
             return None
-        key_list = [f"{self.ctx.app_tag}:s:{decision.request_id}"]
+        app_keys = self.ctx.app_keys
+        key_list = [app_keys.settled(decision.request_id)]
         ops: list[ScriptArg] = []
         index: dict[str, int] = {}
         budgets = self._app_budget_ops()
@@ -126,7 +127,7 @@ class Settlement:
         for b in budgets:
             key, end_us = self.ctx.app_period_key(b, at_us)
             if key not in index:
-                key_list += [key, key + ":r"]
+                key_list += [key, app_keys.ledger(key)]
                 index[key] = len(key_list) - 1
                 ends[key] = end_us
             ops += ["q", index[key], b.name or "", 0, cost]
@@ -293,10 +294,9 @@ class Settlement:
             else:
                 # each budget's period is the one it was charged in, read off the call's keys
                 periods = {
-                    b.name or "": app_call.keys[int(app_call.args[5 + 5 * i])
-                                                - 1].rsplit(":q:", 1)[-1][1:]
+                    b.name or "": period_name(app_call.keys[int(app_call.args[5 + 5 * i]) - 1])
                     for i, b in enumerate(self._app_budget_ops())
-                }  # fmt: skip
+                }
                 events += self._events(
                     decision, parse_settle_events(reply), app=True, periods=periods
                 )
