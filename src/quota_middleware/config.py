@@ -170,6 +170,11 @@ class StorageConfig:
         ):  # fmt: skip
             raise ConfigurationError("storage.settle_buffer", "an integer in [0, 10000000]")
 
+    @property
+    def is_memory(self) -> bool:
+        """The embedded in-process store (``memory://``), not a Redis."""
+        return self.url.startswith("memory://")
+
     def __repr__(self) -> str:
         # a Redis URL may carry a password
         return (

@@ -179,7 +179,7 @@ def open_store(config: QuotaConfig) -> Iterator[Any]:
 
     url = config.storage.url
     shown = mask_url(url)
-    if url.startswith("memory://"):
+    if config.storage.is_memory:
         raise CommandError(
             "the store is memory:// (the embedded store lives inside the app process, this command "
             "cannot see it); pass --redis-url URL, set QUOTA_REDIS_URL, or set [storage] url in "
