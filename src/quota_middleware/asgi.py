@@ -75,7 +75,7 @@ class QuotaMiddleware:
         self._observer = metrics.store if metrics is not None else None
         self._redis = redis
         self._backend = backend
-        if backend is None and redis is None and self.config.storage.url.startswith("memory://"):
+        if backend is None and redis is None and self.config.storage.is_memory:
             self._backend = async_backend(self.config.storage, observer=self._observer)
         # A redis.asyncio connection belongs to the loop that opened it; a test client or a
         # server reload may run us on a new loop, so a Redis backend built here is per loop.
@@ -149,11 +149,16 @@ class QuotaMiddleware:
                 raise
             # the hard stop ended the response: the app (and its upstream) stopped with it
         finally:
-            charge = await asyncio.shield(self._spawn(self._run(ex.settle(), backend)))
-            if ex.buffered:
-                self._start_drain(backend)
-            if charge is not None and self.on_settle is not None:
-                await _call_hook(self.on_settle, charge)
+            # Shielded, hook included: a client disconnect cancels the request task, but what
+            # it held must still be given back, what it used charged, and the charge reported.
+            await asyncio.shield(self._spawn(self._finish(ex, backend)))
+
+    async def _finish(self, ex: Exchange, backend: AsyncBackend) -> None:
+        charge = await self._run(ex.settle(), backend)
+        if ex.buffered:
+            self._start_drain(backend)
+        if charge is not None and self.on_settle is not None:
+            await _call_hook(self.on_settle, charge)
 
     async def _run(self, flow: Generator[ScriptCall, Any, T], backend: AsyncBackend) -> T:
         if getattr(backend, "inline", False):

@@ -36,15 +36,6 @@ from .settlement import SETTLE_MARKER_MS, Settlement
 log = logging.getLogger("quota_middleware")
 
 Flow = Generator[ScriptCall, Any, Decision]
-_KINDS = {
-    RequestRate: "requests",
-    TokenRate: "tokens",
-    Concurrency: "concurrency",
-    TokenQuota: "token_quota",
-    Budget: "budget",
-}
-
-
 #: what a request-rate limit holds: nothing to give back at settle
 _NO_HOLD = Hold("b", "", "", 0)
 
@@ -392,7 +383,7 @@ class Admission:
                 quota, reset = lim.amount, _ceil_s(reset_us)
                 window = 86400 if lim.period == "day" else 86400 * 30
             statuses.append(
-                LimitStatus(lim.name, _KINDS[type(lim)], quota, window, max(0, remaining), reset,
+                LimitStatus(lim.name, lim.kind, quota, window, max(0, remaining), reset,
                             denied)
             )  # fmt: skip
             if holds and charged > 0 and not isinstance(lim, RequestRate):

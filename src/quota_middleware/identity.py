@@ -24,8 +24,14 @@ from typing import Any
 
 from .apikeys import ApiKeyConfig, ApiKeyVerifier, TTLCache
 from .client_ip import IPAddress, client_id, parse_ip, parse_networks
-from .errors import ConfigurationError, IdentificationError, InvalidCredentials, MissingCredentials
-from .jwt_auth import JWTConfig, _known, decode_token, rejection
+from .errors import (
+    ConfigurationError,
+    IdentificationError,
+    InvalidCredentials,
+    MissingCredentials,
+    check_keys,
+)
+from .jwt_auth import JWTConfig, decode_token, rejection
 from .request import RequestInfo
 from .scripts import ScriptCall
 
@@ -122,7 +128,9 @@ class IdentityConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, base_dir: Path | None = None) -> IdentityConfig:
         """From the TOML ``[identity]`` table; ``resolver`` may name ``"package.module:func"``."""
-        _known(d, ("order", "anonymous", "trusted_proxies", "ipv6_prefix") + _TABLES, "identity")
+        check_keys(
+            d, ("order", "anonymous", "trusted_proxies", "ipv6_prefix") + _TABLES, "identity"
+        )
         kw: dict[str, Any] = {k: v for k, v in d.items() if k not in _TABLES}
         if "jwt" in d:
             if not isinstance(d["jwt"], Mapping):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import InvalidSubjectError
 
-from .errors import ConfigurationError, InvalidCredentials
+from .errors import ConfigurationError, InvalidCredentials, check_keys
 
 __all__ = ["JWTConfig", "decode_token", "rejection"]
 
@@ -31,14 +31,6 @@ _BY_KEY_TYPE: dict[str, frozenset[str]] = {
     "OKP": frozenset({"EdDSA"}),
 }
 _ASYMMETRIC = frozenset(a for algs in _BY_KEY_TYPE.values() for a in algs)
-
-
-def _known(d: Mapping[str, Any], allowed: Collection[str], where: str) -> None:
-    for k in d:
-        if k not in allowed:
-            raise ConfigurationError(
-                f"{where}.{k}", f"unknown key; expected one of {sorted(allowed)}"
-            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)
@@ -278,7 +270,7 @@ class JWTConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, base_dir: Path | None = None) -> JWTConfig:
         fields = {f for f in cls.__dataclass_fields__ if f != "keys"}
-        _known(d, fields, "identity.jwt")
+        check_keys(d, fields, "identity.jwt")
         if "algorithms" not in d:
             raise ConfigurationError("identity.jwt.algorithms", "required, e.g. ['RS256']")
         kw = dict(d)

@@ -136,7 +136,7 @@ class UsageReader:
             out.append(
                 Remaining(
                     name=lim.name,
-                    kind="budget" if isinstance(lim, Budget) else "token_quota",
+                    kind=lim.kind,
                     period=pid[1:],
                     limit=lim.amount,
                     used=used,

@@ -20,7 +20,7 @@ from .text import format_text
 
 
 def _need_redis(config: QuotaConfig, err: TextIO) -> bool:
-    if config.storage.url.startswith("memory://"):
+    if config.storage.is_memory:
         print(
             "quota-middleware: the memory backend's alert outbox lives inside the app process; "
             "set [storage] url (or QUOTA_REDIS_URL) to a Redis URL",

@@ -44,7 +44,7 @@ def _sync_client(source: Any, storage: StorageConfig | None) -> tuple[Any, bool]
     if client is not None and not _is_async_client(client):
         return client, False
     timeout = max(storage.timeout, 5.0) if storage is not None else 5.0
-    if storage is not None and not storage.url.startswith("memory://"):
+    if storage is not None and not storage.is_memory:
         return client_from_url(storage.url, timeout=timeout, asyncio=False), True
     pool = getattr(client, "connection_pool", None)
     kwargs = dict(getattr(pool, "connection_kwargs", {}) or {})
@@ -107,7 +107,7 @@ class Dispatcher:
         self._owned = False
         self.memory: MemoryBackend | None = None
         self.client: Any = None
-        if source is None and storage is not None and storage.url.startswith("memory://"):
+        if source is None and storage is not None and storage.is_memory:
             raise ConfigurationError(
                 "storage.url",
                 "the memory backend's outbox lives inside the app process: pass its backend, "

@@ -29,7 +29,7 @@ def sync_backend(
     storage: StorageConfig, client: Any = None, *, observer: Observer | None = None
 ) -> SyncBackend:
     """A sync backend for ``storage.url``, or over ``client`` (``redis.Redis``/``RedisCluster``)."""
-    if client is None and storage.url.startswith("memory://"):
+    if client is None and storage.is_memory:
         return MemoryBackend()
     from .redis import SyncRedisBackend, client_from_url
 
@@ -43,7 +43,7 @@ def async_backend(
     storage: StorageConfig, client: Any = None, *, observer: Observer | None = None
 ) -> AsyncBackend:
     """An async backend for ``storage.url``, or over a ``redis.asyncio`` client."""
-    if client is None and storage.url.startswith("memory://"):
+    if client is None and storage.is_memory:
         return MemoryBackend()
     from .redis import AsyncRedisBackend, client_from_url
 

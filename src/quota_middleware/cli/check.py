@@ -30,18 +30,9 @@ def _rule_text(lim: Any) -> str:
 
 
 def _limit_summary(lim: Any) -> dict[str, Any]:
-    from ..limits import Budget, Concurrency, RequestRate, TokenQuota, TokenRate
-
-    kinds = {
-        RequestRate: "requests",
-        TokenRate: "tokens",
-        Concurrency: "concurrency",
-        TokenQuota: "token_quota",
-        Budget: "budget",
-    }
     out: dict[str, Any] = {
         "name": lim.name,
-        "type": kinds.get(type(lim), type(lim).__name__),
+        "type": str(lim.kind),
         "rule": _rule_text(lim),
     }
     for f in ("rate", "burst", "max", "lease", "tokens", "usd", "period", "thresholds"):
