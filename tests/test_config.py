@@ -145,3 +145,20 @@ def test_urls_are_masked() -> None:
     assert mask_url("redis://h:6379/0?password=s3cr3t") == "redis://h:6379/0?password=***"
     assert mask_url("redis://:p@ssw0rd@h:6379/0") == "redis://:***@h:6379/0"
     assert mask_url("memory://") == "memory://"
+
+
+def test_the_middlewares_apply_the_environment_to_a_config_built_in_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """QUOTA_REDIS_URL overrides storage.url at middleware construction (the README's promise),
+    while the QuotaConfig value itself stays as it was built."""
+    from quota_middleware import Plan, QuotaConfig, QuotaMiddleware, WSGIQuotaMiddleware
+
+    monkeypatch.setenv("QUOTA_REDIS_URL", "redis://127.0.0.1:1/0")
+    built = QuotaConfig(plans=[Plan(name="p")])
+    assert built.storage.url == "memory://"
+    asgi = QuotaMiddleware(lambda *a: None, config=built)  # type: ignore[arg-type]
+    assert asgi.config.storage.url == "redis://127.0.0.1:1/0"
+    wsgi = WSGIQuotaMiddleware(lambda e, s: [], config=built)  # type: ignore[arg-type]
+    assert wsgi.config.storage.url == "redis://127.0.0.1:1/0"
+    assert built.storage.url == "memory://"
