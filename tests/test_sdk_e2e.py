@@ -284,6 +284,22 @@ def _as_route_record(rec: UsageRecord) -> dict[str, Any]:
     return {**dataclasses.asdict(rec), "cost_usd": rec.cost_usd}
 
 
+def _openai_chat(client: Any, stream: bool) -> tuple[Any, str]:
+    """One chat completion through the OpenAI SDK, JSON or streamed with usage: (usage, text)."""
+    if not stream:
+        completion = client.chat.completions.create(model=GPT, messages=PROMPT, max_tokens=25)
+        return completion.usage, completion.choices[0].message.content or ""
+    usage, text = None, ""
+    for chunk in client.chat.completions.create(
+        model=GPT, messages=PROMPT, max_tokens=25, stream=True,
+        stream_options={"include_usage": True},
+    ):  # fmt: skip
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    return usage, text
+
+
 # -- openai: what the SDK sees is what was charged ------------------------------------------------
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream-include-usage"])
 def test_openai_usage_is_charged_exactly(
@@ -292,18 +308,7 @@ def test_openai_usage_is_charged_exactly(
     sub = _caller("oai")
     token = demo_common.make_token(sub, "pro")
     client = _openai(server, token)
-    if stream:
-        usage, text = None, ""
-        for chunk in client.chat.completions.create(
-            model=GPT, messages=PROMPT, max_tokens=25, stream=True,
-            stream_options={"include_usage": True},
-        ):  # fmt: skip
-            if chunk.choices:
-                text += chunk.choices[0].delta.content or ""
-            usage = chunk.usage or usage
-    else:
-        completion = client.chat.completions.create(model=GPT, messages=PROMPT, max_tokens=25)
-        usage, text = completion.usage, completion.choices[0].message.content or ""
+    usage, text = _openai_chat(client, stream)
     assert usage is not None and text.startswith("This is a fake reply to: Tell me")
     cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
     rec = _charged(server, sub, "pro", 1)
@@ -508,18 +513,7 @@ def test_gzip_upstream_openai_sdk_gets_the_text_and_the_usage_is_charged_exactly
 ) -> None:
     sub = _caller("gz-oai")
     client = _openai(gzip_server, demo_common.make_token(sub, "pro"))
-    if stream:
-        usage, text = None, ""
-        for chunk in client.chat.completions.create(
-            model=GPT, messages=PROMPT, max_tokens=25, stream=True,
-            stream_options={"include_usage": True},
-        ):  # fmt: skip
-            if chunk.choices:
-                text += chunk.choices[0].delta.content or ""
-            usage = chunk.usage or usage
-    else:
-        completion = client.chat.completions.create(model=GPT, messages=PROMPT, max_tokens=25)
-        usage, text = completion.usage, completion.choices[0].message.content or ""
+    usage, text = _openai_chat(client, stream)
     (seen,) = _upstream_saw(gzip_upstream, 1)
     assert seen.path == "/v1/chat/completions"
     body = json.dumps({"model": GPT, "messages": PROMPT, "max_tokens": 25}).encode()
