@@ -235,9 +235,7 @@ class Meter:
             self._counted += sum(count_tokens(p, model) for p in pieces)
             self._counted_chars += sum(len(p) for p in pieces)
             self._pieces += len(pieces)
-        n = self._counted
-        if parser.text_chars > self._counted_chars and self._counted_chars:
-            n = -(-n * parser.text_chars // self._counted_chars)  # text beyond the kept buffer
+        n = _scaled(self._counted, self._counted_chars, parser.text_chars)
         return max(n, parser.partial_output)
 
     def text_tokens(self) -> int:
@@ -249,10 +247,7 @@ class Meter:
         text = parser.output_text()
         if not text:
             return 0
-        n = count_tokens(text, self.ai.estimate.model)
-        if parser.text_chars > len(text):
-            n = -(-n * parser.text_chars // len(text))
-        return n
+        return _scaled(count_tokens(text, self.ai.estimate.model), len(text), parser.text_chars)
 
     def _implausible(self, usage: Usage) -> str | None:
         """Why a valid-looking usage cannot be true, if it cannot: more tokens than any model
@@ -270,6 +265,14 @@ class Meter:
         # Priced at the requested model: the answer often names a dated variant of it, and the
         # reservation was priced the same way.
         return cost_micros(usage, self.ai.price) if self.ai.price is not None else 0
+
+
+def _scaled(tokens: int, counted_chars: int, seen_chars: int) -> int:
+    """``tokens`` counted over ``counted_chars`` of text, scaled up to the ``seen_chars`` the
+    parser saw (it keeps at most its buffer of text)."""
+    if counted_chars and seen_chars > counted_chars:
+        return -(-tokens * seen_chars // counted_chars)
+    return tokens
 
 
 __all__ = ["AIRequest", "Meter", "ModelNotAllowed", "UnpricedModel", "prepare", "price_table"]
