@@ -492,7 +492,7 @@ def machine_info(redis_version: str | None) -> dict[str, str]:
     freeze = subprocess.run([PY, "-m", "pip", "freeze"], capture_output=True, text=True).stdout
     wanted = ("quota-middleware", "uvicorn", "uvloop", "httptools", "gunicorn", "fastapi",
               "starlette", "flask", "werkzeug", "slowapi", "limits", "fastapi-limiter",
-              "pyrate-limiter", "asgi-ratelimit", "flask-limiter", "redis", "hiredis", "py-spy")  # fmt: skip
+              "pyrate-limiter", "asgi-ratelimit", "flask-limiter", "redis", "hiredis", "py-spy")  # fmt: skip  # noqa: E501
     pkgs = []
     for line in freeze.splitlines():
         name = re.split(r"[=@ ]", line.replace("# Editable Git install with no remote (", ""))[0]
@@ -561,8 +561,10 @@ def table(rows: list[dict[str, Any]], redis_cols: bool = True) -> list[str]:
     head = "| variant | req/s | vs bare | p50 ms | p99 ms |"
     sep = "|---|---:|---:|---:|---:|"
     if redis_cols:
-        head += (" redis round trips/req | redis socket reads/req | redis commands/req "
-                 "(incl. inside scripts) |")
+        head += (
+            " redis round trips/req | redis socket reads/req | redis commands/req "
+            "(incl. inside scripts) |"
+        )
         sep += "---:|---:|---|"
     lines = [head, sep]
     for r in rows:
@@ -584,7 +586,8 @@ def render(data: dict[str, Any]) -> str:
     o = data["options"]
     m = data["machine"]
     L = [SECTION, "",
-         "Produced by `bash bench/run_http.sh` (`bench/bench_http.py --write`); what is measured and "
+         "Produced by `bash bench/run_http.sh` (`bench/bench_http.py --write`); "
+         "what is measured and "
          "how: bench/README.md, \"HTTP throughput\".", "",
          "### Machine", ""]  # fmt: skip
     L += [f"- {k}: {v}" for k, v in m.items()]
@@ -592,7 +595,7 @@ def render(data: dict[str, Any]) -> str:
         f"- method: server pinned to core 0, wrk + redis-server to core 1; `wrk -t1 "
         f"-c{o['connections']} --latency`, {o['warmup']:g} s warm-up + {o['duration']:g} s "
         f"measured per variant; {o['rounds']} rounds, variants in alternating order; every "
-        "cell is the median over rounds; \"vs bare\" is the median of per-round ratios to the "
+        'cell is the median over rounds; "vs bare" is the median of per-round ratios to the '
         "bare app of the same round and framework",
         "",
     ]
@@ -606,17 +609,19 @@ def render(data: dict[str, Any]) -> str:
     for mode in ("json", "stream"):
         if any(r.group == f"ai-{mode}" for r in runs):
             what = ("JSON `chat.completion` (~0.8 KB)" if mode == "json"
-                    else "SSE stream (~44 `chat.completion.chunk` events + usage + [DONE])")  # fmt: skip
+                    else "SSE stream (~44 `chat.completion.chunk` events + usage + [DONE])")  # fmt: skip  # noqa: E501
             L += ["", f"### AI route, {what}: metering path vs passthrough", "",
                   "POST /v1/chat/completions (gpt-4o-mini, max_tokens 40) to a pure ASGI app "
                   "answering with `examples/fake_upstream.py` (no delay); \"bare\" is that app "
                   "without middleware.", ""]  # fmt: skip
-            L += table(rows_for(runs, f"ai-{mode}", [v.name for v in AI if v.group == f"ai-{mode}"]))  # noqa: E501
+            L += table(
+                rows_for(runs, f"ai-{mode}", [v.name for v in AI if v.group == f"ai-{mode}"])
+            )  # noqa: E501
     if any(r.group == "scale" and r.variant != "bare" for r in runs):
         rows = rows_for(runs, "scale", ["bare"] + [v.name for v in SCALE])
         L += ["", "### Scale: distinct callers (quota-middleware, redis, ASGI)", "",
               "Caller from an `X-Caller` header (custom resolver); wrk cycles through N values, "
-              "one per request. \"vs bare\" against the ASGI bare app of the same round.", ""]  # fmt: skip
+              "one per request. \"vs bare\" against the ASGI bare app of the same round.", ""]  # fmt: skip  # noqa: E501
         L += table(rows)
         L += ["", "Redis memory per active caller (one request bucket, rate 1,000,000/second: a "
               "caller's key expires ~1 s after its last request). Memory delta and keys (DBSIZE) "
@@ -700,7 +705,7 @@ def write_results(md: str) -> None:
     if start < 0:
         new = text.rstrip("\n") + "\n\n" + md
     else:
-        nxt = re.search(r"^## ", text[start + len(SECTION):], re.M)
+        nxt = re.search(r"^## ", text[start + len(SECTION) :], re.M)
         end = start + len(SECTION) + nxt.start() if nxt else len(text)
         new = text[:start] + md + ("\n" + text[end:] if nxt else "")
     RESULTS.write_text(new)

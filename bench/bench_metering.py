@@ -54,9 +54,9 @@ from fake_upstream import handle as fake_handle  # noqa: E402
 
 from quota_middleware import QuotaMiddleware, WSGIQuotaMiddleware  # noqa: E402
 from quota_middleware.config import AIRoute, Plan, QuotaConfig, StorageConfig  # noqa: E402
-from quota_middleware.estimate import get_encoding, parse_request  # noqa: E402
+from quota_middleware.core._meter import Meter  # noqa: E402
 from quota_middleware.limits import Budget, RequestRate, TokenQuota, TokenRate  # noqa: E402
-from quota_middleware.metering import Meter  # noqa: E402
+from quota_middleware.metering._estimate import get_encoding, parse_request  # noqa: E402
 
 now_ns = time.perf_counter_ns
 PATH = "/v1/chat/completions"
@@ -421,7 +421,7 @@ def estimate_costs(sizes_kb: tuple[int, ...], quick: bool) -> dict[int, dict[str
 COLD_SNIPPET = """
 import json, time
 t0 = time.perf_counter()
-from quota_middleware.estimate import get_encoding, parse_request
+from quota_middleware.metering._estimate import get_encoding, parse_request
 t1 = time.perf_counter()
 get_encoding("o200k_base")
 t2 = time.perf_counter()
@@ -733,7 +733,8 @@ def render(res: dict[str, Any], markdown: bool) -> str:
     ])  # fmt: skip
     c = res["cold"]
     lines.append(
-        f"\nCold start (fresh interpreter): import quota_middleware.estimate {fmt(c['import_ms'])}"
+        "\nCold start (fresh interpreter): import quota_middleware.metering._estimate "
+        f"{fmt(c['import_ms'])}"
         f" ms, first get_encoding('o200k_base') {fmt(c['o200k_ms'])} ms, "
         f"then cl100k_base {fmt(c['cl100k_ms'])} ms."
     )

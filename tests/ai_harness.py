@@ -23,11 +23,11 @@ from quota_middleware import (
     WSGIQuotaMiddleware,
 )
 from quota_middleware.backends.memory import MemoryBackend
+from quota_middleware.base._request import Headers, RequestInfo
+from quota_middleware.base._scripts import ScriptCall
 from quota_middleware.errors import StorageError
-from quota_middleware.estimate import parse_request
+from quota_middleware.metering._estimate import parse_request
 from quota_middleware.reports import UsageReader
-from quota_middleware.request import Headers, RequestInfo
-from quota_middleware.scripts import ScriptCall
 
 PATH = "/v1/chat/completions"
 

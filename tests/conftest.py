@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from quota_middleware.backends._memstore import MemoryStore
 from quota_middleware.backends.memory import MemoryBackend
-from quota_middleware.backends.memstore import MemoryStore
 from servers import RedisClusterServer, RedisServer, ServerError, redis_server_binary
 
 BACKENDS = ("memory", "fakeredis", "redis", "cluster")

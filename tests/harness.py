@@ -21,7 +21,7 @@ from werkzeug.wrappers import Request as WRequest
 from werkzeug.wrappers import Response as WResponse
 
 from quota_middleware import QuotaConfig, QuotaMiddleware, WSGIQuotaMiddleware
-from quota_middleware.engine import Decision
+from quota_middleware.core._engine import Decision
 from quota_middleware.wsgi import ENVIRON_KEY
 
 

@@ -13,10 +13,10 @@ import pytest
 
 from ai_harness import PATH, AIHarness, chat, config, prompt_estimate
 from quota_middleware import Budget, QuotaConfig, TokenQuota
-from quota_middleware.estimate import count_tokens
-from quota_middleware.pricing import PriceTable, cost_micros
+from quota_middleware.metering._estimate import count_tokens
+from quota_middleware.metering._usage import Usage
+from quota_middleware.metering.pricing import PriceTable, cost_micros
 from quota_middleware.reports import UsageReader
-from quota_middleware.usage import Usage
 
 PRICE = PriceTable().lookup("gpt-4o-mini")
 assert PRICE is not None
@@ -189,8 +189,8 @@ def test_reservation_of_a_dead_worker_is_freed_when_its_lease_ends(backend: Any)
     reservation back; a late settle then charges the whole actual usage, once."""
     import time
 
-    from quota_middleware.engine import Engine, drive_sync
-    from quota_middleware.request import Headers, RequestInfo
+    from quota_middleware.base._request import Headers, RequestInfo
+    from quota_middleware.core._engine import Engine, drive_sync
 
     now = [time.time_ns() // 1000]
     cfg = config(limits=[TokenQuota(tokens=1000, period="day", name="tpd")],

@@ -34,9 +34,6 @@ from quota_middleware.alerts import (
     AlertsConfig,
     Dispatcher,
     WebhookSink,
-    cli_run,
-    cli_tail,
-    cli_test,
     dead_key,
     format_text,
     outbox_events,
@@ -46,12 +43,13 @@ from quota_middleware.alerts import (
 )
 from quota_middleware.backends.memory import MemoryBackend
 from quota_middleware.backends.redis import SyncRedisBackend
-from quota_middleware.engine import Engine, drive_sync
+from quota_middleware.base._events import AlertEvent, outbox_call, outbox_key
+from quota_middleware.cli._alert_commands import cli_run, cli_tail, cli_test
+from quota_middleware.core._engine import Engine, drive_sync
 from quota_middleware.errors import ConfigurationError
-from quota_middleware.events import AlertEvent, outbox_call, outbox_key
 from quota_middleware.limits import AppBudget, SpikeRule
-from quota_middleware.pricing import PriceTable, cost_micros
-from quota_middleware.usage import Usage
+from quota_middleware.metering._usage import Usage
+from quota_middleware.metering.pricing import PriceTable, cost_micros
 from servers import free_port, serve_app, stop_process
 
 APPS = Path(__file__).parent / "apps"
@@ -379,7 +377,7 @@ def test_a_new_sink_starts_replay_seconds_back(store: Store, receiver: Any) -> N
 def test_consumers_of_killed_workers_are_pruned(
     redis_server: Any, receiver: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import quota_middleware.alerts.lanes as alerts_mod
+    import quota_middleware.alerts._lanes as alerts_mod
 
     s = Store("redis", redis_server.url, f"t{os.urandom(4).hex()}")
     stream, group = outbox_key(s.prefix), "quota-alerts:hook"
@@ -421,7 +419,8 @@ def test_an_entry_held_by_a_dead_consumer_is_taken_over(redis_server: Any, recei
 WORKER = """
 import sys
 from quota_middleware import Plan, QuotaConfig, StorageConfig
-from quota_middleware.alerts import AlertsConfig, WebhookSink, cli_run
+from quota_middleware.alerts import AlertsConfig, WebhookSink
+from quota_middleware.cli._alert_commands import cli_run
 
 url, prefix, hook_url, name = sys.argv[1:]
 cfg = QuotaConfig(
@@ -529,8 +528,8 @@ def test_thresholds_fire_once_under_concurrency(redis_server: Any, server: str) 
 
 
 def test_threshold_counts_actual_usage_not_reservations_in_flight() -> None:
-    from quota_middleware.engine import Engine, drive_sync
-    from quota_middleware.request import Headers, RequestInfo
+    from quota_middleware.base._request import Headers, RequestInfo
+    from quota_middleware.core._engine import Engine, drive_sync
 
     cfg = ai_config(limits=[TokenQuota(tokens=1000, name="tpd")])
     engine, backend = Engine(cfg), MemoryBackend()

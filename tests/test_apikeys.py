@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
-from quota_middleware.apikeys import (
+from quota_middleware.backends.memory import MemoryBackend
+from quota_middleware.base._scripts import SCRIPT_NAMES, ScriptCall, source
+from quota_middleware.errors import ConfigurationError, InvalidCredentials, StorageError
+from quota_middleware.identity._apikeys import (
     ApiKeyConfig,
     ApiKeyVerifier,
     KeyMatch,
@@ -21,9 +24,6 @@ from quota_middleware.apikeys import (
     parse_key,
     record_key,
 )
-from quota_middleware.backends.memory import MemoryBackend
-from quota_middleware.errors import ConfigurationError, InvalidCredentials, StorageError
-from quota_middleware.scripts import SCRIPT_NAMES, ScriptCall, source
 
 T0 = 1_800_000_000.0
 
@@ -328,7 +328,7 @@ def test_wrong_digest_is_refused() -> None:
     key, rec = KeyStore(backend).create("svc")
     # Same id and a valid checksum, different secret: the stored digest does not match.
     body = f"qm_{rec.key_id}_{'a' * 32}"
-    from quota_middleware.apikeys import _checksum
+    from quota_middleware.identity._apikeys import _checksum
 
     forged = body + _checksum(body)
     assert parse_key(forged) == rec.key_id

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quota_middleware import Concurrency, Plan, QuotaConfig, QuotaMiddleware
-from quota_middleware.backends.base import CircuitBreaker
 from quota_middleware.backends.memory import MemoryBackend
+from quota_middleware.base._keys import app_tag, caller_tag
+from quota_middleware.base._protocols import CircuitBreaker
+from quota_middleware.base._scripts import ScriptCall
 from quota_middleware.errors import StorageError
-from quota_middleware.keys import app_tag, caller_tag
-from quota_middleware.scripts import ScriptCall
 
 NOW = 1_700_000_000_000_000  # unix microseconds: realistic magnitudes (Lua numbers are doubles)
 SEC = 1_000_000

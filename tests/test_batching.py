@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as redis_async
 
 from quota_middleware.backends.redis import AsyncRedisBackend
+from quota_middleware.base._scripts import ScriptCall
 from quota_middleware.errors import StorageError
-from quota_middleware.scripts import ScriptCall
 
 
 def admit(i: int, burst: int = 50) -> ScriptCall:

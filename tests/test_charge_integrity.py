@@ -16,7 +16,7 @@ import pytest
 import bad_upstream
 from ai_harness import AIHarness
 from quota_middleware import AIRoute, Charge, Plan, QuotaConfig, TokenQuota
-from quota_middleware.estimate import count_tokens, parse_request
+from quota_middleware.metering._estimate import count_tokens, parse_request
 
 CHAT, MESSAGES = "/v1/chat/completions", "/v1/messages"
 GEMINI = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
@@ -294,7 +294,7 @@ def test_configured_margin_wins_and_is_bounded() -> None:
     with pytest.raises(Exception, match="input_margins"):
         QuotaConfig(plans=[Plan(name="p")], input_margins={"claude-*": 0.5})
     cfg = QuotaConfig(plans=[Plan(name="p")], input_margins={"claude-*": 1.3})
-    from quota_middleware.engine import Engine
+    from quota_middleware.core._engine import Engine
 
     engine = Engine(cfg)
     assert engine.margins.factor("anthropic-messages", "claude-sonnet-4-5") == 1.3
@@ -528,7 +528,7 @@ def test_hard_stop_never_cuts_a_stream_whose_final_usage_has_arrived(
 
 
 def test_gemini_thoughts_count_in_the_running_output() -> None:
-    from quota_middleware.usage import UsageParser
+    from quota_middleware.metering._usage import UsageParser
 
     p = UsageParser("gemini", content_type="text/event-stream")
     p.feed(
@@ -539,7 +539,7 @@ def test_gemini_thoughts_count_in_the_running_output() -> None:
 
 
 def test_an_outage_longer_than_the_replay_attempts_loses_no_charge(adapter: str) -> None:
-    from quota_middleware.flows import drive_sync
+    from quota_middleware.base._flows import drive_sync
 
     store = _Flaky()
     h = AIHarness(adapter, store, _config(), upstream=bad_upstream)

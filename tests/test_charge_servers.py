@@ -28,7 +28,7 @@ import pytest
 import redis
 
 import bad_upstream
-from quota_middleware.estimate import count_tokens, parse_request
+from quota_middleware.metering._estimate import count_tokens, parse_request
 from servers import serve_app, stop_process
 
 pytestmark = pytest.mark.slow

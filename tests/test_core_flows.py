@@ -28,15 +28,15 @@ from quota_middleware import (
     TokenQuota,
     TokenRate,
 )
-from quota_middleware.decision import Decision, Hold
-from quota_middleware.engine import SETTLE_MARKER_MS, Engine
+from quota_middleware.base._request import Headers, RequestInfo
+from quota_middleware.base._scripts import ScriptCall
+from quota_middleware.core._decision import Decision, Hold
+from quota_middleware.core._engine import SETTLE_MARKER_MS, Engine
+from quota_middleware.core._exchange import Exchange
 from quota_middleware.errors import StorageError
-from quota_middleware.estimate import parse_request
-from quota_middleware.exchange import Exchange
-from quota_middleware.pricing import PriceTable, cost_micros
-from quota_middleware.request import Headers, RequestInfo
-from quota_middleware.scripts import ScriptCall
-from quota_middleware.usage import Usage
+from quota_middleware.metering._estimate import parse_request
+from quota_middleware.metering._usage import Usage
+from quota_middleware.metering.pricing import PriceTable, cost_micros
 
 NOW_US = 1_700_000_000_000_000  # 2023-11-14 22:13:20 UTC
 NOW = str(NOW_US)

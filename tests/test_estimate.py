@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quota_middleware import estimate
-from quota_middleware.estimate import (
+from quota_middleware.metering import _estimate as estimate
+from quota_middleware.metering._estimate import (
     IMAGE_TOKENS,
     RequestEstimate,
     TokenizerUnavailable,

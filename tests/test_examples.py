@@ -23,8 +23,8 @@ import demo_common  # noqa: E402
 import fake_upstream  # noqa: E402
 
 from quota_middleware import cli  # noqa: E402
-from quota_middleware.pricing import PriceTable, cost_micros  # noqa: E402
-from quota_middleware.usage import Usage  # noqa: E402
+from quota_middleware.metering._usage import Usage  # noqa: E402
+from quota_middleware.metering.pricing import PriceTable, cost_micros  # noqa: E402
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Tell me a joke"}]}
 STREAM = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}

@@ -22,14 +22,14 @@ from hypothesis import strategies as st
 
 from quota_middleware import AIRoute, Budget, Plan, QuotaConfig, RequestRate, TokenQuota
 from quota_middleware.backends.memory import MemoryBackend
-from quota_middleware.decision import Decision, Hold
-from quota_middleware.engine import Engine, drive_sync
+from quota_middleware.base._request import Headers, RequestInfo
+from quota_middleware.base._scripts import SCRIPT_NAMES, ScriptCall, hash_pairs, source
+from quota_middleware.core._decision import Decision, Hold
+from quota_middleware.core._engine import Engine, drive_sync
+from quota_middleware.core._extension import apply_extend, extend_flow, plan_extend
 from quota_middleware.errors import StorageError
-from quota_middleware.extension import apply_extend, extend_flow, plan_extend
-from quota_middleware.pricing import ModelPrice, PriceTable, cost_micros
-from quota_middleware.request import Headers, RequestInfo
-from quota_middleware.scripts import SCRIPT_NAMES, ScriptCall, hash_pairs, source
-from quota_middleware.usage import Usage
+from quota_middleware.metering._usage import Usage
+from quota_middleware.metering.pricing import ModelPrice, PriceTable, cost_micros
 
 NOW = 1_700_000_000_000_000  # unix microseconds: realistic magnitudes (Lua numbers are doubles)
 SEC = 1_000_000
@@ -638,7 +638,7 @@ def test_engine_settle_after_an_extension_whose_reply_was_lost_charges_exactly_a
     """The script ran but its reply never came back: the holds were not grown, the reservation
     was. Settle takes what is reserved from the reservation's own record, so the counters still
     end at exactly the actual usage (they used to end one step above it)."""
-    from quota_middleware.extension import plan_extend
+    from quota_middleware.core._extension import plan_extend
 
     ai = AI.make(backend)
     d = ai.admit(max_tokens=20)

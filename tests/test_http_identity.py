@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from harness import Harness
 from quota_middleware import IdentityConfig, Plan, QuotaConfig, RequestRate
-from quota_middleware.identity import JWTConfig
+from quota_middleware.identity._identifier import JWTConfig
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"
 _RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import RSAAlgorithm
 
-from quota_middleware.apikeys import ApiKeyConfig, KeyStore, generate_key
 from quota_middleware.backends.memory import MemoryBackend
+from quota_middleware.base._request import Headers, RequestInfo
+from quota_middleware.base._scripts import ScriptCall
 from quota_middleware.errors import (
     ConfigurationError,
     IdentificationError,
@@ -28,9 +29,14 @@ from quota_middleware.errors import (
     MissingCredentials,
     StorageError,
 )
-from quota_middleware.identity import Caller, Identifier, IdentityConfig, JWTConfig, parse_ip
-from quota_middleware.request import Headers, RequestInfo
-from quota_middleware.scripts import ScriptCall
+from quota_middleware.identity._apikeys import ApiKeyConfig, KeyStore, generate_key
+from quota_middleware.identity._identifier import (
+    Caller,
+    Identifier,
+    IdentityConfig,
+    JWTConfig,
+    parse_ip,
+)
 
 SECRET = "s3cret-" + "x" * 40
 

@@ -66,7 +66,7 @@ def test_store_latency_is_observed(redis_server: Any) -> None:
 def test_model_labels_are_bounded(backend: Any) -> None:
     registry = CollectorRegistry()
     metrics = PrometheusMetrics(registry, max_models=2)
-    from quota_middleware.usage import Usage
+    from quota_middleware.metering._usage import Usage
 
     for i in range(10):
         metrics.usage(Usage(input_tokens=1, model=f"m{i}"), 0)
@@ -80,7 +80,7 @@ def test_model_labels_are_bounded(backend: Any) -> None:
 def test_alert_deliveries_are_counted() -> None:
     from quota_middleware.alerts import AlertsConfig, Dispatcher
     from quota_middleware.backends.memory import MemoryBackend
-    from quota_middleware.events import AlertEvent, outbox_call
+    from quota_middleware.base._events import AlertEvent, outbox_call
 
     registry = CollectorRegistry()
     metrics = PrometheusMetrics(registry)

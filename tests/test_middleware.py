@@ -168,7 +168,7 @@ def test_plans_by_caller(make: Any, adapter: str, backend: Any, clock: Clock) ->
         tier = info.headers.get("x-tier")
         return Caller(id=f"user-{tier}", plan=tier, source="custom") if tier else None
 
-    from quota_middleware.identity import IdentityConfig
+    from quota_middleware.identity._identifier import IdentityConfig
 
     config = QuotaConfig(
         plans=[

@@ -19,9 +19,9 @@ from quota_middleware import (
     StorageConfig,
     TokenQuota,
 )
-from quota_middleware.backends.base import CircuitBreaker
-from quota_middleware.engine import Engine, drive_sync
-from quota_middleware.usage import Usage
+from quota_middleware.base._protocols import CircuitBreaker
+from quota_middleware.core._engine import Engine, drive_sync
+from quota_middleware.metering._usage import Usage
 
 ADAPTERS = ["asgi", "wsgi"]
 

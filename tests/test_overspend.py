@@ -19,10 +19,10 @@ import redis
 from ai_app import STREAM_BODY
 from quota_middleware import Budget, Plan, QuotaConfig, StorageConfig, TokenQuota
 from quota_middleware.backends.redis import SyncRedisBackend
-from quota_middleware.estimate import parse_request
-from quota_middleware.pricing import PriceTable, cost_micros
+from quota_middleware.metering._estimate import parse_request
+from quota_middleware.metering._usage import Usage
+from quota_middleware.metering.pricing import PriceTable, cost_micros
 from quota_middleware.reports import UsageReader
-from quota_middleware.usage import Usage
 from servers import serve_app, stop_process
 
 APPS = Path(__file__).parent / "apps"

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quota_middleware.errors import ConfigurationError, QuotaError
-from quota_middleware.pricing import (
+from quota_middleware.metering._usage import Usage
+from quota_middleware.metering.pricing import (
     DEFAULT_PRICES,
     PRICES_AS_OF,
     ModelPrice,
@@ -18,7 +19,6 @@ from quota_middleware.pricing import (
     cost_micros,
     price_for,
 )
-from quota_middleware.usage import Usage
 
 TABLE = PriceTable()
 

@@ -24,10 +24,10 @@ from werkzeug.test import Client
 
 from harness import Harness
 from quota_middleware import Plan, QuotaConfig, RequestRate, StorageConfig
-from quota_middleware.backends.base import CircuitBreaker
 from quota_middleware.backends.redis import AsyncRedisBackend, SyncRedisBackend, client_from_url
+from quota_middleware.base._protocols import CircuitBreaker
+from quota_middleware.base._scripts import ScriptCall
 from quota_middleware.errors import StorageError
-from quota_middleware.scripts import ScriptCall
 from servers import RedisServer
 
 ADAPTERS = ["asgi", "wsgi"]

@@ -14,10 +14,10 @@ from pathlib import Path
 import fakeredis
 import pytest
 
+from quota_middleware.backends._registry import SCRIPTS
 from quota_middleware.backends.memory import MemoryBackend
 from quota_middleware.backends.redis import SyncRedisBackend
-from quota_middleware.backends.registry import SCRIPTS
-from quota_middleware.scripts import SCRIPT_NAMES, ScriptCall, source
+from quota_middleware.base._scripts import SCRIPT_NAMES, ScriptCall, source
 
 LUA = Path(str(resources.files("quota_middleware").joinpath("lua")))
 FILES = sorted(p.stem for p in LUA.glob("*.lua"))
@@ -59,11 +59,12 @@ def test_the_twins_need_nothing_outside_the_backends() -> None:
     # nothing registers scripts on import: the table and its twins import neither the key store
     # nor the alerts (no import cycle), and a fresh memory backend runs their operations
     backends = LUA.parent / "backends"
-    for module in ("registry", "memory", "memory_scripts", "memory_outbox"):
+    allowed = ("quota_middleware.errors", "quota_middleware.base", "quota_middleware.backends")
+    for module in ("_registry", "memory", "_memory_scripts", "_memory_outbox"):
         tree = ast.parse((backends / f"{module}.py").read_text("utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level > 0:
-                assert node.level == 1 or node.module == "scripts", (module, node.module)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("quota_"):
+                assert node.level == 0 and node.module.startswith(allowed), (module, node.module)
     b = MemoryBackend()
     assert b.run(ScriptCall("key_lookup", ("k",), ("",))) == []
     assert b.run(ScriptCall("alerts_recent", ("s",), (5, ""))) == []

@@ -42,9 +42,9 @@ from quota_middleware import (
 )
 from quota_middleware.backends.memory import MemoryBackend
 from quota_middleware.backends.redis import SyncRedisBackend
-from quota_middleware.estimate import parse_request
-from quota_middleware.pricing import PriceTable, cost_micros
-from quota_middleware.usage import Usage
+from quota_middleware.metering._estimate import parse_request
+from quota_middleware.metering._usage import Usage
+from quota_middleware.metering.pricing import PriceTable, cost_micros
 from servers import free_port, stop_process
 
 openai = pytest.importorskip("openai")

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ai_harness import AIHarness, chat, config
-from quota_middleware.usage import Format, Usage, UsageParser, clean_model
+from quota_middleware.metering._usage import Format, Usage, UsageParser, clean_model
 
 STREAMS = Path(__file__).parent / "data" / "streams"
 SSE = "text/event-stream"

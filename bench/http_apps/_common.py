@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-from quota_middleware import QuotaConfig
+from quota_middleware import QuotaConfig, RequestInfo
 from quota_middleware.config import AIRoute, Plan, StorageConfig
 from quota_middleware.identity import Caller, IdentityConfig
 from quota_middleware.limits import Budget, RequestRate, TokenQuota, TokenRate
-from quota_middleware.request import RequestInfo
 
 HUGE_RATE = "1000000/second"  # never triggers; a bucket key lives ~1 s after its last request
 AI_PATH = "/v1/chat/completions"

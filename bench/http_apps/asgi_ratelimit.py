@@ -20,7 +20,9 @@ app = FastAPI()
 app.add_middleware(
     RateLimitMiddleware,
     authenticate=by_ip,
-    backend=RedisBackend(aioredis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))),
+    backend=RedisBackend(
+        aioredis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ),
     config={r"^/": [Rule(second=1_000_000)]},
 )
 

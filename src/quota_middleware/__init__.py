@@ -3,11 +3,13 @@ ASGI and WSGI middleware backed by Redis."""
 
 from __future__ import annotations
 
-from .alerts import AlertsConfig, WebhookSink
-from .asgi import QuotaMiddleware
-from .config import AIRoute, Plan, QuotaConfig, Routes, RouteWeight, StorageConfig
-from .decision import Charge, Decision, LimitStatus
-from .errors import (
+from quota_middleware.alerts import AlertsConfig, WebhookSink
+from quota_middleware.asgi import QuotaMiddleware
+from quota_middleware.base._events import AlertEvent
+from quota_middleware.base._request import RequestInfo
+from quota_middleware.config import AIRoute, Plan, QuotaConfig, Routes, RouteWeight, StorageConfig
+from quota_middleware.core._decision import Charge, Decision, LimitStatus
+from quota_middleware.errors import (
     ConfigurationError,
     IdentificationError,
     InvalidCredentials,
@@ -16,12 +18,19 @@ from .errors import (
     RequestTooLarge,
     StorageError,
 )
-from .events import AlertEvent
-from .identity import Caller, IdentityConfig
-from .limits import AppBudget, Budget, Concurrency, RequestRate, SpikeRule, TokenQuota, TokenRate
-from .reports import Remaining, UsageReader, UsageRecord
-from .usage import Usage
-from .wsgi import WSGIQuotaMiddleware
+from quota_middleware.identity._identifier import Caller, IdentityConfig
+from quota_middleware.limits import (
+    AppBudget,
+    Budget,
+    Concurrency,
+    RequestRate,
+    SpikeRule,
+    TokenQuota,
+    TokenRate,
+)
+from quota_middleware.metering._usage import Usage
+from quota_middleware.reports import Remaining, UsageReader, UsageRecord
+from quota_middleware.wsgi import WSGIQuotaMiddleware
 
 __all__ = [
     "AIRoute",
@@ -45,6 +54,7 @@ __all__ = [
     "QuotaMiddleware",
     "RequestRate",
     "Remaining",
+    "RequestInfo",
     "RequestTooLarge",
     "RouteWeight",
     "Routes",

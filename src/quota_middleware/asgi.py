@@ -12,18 +12,18 @@ import os
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any, TypeVar
 
-from .alerts import in_process_delivery
-from .backends.base import AsyncBackend
-from .backends.factory import async_backend
-from .config import QuotaConfig, load_config
-from .decision import Charge
-from .engine import Engine, drive_async, drive_sync
-from .exchange import Exchange
-from .identity import Identifier
-from .reports import UsageReader
-from .request import RequestInfo
-from .responses import RawHeaders, Response
-from .scripts import ScriptCall
+from quota_middleware.alerts import in_process_delivery
+from quota_middleware.backends._factory import async_backend
+from quota_middleware.base._protocols import AsyncBackend
+from quota_middleware.base._request import RequestInfo
+from quota_middleware.base._scripts import ScriptCall
+from quota_middleware.config import QuotaConfig, load_config
+from quota_middleware.core._decision import Charge
+from quota_middleware.core._engine import Engine, drive_async, drive_sync
+from quota_middleware.core._exchange import Exchange
+from quota_middleware.core._responses import RawHeaders, Response
+from quota_middleware.identity._identifier import Identifier
+from quota_middleware.reports import UsageReader
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

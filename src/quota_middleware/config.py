@@ -17,9 +17,9 @@ from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .errors import ConfigurationError, check_keys, construct
-from .identity import IdentityConfig
-from .limits import (
+from quota_middleware.errors import ConfigurationError, check_keys, construct
+from quota_middleware.identity._identifier import IdentityConfig
+from quota_middleware.limits import (
     _NAME_RE,
     LIMIT_TYPES,
     AppBudget,
@@ -33,7 +33,7 @@ from .limits import (
     _check_patterns,
     path_matches,
 )
-from .usage import Format
+from quota_middleware.metering._usage import Format
 
 OnError = Literal["open", "closed"]
 T = TypeVar("T")
@@ -340,7 +340,7 @@ class QuotaConfig:
             ):  # fmt: skip
                 raise ConfigurationError(f"input_margins.{pattern}", "a number in [1, 10]")
         # priced now, so a bad price is a startup error like every other one
-        from .pricing import ModelPrice, PriceTable
+        from quota_middleware.metering.pricing import ModelPrice, PriceTable
 
         PriceTable().with_overrides(self.prices)
         if self.default_price is not None:
@@ -438,7 +438,7 @@ class QuotaConfig:
             check_keys(spikes, set(SpikeRule.__dataclass_fields__), "spikes")
             extra["spikes"] = SpikeRule(**spikes)
         if "alerts" in data:
-            from .alerts.config import AlertsConfig
+            from quota_middleware.alerts._config import AlertsConfig
 
             extra["alerts"] = AlertsConfig.from_dict(_table(data, "alerts"), base_dir=base_dir)
         return cls(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar, Literal
 
-from .errors import ConfigurationError
+from quota_middleware.errors import ConfigurationError
 
 _UNITS = {
     "ms": 0.001, "millisecond": 0.001, "milliseconds": 0.001,

@@ -15,12 +15,12 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .usage import clean_model
+from quota_middleware.metering._usage import clean_model
 
 if TYPE_CHECKING:
-    from .decision import Decision
-    from .events import AlertEvent
-    from .usage import Usage
+    from quota_middleware.base._events import AlertEvent
+    from quota_middleware.core._decision import Decision
+    from quota_middleware.metering._usage import Usage
 
 
 class PrometheusMetrics:

@@ -15,15 +15,15 @@ from fnmatch import fnmatchcase
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from .backends.base import AsyncBackend, SyncBackend
-from .backends.memstore import MemoryStore
-from .config import Plan, QuotaConfig
-from .errors import BackendMismatch, InvalidArgument
-from .flows import drive_async, drive_sync
-from .keys import CallerKeys, caller_tag, period_name
-from .limits import Budget, TokenQuota
-from .periods import period_of
-from .scripts import ScriptCall, hash_pairs
+from quota_middleware.backends._memstore import MemoryStore
+from quota_middleware.base._flows import drive_async, drive_sync
+from quota_middleware.base._keys import CallerKeys, caller_tag, period_name
+from quota_middleware.base._periods import period_of
+from quota_middleware.base._protocols import AsyncBackend, SyncBackend
+from quota_middleware.base._scripts import ScriptCall, hash_pairs
+from quota_middleware.config import Plan, QuotaConfig
+from quota_middleware.errors import BackendMismatch, InvalidArgument
+from quota_middleware.limits import Budget, TokenQuota
 
 _FIELDS = {
     "requests": "requests",
@@ -385,7 +385,7 @@ def app_budget_status(
 ) -> list[AppBudgetStatus]:
     """Each app budget of ``config`` in its current period: spent, the configured limit and any
     operator override (``<name>:limit`` on the period key), in one ``read`` per period key."""
-    from .engine import Engine
+    from quota_middleware.core._engine import Engine
 
     if not config.app_budgets:
         return []

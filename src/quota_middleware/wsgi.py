@@ -14,17 +14,17 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .alerts import in_process_delivery
-from .backends.base import SyncBackend
-from .backends.factory import sync_backend
-from .config import QuotaConfig, load_config
-from .decision import Charge
-from .engine import Engine, drive_sync
-from .exchange import Exchange
-from .identity import Identifier
-from .reports import UsageReader
-from .request import RequestInfo
-from .responses import RawHeaders, Response
+from quota_middleware.alerts import in_process_delivery
+from quota_middleware.backends._factory import sync_backend
+from quota_middleware.base._protocols import SyncBackend
+from quota_middleware.base._request import RequestInfo
+from quota_middleware.config import QuotaConfig, load_config
+from quota_middleware.core._decision import Charge
+from quota_middleware.core._engine import Engine, drive_sync
+from quota_middleware.core._exchange import Exchange
+from quota_middleware.core._responses import RawHeaders, Response
+from quota_middleware.identity._identifier import Identifier
+from quota_middleware.reports import UsageReader
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

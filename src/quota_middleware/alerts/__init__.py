@@ -25,21 +25,22 @@ seconds and ``X-Quota-Signature`` is ``sha256=`` + the hex HMAC-SHA256 of
 ``f"{timestamp}.{body}"`` under the sink's secret. Check it with :func:`verify_signature`, which
 also refuses timestamps more than ``tolerance`` seconds away (replays).
 
-Modules: :mod:`.sinks` (webhook signing, the sinks), :mod:`.text` (event text for people),
-:mod:`.config` (:class:`AlertsConfig`), :mod:`.outbox` (keys, the memory backend's outbox scripts,
-reading the outbox), :mod:`.dispatcher` and :mod:`.lanes` (delivery), :mod:`.delivery` (the
-middleware hook) and :mod:`.commands` (``quota-middleware alerts ...``).
+Modules (private; this package re-exports the public names): ``_sinks`` (webhook signing, the
+sinks) and ``_text`` (event text for people) and ``_config`` (:class:`AlertsConfig`) sit below the
+policy, which holds the sinks' configuration; ``_outbox`` (keys, the memory backend's outbox
+scripts, reading the outbox), ``_dispatcher`` and ``_lanes`` (delivery) and ``_delivery`` (the
+middleware hook) sit beside the core. The ``quota-middleware alerts ...`` commands live in
+:mod:`quota_middleware.cli`.
 """
 
 from __future__ import annotations
 
-from .commands import cli_run, cli_tail, cli_test, sample_event
-from .config import AlertsConfig
-from .delivery import InProcessDelivery, in_process_delivery
-from .dispatcher import Dispatcher
-from .lanes import DEAD_MAXLEN, PRUNE_EVERY, PRUNE_IDLE_MS
-from .outbox import dead_key, outbox_events, read_stream
-from .sinks import (
+from quota_middleware.alerts._config import AlertsConfig
+from quota_middleware.alerts._delivery import InProcessDelivery, in_process_delivery
+from quota_middleware.alerts._dispatcher import Dispatcher
+from quota_middleware.alerts._lanes import DEAD_MAXLEN, PRUNE_EVERY, PRUNE_IDLE_MS
+from quota_middleware.alerts._outbox import dead_key, outbox_events, read_stream
+from quota_middleware.alerts._sinks import (
     EVENT_ID_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -52,7 +53,7 @@ from .sinks import (
     sign,
     verify_signature,
 )
-from .text import format_text, plain_text
+from quota_middleware.alerts._text import format_text, plain_text
 
 __all__ = [
     "DEAD_MAXLEN",
@@ -70,16 +71,12 @@ __all__ = [
     "Sink",
     "SlackSink",
     "WebhookSink",
-    "cli_run",
-    "cli_tail",
-    "cli_test",
     "dead_key",
     "format_text",
     "in_process_delivery",
     "outbox_events",
     "plain_text",
     "read_stream",
-    "sample_event",
     "sign",
     "verify_signature",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import AsyncBackend, CircuitBreaker, SyncBackend
-from .memory import MemoryBackend
+from quota_middleware.backends.memory import MemoryBackend
+from quota_middleware.base._protocols import AsyncBackend, CircuitBreaker, SyncBackend
 
 __all__ = ["AsyncBackend", "CircuitBreaker", "MemoryBackend", "SyncBackend"]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ..scripts import ScriptCall
-from .memstore import MemoryStore
-from .registry import SCRIPTS
+from quota_middleware.backends._memstore import MemoryStore
+from quota_middleware.backends._registry import SCRIPTS
+from quota_middleware.base._scripts import ScriptCall
 
 
 class MemoryBackend:

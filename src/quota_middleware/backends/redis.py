@@ -41,9 +41,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from ..errors import StorageError
-from ..scripts import ScriptCall, source
-from .base import CircuitBreaker
+from quota_middleware.base._protocols import CircuitBreaker
+from quota_middleware.base._scripts import ScriptCall, source
+from quota_middleware.errors import StorageError
 
 Observer = Callable[[str, float, bool], None]
 log = logging.getLogger("quota_middleware")

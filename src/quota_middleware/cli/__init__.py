@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ._common import (
+from quota_middleware.cli._common import (
     AddArguments,
     Col,
     CommandError,
@@ -33,9 +33,14 @@ from ._common import (
     parse_duration,
     read_policy,
 )
-from .alerts import _alerts_arguments, run_alerts_run, run_alerts_tail, run_alerts_test
-from .check import _check_arguments, format_policy, policy_summary, run_check
-from .demo import (
+from quota_middleware.cli.alerts import (
+    _alerts_arguments,
+    run_alerts_run,
+    run_alerts_tail,
+    run_alerts_test,
+)
+from quota_middleware.cli.check import _check_arguments, format_policy, policy_summary, run_check
+from quota_middleware.cli.demo import (
     DEMO_BASE_URL,
     Row,
     _demo_arguments,
@@ -46,7 +51,7 @@ from .demo import (
     format_usage,
     run_demo,
 )
-from .keys import (
+from quota_middleware.cli.keys import (
     KEY_COLUMNS,
     _keys_arguments,
     run_keys_create,
@@ -54,7 +59,13 @@ from .keys import (
     run_keys_revoke,
     run_keys_rotate,
 )
-from .usage import APP_COLUMNS, DAY_COLUMNS, TOP_COLUMNS, _usage_arguments, run_usage
+from quota_middleware.cli.usage import (
+    APP_COLUMNS,
+    DAY_COLUMNS,
+    TOP_COLUMNS,
+    _usage_arguments,
+    run_usage,
+)
 
 __all__ = [
     "APP_COLUMNS",
@@ -154,7 +165,7 @@ def _report(e: Exception) -> int:
     else is a bug: 1, and the traceback with QUOTA_DEBUG=1."""
     from redis.exceptions import RedisClusterException, RedisError
 
-    from ..errors import ConfigurationError, StorageError
+    from quota_middleware.errors import ConfigurationError, StorageError
 
     if isinstance(e, ConfigurationError):
         print(f"quota-middleware: invalid configuration: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..config import QuotaConfig
+    from quota_middleware.config import QuotaConfig
 
 Runner = Callable[[argparse.Namespace], int]
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -59,7 +59,7 @@ def _usd(micros: int) -> str:
 
 
 def _limit_text(lim: Any) -> str:
-    from ..limits import Budget, Concurrency, RequestRate, TokenQuota, TokenRate
+    from quota_middleware.limits import Budget, Concurrency, RequestRate, TokenQuota, TokenRate
 
     if isinstance(lim, RequestRate):
         count, _ = lim.rate.split("/", 1) if "/" in lim.rate else (lim.rate, "")
@@ -134,8 +134,8 @@ def _policy_path(args: argparse.Namespace) -> str | None:
 def read_policy(path: str) -> QuotaConfig:
     """``QuotaConfig.from_toml(path)``; a policy whose shape the loader trips over (a number
     where a list belongs, ...) is a :class:`ConfigurationError` too, never a traceback."""
-    from ..config import QuotaConfig
-    from ..errors import ConfigurationError
+    from quota_middleware.config import QuotaConfig
+    from quota_middleware.errors import ConfigurationError
 
     try:
         return QuotaConfig.from_toml(path)
@@ -148,7 +148,7 @@ def read_policy(path: str) -> QuotaConfig:
 def load_config(args: argparse.Namespace) -> QuotaConfig:
     """The policy from ``--policy`` / ``QUOTA_POLICY`` (or a one-plan default), with ``--redis-url``
     (which wins over ``QUOTA_REDIS_URL``, which wins over the file) and ``--prefix`` applied."""
-    from ..config import Plan, QuotaConfig
+    from quota_middleware.config import Plan, QuotaConfig
 
     path = _policy_path(args)
     with _environ(QUOTA_REDIS_URL=getattr(args, "redis_url", None)):
@@ -165,7 +165,7 @@ def load_config(args: argparse.Namespace) -> QuotaConfig:
 
 def mask_url(url: str) -> str:
     """``url`` with any password replaced by ``***``."""
-    from ..config import mask_url as config_mask_url
+    from quota_middleware.config import mask_url as config_mask_url
 
     return config_mask_url(url)
 
@@ -175,7 +175,7 @@ def open_store(config: QuotaConfig) -> Iterator[Any]:
     """A ``SyncRedisBackend`` on the configured Redis, checked with a PING; closed afterwards."""
     from redis.exceptions import RedisClusterException, RedisError
 
-    from ..backends.redis import SyncRedisBackend, client_from_url
+    from quota_middleware.backends.redis import SyncRedisBackend, client_from_url
 
     url = config.storage.url
     shown = mask_url(url)

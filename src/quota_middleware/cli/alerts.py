@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import CommandError, _store_options, load_config
+from quota_middleware.cli._common import CommandError, _store_options, load_config
 
 
 # -- alerts --------------------------------------------------------------------------------------
@@ -18,14 +18,14 @@ def _alerts_logging() -> None:
 
 
 def run_alerts_run(args: argparse.Namespace) -> int:
-    from ..alerts import cli_run
+    from quota_middleware.cli._alert_commands import cli_run
 
     _alerts_logging()
     return cli_run(load_config(args), once=args.once)
 
 
 def run_alerts_tail(args: argparse.Namespace) -> int:
-    from ..alerts import cli_tail
+    from quota_middleware.cli._alert_commands import cli_tail
 
     if args.count < 0:
         raise CommandError("--count must be >= 0")
@@ -35,7 +35,7 @@ def run_alerts_tail(args: argparse.Namespace) -> int:
 
 
 def run_alerts_test(args: argparse.Namespace) -> int:
-    from ..alerts import cli_test
+    from quota_middleware.cli._alert_commands import cli_test
 
     _alerts_logging()
     return cli_test(load_config(args), sys.stdout)

@@ -10,16 +10,23 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ._common import _columns, _environ, _limit_text, _output_options, mask_url, read_policy
+from quota_middleware.cli._common import (
+    _columns,
+    _environ,
+    _limit_text,
+    _output_options,
+    mask_url,
+    read_policy,
+)
 
 if TYPE_CHECKING:
-    from ..config import QuotaConfig
+    from quota_middleware.config import QuotaConfig
 
 
 # -- check ---------------------------------------------------------------------------------------
 def _rule_text(lim: Any) -> str:
     """A limit's rule with every parameter (``check``): rates with their bursts, leases."""
-    from ..limits import Concurrency, RequestRate, TokenRate
+    from quota_middleware.limits import Concurrency, RequestRate, TokenRate
 
     if isinstance(lim, RequestRate | TokenRate):
         unit = " tokens" if isinstance(lim, TokenRate) else ""
@@ -291,7 +298,7 @@ def redis_persistence(url: str, *, timeout: float = PROBE_TIMEOUT) -> dict[str, 
     ``persistent`` True, False, or None (unknown: unreachable or not verified)."""
     from redis.exceptions import RedisClusterException, RedisError
 
-    from ..backends.redis import client_from_url, is_cluster_url
+    from quota_middleware.backends.redis import client_from_url, is_cluster_url
 
     out: dict[str, Any] = {
         "url": mask_url(url),
@@ -379,7 +386,7 @@ def run_check(args: argparse.Namespace) -> int:
     when that cannot be verified), and in ``--json`` under ``redis`` and ``warnings``. The
     warnings leave the exit status 0: they are about the server, not the policy, and a policy
     check in CI must not fail because the Redis it can reach is a scratch one."""
-    from ..errors import ConfigurationError
+    from quota_middleware.errors import ConfigurationError
 
     redis_url = getattr(args, "redis_url", None)
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._common import CommandError, _columns, _environ, _limit_text, _usd
+from quota_middleware.cli._common import CommandError, _columns, _environ, _limit_text, _usd
 
 # -- demo ----------------------------------------------------------------------------------------
 DEMO_BASE_URL = "http://demo.local"

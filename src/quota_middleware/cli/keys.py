@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ._common import (
+from quota_middleware.cli._common import (
     Col,
     CommandError,
     _duration_text,
@@ -25,7 +25,7 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from ..config import QuotaConfig
+    from quota_middleware.config import QuotaConfig
 
 
 def _policy_key_settings(config: QuotaConfig) -> tuple[str, float, str | None]:
@@ -63,7 +63,7 @@ KEY_COLUMNS = (
 
 @contextmanager
 def _key_store(args: argparse.Namespace) -> Iterator[tuple[Any, QuotaConfig]]:
-    from ..apikeys import KeyStore
+    from quota_middleware.identity._apikeys import KeyStore
 
     config = load_config(args)
     key_prefix, _, mode = _policy_key_settings(config)

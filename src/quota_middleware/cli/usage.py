@@ -7,7 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
-from ._common import (
+from quota_middleware.cli._common import (
     Col,
     CommandError,
     _iso,
@@ -71,7 +71,7 @@ def run_usage(args: argparse.Namespace) -> int:
 
 
 def _usage_top(args: argparse.Namespace) -> int:
-    from ..reports import top_callers
+    from quota_middleware.reports import top_callers
 
     config = load_config(args)
     if args.timezone is not None:
@@ -128,7 +128,7 @@ def _zone_or_error(name: str) -> None:
 
 
 def _usage_caller(args: argparse.Namespace) -> int:
-    from ..reports import UsageReader
+    from quota_middleware.reports import UsageReader
 
     config = load_config(args)
     if args.days < 1 or args.days > 366:
@@ -214,7 +214,7 @@ def _usage_caller(args: argparse.Namespace) -> int:
 
 
 def _usage_app(args: argparse.Namespace) -> int:
-    from ..reports import app_budget_status
+    from quota_middleware.reports import app_budget_status
 
     config = load_config(args)
     if not config.app_budgets:
