@@ -1,8 +1,12 @@
-"""Byte-level half of :class:`~quota_middleware.usage.UsageParser`: decompression and framing.
+"""The byte side of usage parsing: decompression and framing, as a sans-IO reader.
 
-Turns the relayed body chunks into complete payloads: SSE events, NDJSON lines, one JSON document
-(or the elements of a streamed JSON array, or the tail of a document too big to keep whole). Each
-payload goes to the parser's ``_event_data`` (SSE, NDJSON), ``_handle`` or ``_handle_one``.
+:class:`Framer` turns the relayed body chunks into complete payloads, the way h11's readers
+turn bytes into events: ``feed(chunk)`` and ``finish()`` return what became complete. A payload
+is an :class:`Event` (the raw bytes of one SSE event's data or one NDJSON line), a
+:class:`Document` (an object already decoded: a whole JSON body, an element of a streamed JSON
+array, or what the tail of a document too big to keep whole says), or a :class:`Salvage` (a
+body that is not valid JSON, whose text the parser may salvage for an estimate). The framer
+knows nothing about providers; it never raises and keeps its memory under ``max_buffer``.
 """
 
 from __future__ import annotations
@@ -11,48 +15,78 @@ import json
 import re
 import zlib
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Framing"]
+__all__ = ["Document", "Event", "Framer", "Payload", "Salvage", "salvage_text"]
 
 
-class Framing:
-    """Mixin holding the framing and decompression state of one response body."""
+# Payloads are plain slotted dataclasses, not frozen ones: one is built per streamed event, and a
+# frozen dataclass's __init__ is measurably slower on that path.
+@dataclass(slots=True)
+class Event:
+    """One SSE event's data (its lines joined) or one NDJSON line, not yet decoded."""
 
-    # set by the parser
-    _max: int
-    _error: str | None
-    _whole: bool
-    _seen_usage: bool
-    _text_kept: int
+    data: bytes
+    #: an SSE ``event: error`` (Anthropic's and Responses' mid-stream error)
+    error: bool = False
 
-    def _init_framing(
-        self, content_type: str | None, content_encoding: str | None, max_decompressed: int
+
+@dataclass(slots=True)
+class Document:
+    """A decoded JSON value: a whole body or one element of a streamed JSON array."""
+
+    value: Any
+    #: a whole (non-streamed) response document, or its tail: its usage is the final one
+    whole: bool = False
+
+
+@dataclass(slots=True)
+class Salvage:
+    """A body that is not valid JSON (cut off mid-way): salvage its text if nothing before it
+    in the body counted."""
+
+    doc: bytes
+
+
+Payload = Event | Document | Salvage
+
+
+class Framer:
+    """Framing and decompression state of one response body."""
+
+    def __init__(
+        self,
+        content_type: str | None,
+        content_encoding: str | None = None,
+        *,
+        max_buffer: int = 1 << 20,
+        max_decompressed: int = 1 << 28,
     ) -> None:
+        self._max = max(int(max_buffer), 64)
         ctype = (content_type or "").split(";", 1)[0].strip().lower()
-        self._framing: Literal["sse", "ndjson", "json"]
+        self.framing: Literal["sse", "ndjson", "json"]
         if ctype == "text/event-stream":
-            self._framing = "sse"
+            self.framing = "sse"
         elif ctype in ("application/x-ndjson", "application/jsonl", "application/ndjson"):
-            self._framing = "ndjson"
+            self.framing = "ndjson"
         else:
-            self._framing = "json"
-        self._dead = False  # gave up: undecodable encoding or too much data
-        #: the body was not valid JSON; its text was salvaged for an estimate
-        self.salvaged = False
+            self.framing = "json"
+        #: gave up: undecodable encoding, too much data, or an error while framing
+        self.dead = False
         # decompression
         enc = (content_encoding or "").strip().lower()
-        self._zmode: Literal["none", "gzip", "deflate"] = "none"
+        self.zmode: Literal["none", "gzip", "deflate"] = "none"
         self._z: Any = None
         self._zhead = b""  # first bytes of a deflate body, until we know zlib vs raw
         self._zleft = max(int(max_decompressed), 0)
         self._zdone = False
         if enc in ("gzip", "x-gzip"):
-            self._zmode, self._z = "gzip", zlib.decompressobj(wbits=47)
+            self.zmode, self._z = "gzip", zlib.decompressobj(wbits=47)
         elif enc == "deflate":
-            self._zmode = "deflate"
+            self.zmode = "deflate"
         elif enc not in ("", "identity"):
-            self._dead = True
+            self.dead = True
         # line framing
         self._pending = bytearray()
         self._discard = False  # inside an over-long line: drop bytes until the next newline
@@ -63,23 +97,43 @@ class Framing:
         self._event = b""
         # whole-document JSON (and JSON-array streaming)
         self._doc = bytearray()
-        self._array: bool | None = None  # None until the first non-blank byte is seen
+        self.array: bool | None = None  # None until the first non-blank byte is seen
         self._tail: deque[bytes] | None = None
         self._tail_len = 0
+        self._out: list[Payload] = []
 
-    # implemented by the parser: what to do with a complete payload
+    @property
+    def at_boundary(self) -> bool:
+        """No event, line or array element is half-received."""
+        if self.framing == "json":
+            return not bytes(self._doc).strip(b" \t\r\n,")
+        return not self._pending and not self._data and not self._skip_lf
 
-    def _event_data(self, payload: bytes) -> None:
-        raise NotImplementedError
+    def feed(self, chunk: bytes) -> list[Payload]:
+        """The payloads that ``chunk`` completes (none once the framer is dead)."""
+        if self.dead or not chunk:
+            return []
+        try:
+            if self.zmode != "none":
+                self._inflate(bytes(chunk))
+            else:
+                self._frame(bytes(chunk))
+        except Exception:  # metering must never break the relayed response
+            self.dead = True
+        return self._take()
 
-    def _handle(self, obj: object) -> None:
-        raise NotImplementedError
+    def finish(self) -> list[Payload]:
+        """The payloads the end of the body completes (a last line, event or document)."""
+        if not self.dead:
+            try:
+                self._flush()
+            except Exception:
+                self.dead = True
+        return self._take()
 
-    def _handle_one(self, obj: object) -> None:
-        raise NotImplementedError
-
-    def _add_text(self, text: object) -> None:
-        raise NotImplementedError
+    def _take(self) -> list[Payload]:
+        out, self._out = self._out, []
+        return out
 
     # ------------------------------------------------------------ decompress
 
@@ -101,13 +155,13 @@ class Framing:
             data = self._z.unconsumed_tail
             self._zleft -= len(out)
             if self._zleft < 0:
-                self._dead = True
+                self.dead = True
                 return
             if out:
                 self._frame(out)
             if self._z.eof:
                 rest = self._z.unused_data
-                if self._zmode == "gzip" and rest[:2] == b"\x1f\x8b":
+                if self.zmode == "gzip" and rest[:2] == b"\x1f\x8b":
                     self._z = zlib.decompressobj(wbits=47)  # concatenated gzip members
                     data = rest
                 else:
@@ -117,7 +171,7 @@ class Framing:
     # --------------------------------------------------------------- framing
 
     def _frame(self, data: bytes) -> None:
-        if self._framing == "json":
+        if self.framing == "json":
             self._feed_doc(data)
             return
         if self._skip_lf:
@@ -165,9 +219,9 @@ class Framing:
         self._pending += part
 
     def _line(self, line: bytes) -> None:
-        if self._framing == "ndjson":
+        if self.framing == "ndjson":
             if line.strip():
-                self._event_data(line)
+                self._out.append(Event(line))
             return
         if not line:
             self._dispatch()
@@ -198,24 +252,22 @@ class Framing:
         if oversized or not data:
             return
         payload = data[0] if len(data) == 1 else b"\n".join(data)
-        if event == b"error":
-            # Anthropic's / Responses' mid-stream error; its JSON below says what went wrong
-            self._error = self._error or "error"
-        self._event_data(payload)
+        # event: error is Anthropic's / Responses' mid-stream error; its JSON says what went wrong
+        self._out.append(Event(payload, error=event == b"error"))
 
     def _feed_doc(self, data: bytes) -> None:
-        if self._array is None:
+        if self.array is None:
             head = data.lstrip()
             if not head:
                 return
-            self._array = head[:1] == b"["
-            data = head[1:] if self._array else head
+            self.array = head[:1] == b"["
+            data = head[1:] if self.array else head
         if self._tail is not None:
             self._keep_tail(data)
             return
         if len(self._doc) + len(data) > self._max:
-            if self._array:
-                self._dead = True  # one array element too big: give up quietly
+            if self.array:
+                self.dead = True  # one array element too big: give up quietly
                 return
             # Too big to parse whole (e.g. a batch of embeddings). Usage and model sit at the
             # end of every provider's document, so keep only the last max_buffer bytes.
@@ -225,7 +277,7 @@ class Framing:
             self._keep_tail(data)
             return
         self._doc += data
-        if self._array and b"}" in data:
+        if self.array and b"}" in data:
             self._drain_array()
 
     def _keep_tail(self, data: bytes) -> None:
@@ -255,8 +307,7 @@ class Framing:
             return
         for m in _MODEL_KEY.finditer(tail):
             obj[m.group(1).decode()] = m.group(2).decode("utf-8", "replace")
-        self._whole = True  # the tail of a whole document: its usage is the final one
-        self._handle_one(obj)
+        self._out.append(Document(obj, whole=True))  # the tail of a whole document
 
     def _drain_array(self) -> None:
         """Decode complete elements of a streamed JSON array (``[{…}\\r\\n,{…}]``)."""
@@ -276,7 +327,7 @@ class Framing:
                 obj, pos_end = _DECODER.raw_decode(text, pos)
             except (ValueError, RecursionError):
                 break  # incomplete element: wait for more bytes
-            self._handle(obj)
+            self._out.append(Document(obj))
             pos = pos_end
         if pos:
             del self._doc[: len(text[:pos].encode("utf-8", "surrogateescape"))]
@@ -291,46 +342,27 @@ class Framing:
                 obj = json.loads(attempt if attempt is not None else doc.decode("utf-8", "replace"))
             except (ValueError, RecursionError):
                 continue
-            self._whole = True
-            self._handle(obj)
-            self._whole = False
+            self._out.append(Document(obj, whole=True))
             return
         head = doc.lstrip()[:5]
         if head in (b"data:", b"event") or b"\n{" in doc:
             # mislabelled stream (no or wrong content type): read it as SSE or NDJSON
-            self._framing = "sse" if head in (b"data:", b"event") else "ndjson"
+            self.framing = "sse" if head in (b"data:", b"event") else "ndjson"
             self._frame(doc + b"\n\n")
-        if not self._seen_usage and not self._text_kept:
-            self._salvage(doc)
-
-    def _salvage(self, doc: bytes) -> None:
-        """The generated text of a document that is not valid JSON (cut off mid-way): the
-        string values of the text-carrying keys, the last one possibly unterminated."""
-        self.salvaged = True
-        text = doc.decode("utf-8", "replace")
-        for m in _TEXT_VALUE.finditer(text):
-            raw = m.group(1)
-            if raw.endswith("\\") and not raw.endswith("\\\\"):
-                raw = raw[:-1]  # half an escape where the body was cut
-            try:
-                value = json.loads('"' + raw + '"')
-            except ValueError:
-                value = raw  # a cut "\u12" or the like: the raw characters are close enough
-            self._add_text(value)
+        self._out.append(Salvage(doc))
 
     def _flush(self) -> None:
-        if self._zmode == "deflate" and self._z is None and self._zhead:
+        if self.zmode == "deflate" and self._z is None and self._zhead:
             head, self._zhead = self._zhead, b""
             self._z = zlib.decompressobj(wbits=-15)
             self._inflate(head)
-        if self._framing == "json":
-            if self._array:
+        if self.framing == "json":
+            if self.array:
                 self._drain_array()
             elif self._tail is not None:
                 tail = b"".join(self._tail)
                 self._parse_tail(tail)
-                if not self._seen_usage:
-                    self._salvage(tail)  # a big document cut short: what its tail says
+                self._out.append(Salvage(tail))  # a big document cut short: what its tail says
             elif self._doc:
                 doc = bytes(self._doc)
                 self._doc = bytearray()
@@ -340,8 +372,24 @@ class Framing:
             line = bytes(self._pending)
             self._pending.clear()
             self._line(line)
-        if self._framing == "sse":
+        if self.framing == "sse":
             self._dispatch()  # a final event without its blank line still counts
+
+
+def salvage_text(doc: bytes) -> list[str]:
+    """The generated text of a document that is not valid JSON (cut off mid-way): the string
+    values of the text-carrying keys, the last one possibly unterminated."""
+    pieces: list[str] = []
+    for m in _TEXT_VALUE.finditer(doc.decode("utf-8", "replace")):
+        raw = m.group(1)
+        if raw.endswith("\\") and not raw.endswith("\\\\"):
+            raw = raw[:-1]  # half an escape where the body was cut
+        try:
+            value = json.loads('"' + raw + '"')
+        except ValueError:
+            value = raw  # a cut "\u12" or the like: the raw characters are close enough
+        pieces.append(value)
+    return pieces
 
 
 _DECODER = json.JSONDecoder()

@@ -1,12 +1,17 @@
-"""Per-provider half of :class:`~quota_middleware.usage.UsageParser`: reads usage, model, errors
-and generated text out of one decoded JSON object of each provider's shape.
+"""The provider side of usage parsing: one function per provider shape over an accumulator.
+
+Each handler (:data:`HANDLERS`) reads usage, model, errors and generated text out of one decoded
+JSON object of its provider's shape into an :class:`Accumulator`; :func:`normalise` (in the
+parser) turns the accumulated raw fields into a :class:`~quota_middleware.metering.Usage`.
+Nothing here knows about bytes, framing or compression.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
-__all__ = ["Providers"]
+__all__ = ["HANDLERS", "Accumulator", "clean_model", "detect", "kind_of"]
 
 # Counts go to Lua as integers; anything above 2**53 would lose precision there.
 _MAX_COUNT = (1 << 53) - 1
@@ -63,6 +68,26 @@ _OLLAMA_FIELDS = (
 )
 
 
+def kind_of(format: str) -> _Kind | None:
+    """The body shape of a route's declared format; None for "auto" (detected per object)."""
+    return _KIND_OF_FORMAT.get(format)
+
+
+def clean_model(value: object) -> str | None:
+    """A model name fit to become a key field, a log line or a metrics label, else None.
+
+    Model names come from request and response bodies: valid JSON can carry lone surrogates
+    (unencodable), control characters or megabytes of text.
+    """
+    if not isinstance(value, str) or not value or len(value) > 200 or not value.isprintable():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
 def _count(value: object) -> int | None:
     """A usage count from untrusted JSON, or None when it is not one: a non-negative integer
     (an integral float such as ``12.0`` is accepted) no larger than 2**53 - 1. Negative,
@@ -96,7 +121,7 @@ def _error_text(err: object, fallback: str = "error") -> str:
     return text[:_MAX_ERROR_CHARS]
 
 
-def _detect(obj: dict[str, Any]) -> _Kind | None:
+def detect(obj: dict[str, Any]) -> _Kind | None:
     """Guess the provider from one JSON object (format="auto")."""
     t = obj.get("type")
     if isinstance(t, str):
@@ -126,40 +151,49 @@ def _detect(obj: dict[str, Any]) -> _Kind | None:
     return None
 
 
-class Providers:
-    """Mixin holding the per-provider handlers; results go to the parser's fields."""
+class Accumulator:
+    """What the objects of one response body said so far."""
 
-    # set by the parser
-    _max: int
-    _collect: bool
-    _fields: dict[str, int]
-    _seen_usage: bool
-    _error: str | None
-    #: the first count that was not a valid count ("prompt_tokens=-5"), if any
-    _invalid: str | None
-    #: the provider's terminal usage was seen (not only a partial count from a stream's start)
-    _complete: bool
-    #: the object being handled is a whole (non-streamed) response document
-    _whole: bool
-    _text: list[str]
-    _text_kept: int
-    text_chars: int
+    __slots__ = (
+        "collect", "complete", "error", "fields", "invalid", "max_text", "model",
+        "seen_usage", "text", "text_chars", "text_kept", "whole",
+    )  # fmt: skip
 
-    # implemented by the parser
-    def _set_model(self, model: object) -> None:
-        raise NotImplementedError
+    def __init__(self, *, max_text: int, collect: bool) -> None:
+        self.max_text = max_text
+        self.collect = collect
+        #: raw counts under our field names ("in", "out", "cached", ...), normalised at the end
+        self.fields: dict[str, int] = {}
+        self.seen_usage = False
+        #: the first count that was not a valid count ("prompt_tokens=-5"), if any
+        self.invalid: str | None = None
+        #: the provider's terminal usage was seen (not only a partial count from a stream's start)
+        self.complete = False
+        #: the object being handled is a whole (non-streamed) response document
+        self.whole = False
+        self.model: str | None = None
+        self.error: str | None = None
+        self.text: list[str] = []
+        self.text_kept = 0
+        self.text_chars = 0  # generated characters seen, including any beyond the kept text
 
-    def _generic_error(self, obj: dict[str, Any]) -> bool:
+    def set_model(self, model: object) -> None:
+        if isinstance(model, str):
+            cleaned = clean_model(model.removeprefix("models/"))
+            if cleaned is not None:
+                self.model = cleaned
+
+    def generic_error(self, obj: dict[str, Any]) -> bool:
         err = obj.get("error")
         if err:
-            self._error = _error_text(err)
+            self.error = _error_text(err)
             return True
         if obj.get("type") == "error":
-            self._error = _error_text(obj)
+            self.error = _error_text(obj)
             return True
         return False
 
-    def _merge(self, usage: object, fields: tuple[tuple[str, str], ...]) -> bool:
+    def merge(self, usage: object, fields: tuple[tuple[str, str], ...]) -> bool:
         """Later non-null values replace earlier ones: every provider reports cumulative counts.
         A present value that is not a valid count marks the whole usage invalid. True when any
         field was present."""
@@ -173,13 +207,13 @@ class Providers:
             present = True
             n = _count(value)
             if n is None:
-                self._invalid = self._invalid or f"{src}={str(value)[:40]}"
+                self.invalid = self.invalid or f"{src}={str(value)[:40]}"
                 continue
-            self._fields[dst] = n
-            self._seen_usage = True
+            self.fields[dst] = n
+            self.seen_usage = True
         return present
 
-    def _merge_detail(self, usage: dict[str, Any], outer: str, inner: str, dst: str) -> None:
+    def merge_detail(self, usage: dict[str, Any], outer: str, inner: str, dst: str) -> None:
         detail = usage.get(outer)
         if isinstance(detail, dict):
             value = detail.get(inner)
@@ -187,165 +221,180 @@ class Providers:
                 return
             n = _count(value)
             if n is None:
-                self._invalid = self._invalid or f"{outer}.{inner}={str(value)[:40]}"
+                self.invalid = self.invalid or f"{outer}.{inner}={str(value)[:40]}"
             else:
-                self._fields[dst] = n
+                self.fields[dst] = n
 
-    def _add_text(self, text: object) -> None:
-        if not self._collect or not isinstance(text, str) or not text:
+    def add_text(self, text: object) -> None:
+        if not self.collect or not isinstance(text, str) or not text:
             return
         self.text_chars += len(text)
-        room = self._max - self._text_kept
+        room = self.max_text - self.text_kept
         if room > 0:
             piece = text[:room]
-            self._text.append(piece)
-            self._text_kept += len(piece)
+            self.text.append(piece)
+            self.text_kept += len(piece)
 
-    # OpenAI chat / completions / embeddings, and every "OpenAI-compatible" server
-    def _openai(self, obj: dict[str, Any]) -> None:
-        self._generic_error(obj)
-        self._set_model(obj.get("model"))
-        usage = obj.get("usage")
-        choices = obj.get("choices")
-        if isinstance(usage, dict) and self._merge(usage, _OPENAI_FIELDS):
-            self._merge_detail(usage, "prompt_tokens_details", "cached_tokens", "cached")
-            self._merge_detail(usage, "completion_tokens_details", "reasoning_tokens", "reasoning")
-            # Streams carry their final usage in a last chunk without choices. Servers that
-            # repeat a running count on every chunk (vLLM's continuous usage stats) end with
-            # that chunk too when asked for usage; a finish reason alone is not the end (with
-            # n > 1 the other choices go on)
-            if self._whole or not choices:
-                self._complete = True
-        if not self._collect or not isinstance(choices, list):
-            return
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            self._add_text(choice.get("text"))
-            for key in ("delta", "message"):
-                msg = choice.get(key)
-                if isinstance(msg, dict):
-                    self._add_text(msg.get("content"))
-                    self._add_text(msg.get("refusal"))
-                    self._add_text(msg.get("reasoning_content"))
-                    self._add_text(msg.get("reasoning"))
-                    calls = msg.get("tool_calls")
-                    if isinstance(calls, list):
-                        for call in calls:
-                            fn = call.get("function") if isinstance(call, dict) else None
-                            if isinstance(fn, dict):
-                                self._add_text(fn.get("arguments"))
 
-    def _responses_usage(self, response: dict[str, Any], final: bool) -> None:
-        self._set_model(response.get("model"))
-        usage = response.get("usage")
-        if isinstance(usage, dict) and self._merge(usage, _RESPONSES_FIELDS):
-            if final:
-                self._complete = True
-            self._merge_detail(usage, "input_tokens_details", "cached_tokens", "cached")
-            self._merge_detail(usage, "output_tokens_details", "reasoning_tokens", "reasoning")
-        err = response.get("error")
-        if err:
-            self._error = _error_text(err)
-        elif response.get("status") == "failed":
-            self._error = self._error or "response.failed"
-
-    def _responses(self, obj: dict[str, Any]) -> None:
-        t = obj.get("type")
-        if not isinstance(t, str):  # the non-streaming body is the response object itself
-            self._responses_usage(obj, self._whole)
-            self._generic_error(obj)
-            output = obj.get("output")
-            if self._collect and isinstance(output, list):
-                for item in output:
-                    content = item.get("content") if isinstance(item, dict) else None
-                    if isinstance(content, list):
-                        for part in content:
-                            if isinstance(part, dict):
-                                self._add_text(part.get("text"))
-                    elif isinstance(item, dict):
-                        self._add_text(item.get("arguments"))
-            return
-        if t == "error":
-            self._error = _error_text(obj)
-            return
-        if t.endswith(".delta") and "audio" not in t:
-            self._add_text(obj.get("delta"))
-            return
-        response = obj.get("response")
-        if isinstance(response, dict):
-            self._responses_usage(response, t in _RESPONSES_FINAL)
-        if t == "response.failed" and not self._error:
-            self._error = "response.failed"
-
-    def _anthropic(self, obj: dict[str, Any]) -> None:
-        t = obj.get("type")
-        if t == "content_block_delta":
-            delta = obj.get("delta")
-            if isinstance(delta, dict):
-                self._add_text(delta.get("text"))
-                self._add_text(delta.get("thinking"))
-                self._add_text(delta.get("partial_json"))
-            return
-        if t == "message_start":
-            msg = obj.get("message")
+# OpenAI chat / completions / embeddings, and every "OpenAI-compatible" server
+def _openai(acc: Accumulator, obj: dict[str, Any]) -> None:
+    acc.generic_error(obj)
+    acc.set_model(obj.get("model"))
+    usage = obj.get("usage")
+    choices = obj.get("choices")
+    if isinstance(usage, dict) and acc.merge(usage, _OPENAI_FIELDS):
+        acc.merge_detail(usage, "prompt_tokens_details", "cached_tokens", "cached")
+        acc.merge_detail(usage, "completion_tokens_details", "reasoning_tokens", "reasoning")
+        # Streams carry their final usage in a last chunk without choices. Servers that
+        # repeat a running count on every chunk (vLLM's continuous usage stats) end with
+        # that chunk too when asked for usage; a finish reason alone is not the end (with
+        # n > 1 the other choices go on)
+        if acc.whole or not choices:
+            acc.complete = True
+    if not acc.collect or not isinstance(choices, list):
+        return
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        acc.add_text(choice.get("text"))
+        for key in ("delta", "message"):
+            msg = choice.get(key)
             if isinstance(msg, dict):
-                self._set_model(msg.get("model"))
-                self._merge(msg.get("usage"), _ANTHROPIC_FIELDS)
-            return
-        if t == "message_delta":
-            # message_start's usage is partial (output_tokens: 1); this one is final
-            if self._merge(obj.get("usage"), _ANTHROPIC_FIELDS):
-                self._complete = True
-            return
-        if t == "error" or "error" in obj:
-            self._error = _error_text(obj.get("error"))
-            return
-        if t == "message" or t is None:  # non-streaming body (or its tail)
-            self._set_model(obj.get("model"))
-            if self._merge(obj.get("usage"), _ANTHROPIC_FIELDS) and self._whole:
-                self._complete = True
-            content = obj.get("content")
-            if isinstance(content, list):
-                for block in content:
-                    if isinstance(block, dict):
-                        self._add_text(block.get("text"))
-                        self._add_text(block.get("thinking"))
+                acc.add_text(msg.get("content"))
+                acc.add_text(msg.get("refusal"))
+                acc.add_text(msg.get("reasoning_content"))
+                acc.add_text(msg.get("reasoning"))
+                calls = msg.get("tool_calls")
+                if isinstance(calls, list):
+                    for call in calls:
+                        fn = call.get("function") if isinstance(call, dict) else None
+                        if isinstance(fn, dict):
+                            acc.add_text(fn.get("arguments"))
 
-    def _gemini(self, obj: dict[str, Any]) -> None:
-        self._generic_error(obj)
-        self._set_model(obj.get("modelVersion") or obj.get("model"))
-        # Vertex puts {"trafficType": ...} without counts on early chunks: missing = no update
-        candidates = obj.get("candidates")
-        if self._merge(obj.get("usageMetadata"), _GEMINI_FIELDS):
-            # counts are cumulative on every chunk; the last one carries the finish reason
-            # (or a blocked prompt's feedback)
-            feedback = obj.get("promptFeedback")
-            blocked = isinstance(feedback, dict) and bool(feedback.get("blockReason"))
-            if self._whole or blocked or _finished(candidates, "finishReason"):
-                self._complete = True
-        if not self._collect:
-            return
-        if isinstance(candidates, list):
-            for cand in candidates:
-                content = cand.get("content") if isinstance(cand, dict) else None
-                parts = content.get("parts") if isinstance(content, dict) else None
-                if isinstance(parts, list):
-                    for part in parts:
+
+def _responses_usage(acc: Accumulator, response: dict[str, Any], final: bool) -> None:
+    acc.set_model(response.get("model"))
+    usage = response.get("usage")
+    if isinstance(usage, dict) and acc.merge(usage, _RESPONSES_FIELDS):
+        if final:
+            acc.complete = True
+        acc.merge_detail(usage, "input_tokens_details", "cached_tokens", "cached")
+        acc.merge_detail(usage, "output_tokens_details", "reasoning_tokens", "reasoning")
+    err = response.get("error")
+    if err:
+        acc.error = _error_text(err)
+    elif response.get("status") == "failed":
+        acc.error = acc.error or "response.failed"
+
+
+def _responses(acc: Accumulator, obj: dict[str, Any]) -> None:
+    t = obj.get("type")
+    if not isinstance(t, str):  # the non-streaming body is the response object itself
+        _responses_usage(acc, obj, acc.whole)
+        acc.generic_error(obj)
+        output = obj.get("output")
+        if acc.collect and isinstance(output, list):
+            for item in output:
+                content = item.get("content") if isinstance(item, dict) else None
+                if isinstance(content, list):
+                    for part in content:
                         if isinstance(part, dict):
-                            self._add_text(part.get("text"))
+                            acc.add_text(part.get("text"))
+                elif isinstance(item, dict):
+                    acc.add_text(item.get("arguments"))
+        return
+    if t == "error":
+        acc.error = _error_text(obj)
+        return
+    if t.endswith(".delta") and "audio" not in t:
+        acc.add_text(obj.get("delta"))
+        return
+    response = obj.get("response")
+    if isinstance(response, dict):
+        _responses_usage(acc, response, t in _RESPONSES_FINAL)
+    if t == "response.failed" and not acc.error:
+        acc.error = "response.failed"
 
-    def _ollama(self, obj: dict[str, Any]) -> None:
-        self._generic_error(obj)
-        self._set_model(obj.get("model"))
-        # /api/generate and /api/chat end with done: true; /api/embed answers one document
-        if self._merge(obj, _OLLAMA_FIELDS) and (obj.get("done") is True or self._whole):
-            self._complete = True
-        if not self._collect:
-            return
-        self._add_text(obj.get("response"))
-        self._add_text(obj.get("thinking"))
+
+def _anthropic(acc: Accumulator, obj: dict[str, Any]) -> None:
+    t = obj.get("type")
+    if t == "content_block_delta":
+        delta = obj.get("delta")
+        if isinstance(delta, dict):
+            acc.add_text(delta.get("text"))
+            acc.add_text(delta.get("thinking"))
+            acc.add_text(delta.get("partial_json"))
+        return
+    if t == "message_start":
         msg = obj.get("message")
         if isinstance(msg, dict):
-            self._add_text(msg.get("content"))
-            self._add_text(msg.get("thinking"))
+            acc.set_model(msg.get("model"))
+            acc.merge(msg.get("usage"), _ANTHROPIC_FIELDS)
+        return
+    if t == "message_delta":
+        # message_start's usage is partial (output_tokens: 1); this one is final
+        if acc.merge(obj.get("usage"), _ANTHROPIC_FIELDS):
+            acc.complete = True
+        return
+    if t == "error" or "error" in obj:
+        acc.error = _error_text(obj.get("error"))
+        return
+    if t == "message" or t is None:  # non-streaming body (or its tail)
+        acc.set_model(obj.get("model"))
+        if acc.merge(obj.get("usage"), _ANTHROPIC_FIELDS) and acc.whole:
+            acc.complete = True
+        content = obj.get("content")
+        if isinstance(content, list):
+            for block in content:
+                if isinstance(block, dict):
+                    acc.add_text(block.get("text"))
+                    acc.add_text(block.get("thinking"))
+
+
+def _gemini(acc: Accumulator, obj: dict[str, Any]) -> None:
+    acc.generic_error(obj)
+    acc.set_model(obj.get("modelVersion") or obj.get("model"))
+    # Vertex puts {"trafficType": ...} without counts on early chunks: missing = no update
+    candidates = obj.get("candidates")
+    if acc.merge(obj.get("usageMetadata"), _GEMINI_FIELDS):
+        # counts are cumulative on every chunk; the last one carries the finish reason
+        # (or a blocked prompt's feedback)
+        feedback = obj.get("promptFeedback")
+        blocked = isinstance(feedback, dict) and bool(feedback.get("blockReason"))
+        if acc.whole or blocked or _finished(candidates, "finishReason"):
+            acc.complete = True
+    if not acc.collect:
+        return
+    if isinstance(candidates, list):
+        for cand in candidates:
+            content = cand.get("content") if isinstance(cand, dict) else None
+            parts = content.get("parts") if isinstance(content, dict) else None
+            if isinstance(parts, list):
+                for part in parts:
+                    if isinstance(part, dict):
+                        acc.add_text(part.get("text"))
+
+
+def _ollama(acc: Accumulator, obj: dict[str, Any]) -> None:
+    acc.generic_error(obj)
+    acc.set_model(obj.get("model"))
+    # /api/generate and /api/chat end with done: true; /api/embed answers one document
+    if acc.merge(obj, _OLLAMA_FIELDS) and (obj.get("done") is True or acc.whole):
+        acc.complete = True
+    if not acc.collect:
+        return
+    acc.add_text(obj.get("response"))
+    acc.add_text(obj.get("thinking"))
+    msg = obj.get("message")
+    if isinstance(msg, dict):
+        acc.add_text(msg.get("content"))
+        acc.add_text(msg.get("thinking"))
+
+
+HANDLERS: dict[_Kind, Callable[[Accumulator, dict[str, Any]], None]] = {
+    "openai": _openai,
+    "responses": _responses,
+    "anthropic": _anthropic,
+    "gemini": _gemini,
+    "ollama": _ollama,
+}

@@ -16,13 +16,22 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from quota_middleware.metering._framing import Framing
+from quota_middleware.metering._framing import (
+    Document,
+    Event,
+    Framer,
+    Payload,
+    Salvage,
+    salvage_text,
+)
 from quota_middleware.metering._providers import (
-    _KIND_OF_FORMAT,
     _MAX_COUNT,
-    Providers,
-    _detect,
+    HANDLERS,
+    Accumulator,
     _Kind,
+    clean_model,
+    detect,
+    kind_of,
 )
 
 __all__ = ["Format", "Usage", "UsageParser", "clean_model"]
@@ -37,21 +46,6 @@ Format = Literal[
     "ollama",
     "auto",
 ]
-
-
-def clean_model(value: object) -> str | None:
-    """A model name fit to become a key field, a log line or a metrics label, else None.
-
-    Model names come from request and response bodies: valid JSON can carry lone surrogates
-    (unencodable), control characters or megabytes of text.
-    """
-    if not isinstance(value, str) or not value or len(value) > 200 or not value.isprintable():
-        return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return None
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +86,7 @@ _TEXTY = (
 )  # fmt: skip
 
 
-class UsageParser(Providers, Framing):
+class UsageParser:
     """Reads usage from one response body, chunk by chunk.
 
     Framing comes from ``content_type``: ``text/event-stream`` is SSE, ``application/x-ndjson``
@@ -101,9 +95,14 @@ class UsageParser(Providers, Framing):
     decompressed for parsing only; an encoding we cannot decode (br, zstd) makes the parser give
     up quietly.
 
-    The byte side (decompression, framing) is :class:`~quota_middleware._framing.Framing`, the
-    per-provider handlers are :class:`~quota_middleware._providers.Providers`.
+    Two peers do the work: a :class:`~quota_middleware.metering._framing.Framer` turns bytes into
+    payloads, and the provider's handler (:data:`~quota_middleware.metering._providers.HANDLERS`)
+    reads each decoded object into an
+    :class:`~quota_middleware.metering._providers.Accumulator`. One chunk goes one way: framer,
+    then handler, then the accumulator, read by :meth:`finish`.
     """
+
+    __slots__ = ("_acc", "_framer", "_kind", "salvaged")
 
     def __init__(
         self,
@@ -115,109 +114,117 @@ class UsageParser(Providers, Framing):
         collect_text: bool = True,
         max_decompressed: int = 1 << 28,
     ) -> None:
-        self._kind: _Kind | None = _KIND_OF_FORMAT.get(format)
-        self._max = max(int(max_buffer), 64)
-        self._collect = collect_text
-        self._init_framing(content_type, content_encoding, max_decompressed)
-        # results
-        self._fields: dict[str, int] = {}
-        self._seen_usage = False
-        self._invalid: str | None = None
-        self._complete = False
-        self._whole = False
-        self._model: str | None = None
-        self._error: str | None = None
-        self._text: list[str] = []
-        self._text_kept = 0
-        self.text_chars = 0  #: generated characters seen, including any beyond the kept text
+        self._kind: _Kind | None = kind_of(format)
+        self._framer = Framer(
+            content_type,
+            content_encoding,
+            max_buffer=max_buffer,
+            max_decompressed=max_decompressed,
+        )
+        self._acc = Accumulator(max_text=max(int(max_buffer), 64), collect=collect_text)
+        #: the body was not valid JSON; its text was salvaged for an estimate
+        self.salvaged = False
 
     # ------------------------------------------------------------------ public
 
     @property
     def model(self) -> str | None:
-        return self._model
+        return self._acc.model
 
     @property
     def error(self) -> str | None:
         """Provider error seen in the body, even when no usage came with it."""
-        return self._error
+        return self._acc.error
 
     @property
     def complete(self) -> bool:
         """The provider's final usage was seen (a whole document's, a stream's last event)."""
-        return self._complete
+        return self._acc.complete
 
     @property
     def invalid(self) -> str | None:
         """The first usage count that was not a valid count (``"prompt_tokens=-5"``), if any."""
-        return self._invalid
+        return self._acc.invalid
+
+    @property
+    def text_chars(self) -> int:
+        """Generated characters seen, including any beyond the kept text."""
+        return self._acc.text_chars
 
     @property
     def partial_output(self) -> int:
         """The output count reported so far (cumulative providers report it as they go),
         Gemini's thoughts included, as in the final usage."""
-        out = self._fields.get("out", 0)
-        return out + self._fields.get("reasoning", 0) if self._kind == "gemini" else out
+        fields = self._acc.fields
+        out = fields.get("out", 0)
+        return out + fields.get("reasoning", 0) if self._kind == "gemini" else out
 
     @property
     def at_boundary(self) -> bool:
         """No event, line or array element is half-received: bytes can be added to the body
         here without landing inside one (the hard stop's error event)."""
-        if self._framing == "json":
-            return not bytes(self._doc).strip(b" \t\r\n,")
-        return not self._pending and not self._data and not self._skip_lf
+        return self._framer.at_boundary
 
     @property
     def framing(self) -> str:
         """``"sse"``, ``"ndjson"`` or ``"json"`` (a document, or a streamed JSON array)."""
-        return self._framing
+        return self._framer.framing
 
     @property
     def json_array(self) -> bool:
-        return self._array is True
+        return self._framer.array is True
 
     @property
     def encoded(self) -> bool:
         """The body has a content encoding (gzip, deflate, or one we cannot read)."""
-        return self._zmode != "none" or (self._dead and not self._seen_usage)
+        return self._framer.zmode != "none" or (self._framer.dead and not self._acc.seen_usage)
 
     def text_pieces(self, start: int) -> list[str]:
         """The kept pieces of generated text from index ``start`` on (for incremental counts)."""
-        return self._text[start:]
+        return self._acc.text[start:]
 
     def output_text(self) -> str:
         """Generated text seen so far (bounded to ``max_buffer`` characters), for estimates."""
-        return "".join(self._text)
+        return "".join(self._acc.text)
 
     def feed(self, chunk: bytes) -> None:
-        if self._dead or not chunk:
-            return
-        try:
-            if self._zmode != "none":
-                self._inflate(bytes(chunk))
-            else:
-                self._frame(bytes(chunk))
-        except Exception:  # metering must never break the relayed response
-            self._dead = True
+        payloads = self._framer.feed(chunk)
+        if payloads:
+            self._take(payloads)
 
     def finish(self) -> Usage | None:
-        try:
-            if not self._dead:
-                self._flush()
-        except Exception:
-            pass
-        if not self._seen_usage:
+        self._take(self._framer.finish())
+        if not self._acc.seen_usage:
             return None
-        return self._normalise()
+        return normalise(self._acc, self._kind)
 
-    # --------------------------------------------------------------- objects
+    # --------------------------------------------------------------- payloads
 
-    def _event_data(self, payload: bytes) -> None:
+    def _take(self, payloads: list[Payload]) -> None:
+        acc = self._acc
+        try:
+            for p in payloads:
+                if type(p) is Event:
+                    if p.error:
+                        acc.error = acc.error or "error"
+                    self._event(p.data)
+                elif type(p) is Document:
+                    acc.whole = p.whole
+                    self._handle(p.value)
+                    acc.whole = False
+                elif type(p) is Salvage and not acc.seen_usage and not acc.text_kept:
+                    self.salvaged = True
+                    for piece in salvage_text(p.doc):
+                        acc.add_text(piece)
+        except Exception:  # metering must never break the relayed response
+            self._framer.dead = True
+
+    def _event(self, payload: bytes) -> None:
         if payload == b"[DONE]":
             return
         if (
-            self._model is not None
-            and not (self._collect and any(k in payload for k in _TEXTY))
+            self._acc.model is not None
+            and not (self._acc.collect and any(k in payload for k in _TEXTY))
             and not any(k in payload for k in _INTERESTING)
         ):
             return
@@ -239,63 +246,47 @@ class UsageParser(Providers, Framing):
             return
         kind = self._kind
         if kind is None:
-            kind = _detect(obj)
+            kind = detect(obj)
             if kind is None:
-                self._generic_error(obj)
+                self._acc.generic_error(obj)
                 return
             self._kind = kind
         try:
-            if kind == "openai":
-                self._openai(obj)
-            elif kind == "responses":
-                self._responses(obj)
-            elif kind == "anthropic":
-                self._anthropic(obj)
-            elif kind == "gemini":
-                self._gemini(obj)
-            else:
-                self._ollama(obj)
+            HANDLERS[kind](self._acc, obj)
         except (TypeError, AttributeError, ValueError, KeyError, IndexError):
             pass  # wrong types deep inside one object; the rest of the stream still counts
 
-    def _set_model(self, model: object) -> None:
-        if isinstance(model, str):
-            cleaned = clean_model(model.removeprefix("models/"))
-            if cleaned is not None:
-                self._model = cleaned
 
-    # ------------------------------------------------------------- normalise
-
-    def _normalise(self) -> Usage:
-        f = self._fields
-        kind = self._kind
-        inp, out = f.get("in"), f.get("out", 0)
-        cached, write, reasoning = f.get("cached", 0), f.get("write", 0), f.get("reasoning", 0)
-        missing = inp is None
-        inp = inp or 0
-        if kind == "anthropic":
-            # Anthropic's input_tokens is only the uncached part; cache counts are on top
-            inp = inp + cached + write
-        elif kind == "gemini":
-            inp += f.get("tool", 0)
-            out += reasoning  # thoughtsTokenCount is billed as output but not in candidates
-        elif kind in ("openai", "responses"):
-            # Gemini's OpenAI-compatible endpoint leaves thoughts out of completion_tokens but
-            # counts them in total_tokens: charge from the total when it is larger
-            total = f.get("total")
-            if total is not None and total > inp + out:
-                reasoning = max(reasoning, total - inp - out)
-                out = total - inp
-        cached, write = min(cached, inp), min(write, inp)
-        if inp > _MAX_COUNT or out > _MAX_COUNT:  # sums of valid counts can still overflow
-            self._invalid = self._invalid or "sum over 2**53"
-        return Usage(
-            input_tokens=min(inp, _MAX_COUNT),
-            output_tokens=min(out, _MAX_COUNT),
-            cached_tokens=cached,
-            cache_write_tokens=write,
-            reasoning_tokens=min(reasoning, out),
-            model=self._model,
-            error=self._error,
-            input_missing=missing and kind == "ollama",
-        )
+def normalise(acc: Accumulator, kind: _Kind | None) -> Usage:
+    """The accumulated raw counts as a :class:`Usage`, in each provider's billing semantics."""
+    f = acc.fields
+    inp, out = f.get("in"), f.get("out", 0)
+    cached, write, reasoning = f.get("cached", 0), f.get("write", 0), f.get("reasoning", 0)
+    missing = inp is None
+    inp = inp or 0
+    if kind == "anthropic":
+        # Anthropic's input_tokens is only the uncached part; cache counts are on top
+        inp = inp + cached + write
+    elif kind == "gemini":
+        inp += f.get("tool", 0)
+        out += reasoning  # thoughtsTokenCount is billed as output but not in candidates
+    elif kind in ("openai", "responses"):
+        # Gemini's OpenAI-compatible endpoint leaves thoughts out of completion_tokens but
+        # counts them in total_tokens: charge from the total when it is larger
+        total = f.get("total")
+        if total is not None and total > inp + out:
+            reasoning = max(reasoning, total - inp - out)
+            out = total - inp
+    cached, write = min(cached, inp), min(write, inp)
+    if inp > _MAX_COUNT or out > _MAX_COUNT:  # sums of valid counts can still overflow
+        acc.invalid = acc.invalid or "sum over 2**53"
+    return Usage(
+        input_tokens=min(inp, _MAX_COUNT),
+        output_tokens=min(out, _MAX_COUNT),
+        cached_tokens=cached,
+        cache_write_tokens=write,
+        reasoning_tokens=min(reasoning, out),
+        model=acc.model,
+        error=acc.error,
+        input_missing=missing and kind == "ollama",
+    )
