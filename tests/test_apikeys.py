@@ -11,11 +11,8 @@ import pytest
 from quota_middleware.backends.memory import MemoryBackend
 from quota_middleware.base._scripts import SCRIPT_NAMES, ScriptCall, source
 from quota_middleware.errors import ConfigurationError, InvalidCredentials, StorageError
-from quota_middleware.identity._apikeys import (
-    ApiKeyConfig,
-    ApiKeyVerifier,
-    KeyMatch,
-    KeyStore,
+from quota_middleware.identity._apikeys import ApiKeyConfig, ApiKeyVerifier, KeyMatch
+from quota_middleware.identity._keyformat import (
     StaticKey,
     generate_key,
     index_key,
@@ -24,6 +21,7 @@ from quota_middleware.identity._apikeys import (
     parse_key,
     record_key,
 )
+from quota_middleware.identity._keystore import KeyStore
 
 T0 = 1_800_000_000.0
 
@@ -328,7 +326,7 @@ def test_wrong_digest_is_refused() -> None:
     key, rec = KeyStore(backend).create("svc")
     # Same id and a valid checksum, different secret: the stored digest does not match.
     body = f"qm_{rec.key_id}_{'a' * 32}"
-    from quota_middleware.identity._apikeys import _checksum
+    from quota_middleware.identity._keyformat import _checksum
 
     forged = body + _checksum(body)
     assert parse_key(forged) == rec.key_id

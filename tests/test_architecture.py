@@ -27,6 +27,8 @@ LAYERS: list[tuple[str, int]] = [
     # identity: JWTs, API keys, client IPs
     ("identity._jwt", 3),
     ("identity._client_ip", 3),
+    ("identity._keyformat", 3),
+    ("identity._keystore", 3),
     ("identity._apikeys", 3),
     ("identity", 4),
     # metering: framing, per-provider usage, the parser, estimates, prices

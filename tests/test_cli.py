@@ -21,7 +21,7 @@ from werkzeug.test import Client
 import ai_app
 from quota_middleware import QuotaConfig, WSGIQuotaMiddleware
 from quota_middleware.backends.redis import SyncRedisBackend
-from quota_middleware.identity._apikeys import KeyStore
+from quota_middleware.identity import KeyStore
 from quota_middleware.reports import UsageReader
 from servers import free_port
 

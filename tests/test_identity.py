@@ -29,7 +29,7 @@ from quota_middleware.errors import (
     MissingCredentials,
     StorageError,
 )
-from quota_middleware.identity._apikeys import ApiKeyConfig, KeyStore, generate_key
+from quota_middleware.identity import ApiKeyConfig, KeyStore, generate_key
 from quota_middleware.identity._identifier import (
     Caller,
     Identifier,

@@ -8,9 +8,9 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from quota_middleware.alerts._outbox import _cursor_key, _s
+from quota_middleware.alerts._outbox import _cursor_key
 from quota_middleware.alerts._sinks import Sink
-from quota_middleware.base._scripts import ScriptCall
+from quota_middleware.base._scripts import ScriptCall, as_str
 
 if TYPE_CHECKING:
     from quota_middleware.alerts._dispatcher import Dispatcher
@@ -73,7 +73,7 @@ class _RedisLane:
         n = 0
         for _stream, entries in reply or ():
             for eid, fields in entries:
-                n += self._deliver(_s(eid), _field(fields), attempts=1)
+                n += self._deliver(as_str(eid), _field(fields), attempts=1)
         return n
 
     def _retry_pending(self) -> int:
@@ -84,10 +84,10 @@ class _RedisLane:
         )  # fmt: skip
         n = 0
         for row in rows:
-            eid = _s(row["message_id"])
+            eid = as_str(row["message_id"])
             tries = int(row["times_delivered"])
             need = cfg.delay(tries)
-            if _s(row["consumer"]) != d.consumer:
+            if as_str(row["consumer"]) != d.consumer:
                 need = max(need, cfg.claim_idle)  # a silent consumer: maybe dead, maybe slow
             need_ms = int(need * 1000)
             if int(row["time_since_delivered"]) < need_ms:
@@ -135,7 +135,7 @@ class _RedisLane:
         that long, and one that holds entries is kept until they are taken over."""
         c, d = self.d.client, self.d
         for info in c.xinfo_consumers(d.stream, self.group):
-            name = _s(info["name"])
+            name = as_str(info["name"])
             if int(info["pending"]) == 0 and int(info["idle"]) > PRUNE_IDLE_MS:
                 if name != d.consumer:
                     c.xgroup_delconsumer(d.stream, self.group, name)

@@ -8,7 +8,7 @@ from typing import Any
 from quota_middleware.alerts._sinks import _b
 from quota_middleware.backends.memory import MemoryBackend
 from quota_middleware.base._events import AlertEvent, outbox_key
-from quota_middleware.base._scripts import ScriptCall
+from quota_middleware.base._scripts import ScriptCall, as_str
 
 
 def dead_key(prefix: str) -> str:
@@ -17,10 +17,6 @@ def dead_key(prefix: str) -> str:
 
 def _cursor_key(prefix: str) -> str:
     return f"{outbox_key(prefix)}:cursors"
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 # -- reading the outbox (tail, tests, admin pages) -----------------------------------------------
@@ -32,13 +28,13 @@ def read_stream(
     Redis backend / client."""
     if isinstance(source, MemoryBackend):
         rows = source.run(ScriptCall("alerts_recent", (key,), (count, after or "")))
-        return [(_s(eid), {_s(k): _b(v) for k, v in f.items()}) for eid, f in rows]
+        return [(as_str(eid), {as_str(k): _b(v) for k, v in f.items()}) for eid, f in rows]
     client = source.client if hasattr(source, "breaker") else source
     if after:
         raw = client.xrange(key, min=f"({after}", max="+", count=count)
     else:
         raw = list(reversed(client.xrevrange(key, max="+", min="-", count=count)))
-    return [(_s(eid), {_s(k): _b(v) for k, v in f.items()}) for eid, f in raw]
+    return [(as_str(eid), {as_str(k): _b(v) for k, v in f.items()}) for eid, f in raw]
 
 
 def outbox_events(source: Any, prefix: str = "qm", count: int = 1000) -> list[AlertEvent]:

@@ -11,10 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from quota_middleware.backends._memstore import MemoryStore
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+from quota_middleware.base._scripts import as_str
 
 
 def _b(v: str | bytes) -> bytes:
@@ -24,9 +21,9 @@ def _b(v: str | bytes) -> bytes:
 def alerts_claim(store: MemoryStore, keys: Sequence[str], argv: Sequence[Any]) -> list[Any]:
     """KEYS: outbox, cursors hash. ARGV: lane, count, start id (for a new lane). The next
     entries after the lane's cursor, and the cursor moved past them (a group's ``>`` read)."""
-    lane, count = _s(argv[0]), int(argv[1])
+    lane, count = as_str(argv[0]), int(argv[1])
     cursor = store.hget(keys[1], lane)
-    after = cursor.decode() if cursor is not None else _s(argv[2])
+    after = cursor.decode() if cursor is not None else as_str(argv[2])
     entries = store.xrange(keys[0], after)[:count]
     if entries:
         store.hset(keys[1], {lane: entries[-1][0].encode()})
@@ -35,13 +32,13 @@ def alerts_claim(store: MemoryStore, keys: Sequence[str], argv: Sequence[Any]) -
 
 def alerts_dead(store: MemoryStore, keys: Sequence[str], argv: Sequence[Any]) -> str:
     """KEYS: dead-letter stream. ARGV: maxlen, then field, value pairs."""
-    fields = {_s(argv[i]): _b(argv[i + 1]) for i in range(1, len(argv) - 1, 2)}
+    fields = {as_str(argv[i]): _b(argv[i + 1]) for i in range(1, len(argv) - 1, 2)}
     return store.xadd(keys[0], fields, maxlen=int(argv[0]))
 
 
 def alerts_recent(store: MemoryStore, keys: Sequence[str], argv: Sequence[Any]) -> list[Any]:
     """KEYS: a stream. ARGV: count, after id ("" for the newest ``count``)."""
-    count, after = int(argv[0]), _s(argv[1])
+    count, after = int(argv[0]), as_str(argv[1])
     if after:
         entries = store.xrange(keys[0], after)[:count]
     else:

@@ -13,14 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from quota_middleware.backends._memstore import MemoryStore, lua_number
+from quota_middleware.base._scripts import as_str
 
 Arg = int | str | bytes
-
-
-def _s(a: Arg) -> str:
-    if type(a) is str:
-        return a
-    return a.decode() if isinstance(a, bytes) else str(a)
 
 
 def _i(a: Arg) -> int:
@@ -29,13 +24,13 @@ def _i(a: Arg) -> int:
 
 
 def _now(store: MemoryStore, arg: Arg) -> int:
-    text = _s(arg)
+    text = as_str(arg)
     return int(text) if text != "" else store.time_us()
 
 
 def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[int]:
     now = _now(store, argv[0])
-    rid = _s(argv[1])
+    rid = as_str(argv[1])
     lease = _i(argv[2])
     n = _i(argv[3])
 
@@ -43,7 +38,7 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
     for i in range(n):
         base = 4 + i * 7
         k = _i(argv[base + 1])
-        if _s(argv[base]) == "q" and k not in swept:
+        if as_str(argv[base]) == "q" and k not in swept:
             swept.add(k)
             key, ledger = keys[k - 1], keys[k]
             for r, _score in store.zrangebyscore(ledger, float("-inf"), now)[:100]:
@@ -64,10 +59,10 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
     retry = 0
     for i in range(n):
         base = 4 + i * 7
-        kind = _s(argv[base])
+        kind = as_str(argv[base])
         kidx = _i(argv[base + 1])
         key = keys[kidx - 1]
-        f = _s(argv[base + 2])
+        f = as_str(argv[base + 2])
         p1, p2 = _i(argv[base + 3]), _i(argv[base + 4])
         cost, min_cost = _i(argv[base + 5]), _i(argv[base + 6])
         remaining = reset = charged = wait = 0
@@ -168,15 +163,15 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
     if not store.set(keys[0], b"1", nx=True, px=_i(argv[2])):
         return [0]
     out: list[Any] = [1]
-    rid = _s(argv[1])
+    rid = as_str(argv[1])
     n = _i(argv[3])
     live: dict[str, dict[str, int] | None] = {}
     for i in range(n):
         base = 4 + i * 5
-        kind = _s(argv[base])
+        kind = as_str(argv[base])
         kidx = _i(argv[base + 1])
         key = keys[kidx - 1]
-        f = _s(argv[base + 2])
+        f = as_str(argv[base + 2])
         p1 = _i(argv[base + 3])
         p2 = _i(argv[base + 4]) if kind not in ("t", "h") else 0
         if kind == "c":
@@ -219,7 +214,7 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
                 store.pexpire(key, p1)
         elif kind == "t":
             used = lua_number(store.hget(key, f + "#")) or 0
-            for pct in _s(argv[base + 4]).split(","):
+            for pct in as_str(argv[base + 4]).split(","):
                 if not pct.isdigit():
                     continue
                 marker = f"{f}@{pct}"
@@ -228,7 +223,7 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
                     out += [b"t", f.encode(), int(pct), used]
         elif kind == "h":
             hour = now // 3_600_000_000
-            multiple, floor, window = (int(x) for x in _s(argv[base + 4]).split(","))
+            multiple, floor, window = (int(x) for x in as_str(argv[base + 4]).split(","))
             current = store.hincrby(key, str(hour), p1)
             past = 0
             for field, value in list(store.hgetall(key).items()):
@@ -260,7 +255,7 @@ _PAYLOAD_ITEM = re.compile(r"([^=,]+)=([0-9]+)")
 
 def extend(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[int]:
     now = _now(store, argv[0])
-    rid = _s(argv[1])
+    rid = as_str(argv[1])
     lease = _i(argv[2])
     n = _i(argv[3])
     rfield = "r|" + rid
@@ -284,7 +279,7 @@ def extend(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
     fits = live
     for i in range(n):
         base = 4 + i * 4
-        k, f = _i(argv[base]), _s(argv[base + 1])
+        k, f = _i(argv[base]), as_str(argv[base + 1])
         limit, step = _i(argv[base + 2]), _i(argv[base + 3])
         if step < 0:
             raise ValueError(f"extend: negative step {step}")
@@ -304,7 +299,7 @@ def extend(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
     adds: dict[int, dict[str, int]] = {}  # insertion order is the Lua's first-use order
     for i in range(n):
         base = 4 + i * 4
-        k, f = _i(argv[base]), _s(argv[base + 1])
+        k, f = _i(argv[base]), as_str(argv[base + 1])
         limit, step = _i(argv[base + 2]), _i(argv[base + 3])
         ident = (k, f)
         if step > 0:
@@ -354,7 +349,7 @@ def outbox_add(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> 
 def margins(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[bytes]:
     key = keys[0]
     for i in range(1, 2 * _i(argv[0]), 2):
-        f, ours = _s(argv[i]), _i(argv[i + 1])
+        f, ours = as_str(argv[i]), _i(argv[i + 1])
         raw = store.hget(key, f)
         stored = None if raw is None else int(raw)
         if stored is None:
@@ -402,18 +397,18 @@ def key_put(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> lis
     now = _now(store, argv[0])
     if store.exists(keys[0]):
         return [0]
-    ttl_us, retention_ms = int(_s(argv[4])), int(_s(argv[6]))
+    ttl_us, retention_ms = int(as_str(argv[4])), int(as_str(argv[6]))
     expires = now + ttl_us if ttl_us > 0 else 0
     store.hset(
         keys[0],
         {
-            "caller": _s(argv[1]),
-            "plan": _s(argv[2]),
-            "tenant": _s(argv[3]),
+            "caller": as_str(argv[1]),
+            "plan": as_str(argv[2]),
+            "tenant": as_str(argv[3]),
             "created": now,
             "expires": expires,
             "revoked": 0,
-            "digest": _s(argv[5]),
+            "digest": as_str(argv[5]),
         },
     )
     if expires > 0:
@@ -427,7 +422,7 @@ def key_revoke(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> 
     if "caller" not in h or h.get("revoked") == b"1":
         return 0
     store.hset(keys[0], {"revoked": 1, "revoked_at": now})
-    retention_ms = int(_s(argv[1]))
+    retention_ms = int(as_str(argv[1]))
     if store.pttl(keys[0]) < 0 or store.pttl(keys[0]) > retention_ms:
         store.pexpire(keys[0], retention_ms)
     return 1
@@ -443,20 +438,20 @@ def key_expire(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> 
     expires = int(h.get("expires", b"0"))
     if 0 < expires <= now:
         return [0, b"expired"]
-    at = now + int(_s(argv[1]))
+    at = now + int(as_str(argv[1]))
     if expires == 0 or at < expires:
         expires = at
         store.hset(keys[0], {"expires": expires})
-        store.pexpireat(keys[0], expires // 1000 + int(_s(argv[2])))
+        store.pexpireat(keys[0], expires // 1000 + int(as_str(argv[2])))
     return [1, expires]
 
 
 def key_list(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> Any:
-    op = _s(argv[0])
+    op = as_str(argv[0])
     if op == "add":
-        return sum(store.sadd(keys[0], _s(m)) for m in argv[1:])
+        return sum(store.sadd(keys[0], as_str(m)) for m in argv[1:])
     if op == "remove":
-        return sum(store.srem(keys[0], _s(m)) for m in argv[1:])
+        return sum(store.srem(keys[0], as_str(m)) for m in argv[1:])
     if op == "list":
         return [m.encode() for m in sorted(store.smembers(keys[0]))]
     raise ValueError(f"key_list: unknown operation {op}")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from quota_middleware.base._scripts import ScriptCall
+from quota_middleware.base._scripts import ScriptCall, as_str
 
 #: entries kept in the outbox stream (approximately; older ones are trimmed)
 OUTBOX_MAXLEN = 100_000
@@ -63,17 +63,13 @@ def outbox_call(prefix: str, events: Sequence[AlertEvent]) -> ScriptCall:
     )  # fmt: skip
 
 
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def parse_settle_events(reply: Any) -> list[tuple[str, str, int, int]]:
     """``(kind, name, level, used)`` for each event in a settle reply."""
     if not isinstance(reply, list | tuple) or len(reply) < 5:
         return []
     out = []
     for i in range(1, len(reply) - 3, 4):
-        out.append((_text(reply[i]), _text(reply[i + 1]), int(reply[i + 2]), int(reply[i + 3])))
+        out.append((as_str(reply[i]), as_str(reply[i + 1]), int(reply[i + 2]), int(reply[i + 3])))
     return out
 
 

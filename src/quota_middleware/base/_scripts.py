@@ -27,12 +27,19 @@ class ScriptCall:
     args: tuple[ScriptArg, ...]
 
 
+def as_str(value: Any) -> str:
+    """A reply value (or script argument) as text: Redis answers bytes, the memory store str."""
+    if type(value) is str:
+        return value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def hash_pairs(flat: Any) -> dict[str, int]:
     """A flat ``HGETALL`` reply (``[field, value, ...]``) as ``{field: int}``; fields whose
     value is not an integer (markers, reservations) are left out."""
     out: dict[str, int] = {}
     for i in range(0, len(flat) - 1, 2):
-        field = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
+        field = as_str(flat[i])
         try:
             out[field] = int(flat[i + 1])
         except (TypeError, ValueError):

@@ -13,9 +13,10 @@ from typing import Any, TextIO
 
 from quota_middleware.alerts._config import AlertsConfig
 from quota_middleware.alerts._dispatcher import Dispatcher
-from quota_middleware.alerts._outbox import _s, read_stream
+from quota_middleware.alerts._outbox import read_stream
 from quota_middleware.alerts._text import format_text
 from quota_middleware.base._events import AlertEvent, outbox_key
+from quota_middleware.base._scripts import as_str
 from quota_middleware.config import QuotaConfig
 
 
@@ -120,7 +121,7 @@ def cli_tail(
             last = rows[-1][0]
         else:
             newest = client.xrevrange(key, count=1)
-            last = _s(newest[0][0]) if newest else "0-0"
+            last = as_str(newest[0][0]) if newest else "0-0"
         while follow and not stop.is_set():
             rows = read_stream(client, key, count=1000, after=last)
             for eid, fields in rows:

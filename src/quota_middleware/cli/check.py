@@ -10,6 +10,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from quota_middleware.base._scripts import as_str
 from quota_middleware.cli._common import (
     _columns,
     _environ,
@@ -252,15 +253,11 @@ _LOSS = (
 )
 
 
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def _config_value(client: Any, name: str) -> str:
     reply = client.config_get(name)
     for k, v in dict(reply).items():
-        if _text(k) == name:
-            return _text(v)
+        if as_str(k) == name:
+            return as_str(v)
     raise LookupError(f"CONFIG GET {name} returned nothing")
 
 

@@ -63,7 +63,7 @@ KEY_COLUMNS = (
 
 @contextmanager
 def _key_store(args: argparse.Namespace) -> Iterator[tuple[Any, QuotaConfig]]:
-    from quota_middleware.identity._apikeys import KeyStore
+    from quota_middleware.identity import KeyStore
 
     config = load_config(args)
     key_prefix, _, mode = _policy_key_settings(config)
