@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from quota_middleware.backends.memory import MemoryBackend
-from quota_middleware.base._protocols import AsyncBackend, CircuitBreaker, SyncBackend
+from quota_middleware.base._protocols import AsyncBackend, CircuitBreaker, Observer, SyncBackend
 from quota_middleware.config import StorageConfig
 from quota_middleware.errors import ConfigurationError
-
-#: ``(call name, seconds, ok)`` after each store call, e.g. ``PrometheusMetrics.store``
-Observer = Callable[[str, float, bool], None]
 
 
 def _breaker(storage: StorageConfig) -> CircuitBreaker:

@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -41,11 +41,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from quota_middleware.base._protocols import CircuitBreaker
+from quota_middleware.base._protocols import CircuitBreaker, Observer
 from quota_middleware.base._scripts import ScriptCall, source
 from quota_middleware.errors import StorageError
 
-Observer = Callable[[str, float, bool], None]
 log = logging.getLogger("quota_middleware")
 
 

@@ -11,6 +11,9 @@ from typing import Any, Protocol
 from quota_middleware.base._scripts import ScriptCall
 from quota_middleware.errors import StorageError
 
+#: ``(call name, seconds, ok)`` after each store call, e.g. ``PrometheusMetrics.store``
+Observer = Callable[[str, float, bool], None]
+
 log = logging.getLogger("quota_middleware")
 
 

@@ -11,11 +11,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cache
 from importlib import resources
 from typing import Any
 
 ScriptArg = int | str | bytes
+
+
+class Op(StrEnum):
+    """The operation codes in the admit and settle scripts' argument lists. They are one letter
+    each (the scripts' wire format, several per request); Python code names them, and the
+    letters appear only here, in the Lua scripts and in their twins."""
+
+    BUCKET = "b"  #: a token or request bucket
+    SLOT = "c"  #: a concurrency slot
+    QUOTA = "q"  #: a calendar counter (token quota, budget, app budget)
+    EXPIRE = "e"  #: set a calendar key's expiry
+    THRESHOLDS = "t"  #: crossing-threshold alerts of a counter
+    HOURLY = "h"  #: the hourly spike counter
+    USAGE = "u"  #: a usage counter field
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
+from quota_middleware.base._scripts import Op
 from quota_middleware.core._meter import AIRequest
 from quota_middleware.identity._identifier import Caller
 
@@ -38,17 +39,17 @@ class LimitStatus:
 
 @dataclass(slots=True)
 class Hold:
-    """What an admitted request holds until it is settled: a concurrency slot (``c``), tokens
-    reserved in a bucket (``b``) or on a calendar counter (``q``, with its ledger)."""
+    """What an admitted request holds until it is settled: a concurrency slot (``SLOT``), tokens
+    reserved in a bucket (``BUCKET``) or on a calendar counter (``QUOTA``, with its ledger)."""
 
-    kind: str
+    kind: Op
     key: str
     name: str
     charged: int
-    #: bucket refill interval (``b``), or the counter's unit: 0 tokens, 1 micro-dollars (``q``)
+    #: bucket refill interval (``BUCKET``), or the counter's unit: 0 tokens, 1 micro-dollars
     param: int = 0
     ledger: str | None = None
-    #: ``q``: the counter's size and alert thresholds (percent), its period id and end
+    #: ``QUOTA``: the counter's size and alert thresholds (percent), its period id and end
     amount: int = 0
     thresholds: tuple[int, ...] = ()
     period: str = ""

@@ -22,7 +22,7 @@ from quota_middleware.base._flows import drive_async, drive_sync
 from quota_middleware.base._keys import CallerKeys
 from quota_middleware.base._periods import day_id, period_of
 from quota_middleware.base._request import RequestInfo
-from quota_middleware.base._scripts import ScriptArg, ScriptCall, hash_pairs
+from quota_middleware.base._scripts import Op, ScriptArg, ScriptCall, hash_pairs
 from quota_middleware.config import AIRoute, Plan, QuotaConfig
 from quota_middleware.core._context import Context
 from quota_middleware.core._decision import Decision, Hold, LimitStatus, Reason, Stats
@@ -52,7 +52,7 @@ log = logging.getLogger("quota_middleware")
 
 Flow = Generator[ScriptCall, Any, Decision]
 #: what a request-rate limit holds: nothing to give back at settle
-_NO_HOLD = Hold("b", "", "", 0)
+_NO_HOLD = Hold(Op.BUCKET, "", "", 0)
 
 
 class _RequestIds:
@@ -309,13 +309,13 @@ class Admission:
                 else:
                     assert ai is not None
                     cost, least = ai.reserve_tokens, ai.min_tokens
-                args += ["b", 1, lim.name, interval, interval * lim.capacity, cost, least]
-                holds.append(Hold("b", keys.buckets, lim.name, 0, interval))
+                args += [Op.BUCKET, 1, lim.name, interval, interval * lim.capacity, cost, least]
+                holds.append(Hold(Op.BUCKET, keys.buckets, lim.name, 0, interval))
             elif isinstance(lim, Concurrency):
                 assert lim.name is not None
                 key_list.append(keys.concurrency(lim.name))
-                args += ["c", len(key_list), "", lim.max, int(lim.lease * 1_000_000), 1, 1]
-                holds.append(Hold("c", key_list[-1], lim.name, 0))
+                args += [Op.SLOT, len(key_list), "", lim.max, int(lim.lease * 1_000_000), 1, 1]
+                holds.append(Hold(Op.SLOT, key_list[-1], lim.name, 0))
             else:
                 assert lim.name is not None and ai is not None
                 pid, end_us = period_of(lim.period, now, plan.zone)
@@ -327,8 +327,8 @@ class Admission:
                     cost, least, unit = ai.reserve_cost, ai.min_cost, 1
                 else:
                     cost, least, unit = ai.reserve_tokens, ai.min_tokens, 0
-                args += ["q", index[pkey], lim.name, lim.amount, end_us, cost, least]
-                holds.append(Hold("q", pkey, lim.name, 0, unit, keys.ledger(pkey),
+                args += [Op.QUOTA, index[pkey], lim.name, lim.amount, end_us, cost, least]
+                holds.append(Hold(Op.QUOTA, pkey, lim.name, 0, unit, keys.ledger(pkey),
                                   lim.amount, tuple(lim.thresholds), pid[1:], end_us))  # fmt: skip
         return ScriptCall("admit", tuple(key_list), tuple(args)), tuple(holds)
 
@@ -347,10 +347,18 @@ class Admission:
                 assert lim.name is not None
                 if isinstance(lim, RequestRate):
                     interval = lim.interval_us
-                    tail += ["b", 1, lim.name, interval, interval * lim.capacity, weight, weight]
+                    tail += [
+                        Op.BUCKET,
+                        1,
+                        lim.name,
+                        interval,
+                        interval * lim.capacity,
+                        weight,
+                        weight,
+                    ]
                 elif isinstance(lim, Concurrency):
                     slots.append(lim.name)
-                    tail += ["c", len(slots) + 1, "", lim.max, int(lim.lease * 1_000_000), 1, 1]
+                    tail += [Op.SLOT, len(slots) + 1, "", lim.max, int(lim.lease * 1_000_000), 1, 1]
             encoded = tuple(str(a).encode() if not isinstance(a, bytes) else a for a in tail)
             cached = (limits, (b"0", str(len(limits)).encode(), *encoded), tuple(slots))
             if len(self._plain_seen) >= 1024:
@@ -362,7 +370,7 @@ class Admission:
             # aligned with ``limits``, as ``decide`` reads them by position
             slot_keys = iter(key_list[1:])
             holds = tuple(
-                Hold("c", next(slot_keys), lim.name or "", 0) if isinstance(lim, Concurrency)
+                Hold(Op.SLOT, next(slot_keys), lim.name or "", 0) if isinstance(lim, Concurrency)
                 else _NO_HOLD
                 for lim in limits
             )  # fmt: skip

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from quota_middleware.base._scripts import ScriptArg, ScriptCall
+from quota_middleware.base._scripts import Op, ScriptArg, ScriptCall
 from quota_middleware.core._decision import Decision, Hold
 from quota_middleware.errors import StorageError
 
@@ -26,7 +26,7 @@ _OP = 4
 
 def _extendable(hold: Hold) -> bool:
     # Only calendar counters keep a reservation ledger; buckets and slots have nothing to top up.
-    return hold.kind == "q" and hold.ledger is not None
+    return hold.kind == Op.QUOTA and hold.ledger is not None
 
 
 def plan_extend_holds(

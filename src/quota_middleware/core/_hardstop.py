@@ -17,7 +17,7 @@ import json
 from collections.abc import Generator
 from typing import Any
 
-from quota_middleware.base._scripts import ScriptCall
+from quota_middleware.base._scripts import Op, ScriptCall
 from quota_middleware.core._decision import Decision, Hold
 from quota_middleware.core._extension import plan_extend_holds, run_extend
 from quota_middleware.core._meter import AIRequest, Meter
@@ -31,7 +31,7 @@ _STEP_MIN = 256
 
 
 def _holds(decision: Decision) -> list[Hold]:
-    return [h for h in decision.holds if h.kind == "q" and h.ledger is not None]
+    return [h for h in decision.holds if h.kind == Op.QUOTA and h.ledger is not None]
 
 
 def overrun(decision: Decision, meter: Meter) -> list[tuple[Hold, int]] | None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from quota_middleware.base._events import AlertEvent, outbox_call, parse_settle_events
 from quota_middleware.base._keys import CallerKeys, period_name
-from quota_middleware.base._scripts import ScriptArg, ScriptCall
+from quota_middleware.base._scripts import Op, ScriptArg, ScriptCall
 from quota_middleware.core._context import Context
 from quota_middleware.core._decision import Charge, Decision
 from quota_middleware.errors import StorageError
@@ -64,27 +64,27 @@ class Settlement:
         ops: list[ScriptArg] = []
         tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
         for h in decision.holds:
-            if h.kind == "c":
-                ops += ["c", key(h.key), "", 0, 0]
-            elif h.kind == "b":
-                ops += ["b", key(h.key), h.name, h.param, tokens - h.charged]
+            if h.kind == Op.SLOT:
+                ops += [Op.SLOT, key(h.key), "", 0, 0]
+            elif h.kind == Op.BUCKET:
+                ops += [Op.BUCKET, key(h.key), h.name, h.param, tokens - h.charged]
             else:
                 actual = cost if h.param == 1 else tokens
-                ops += ["q", key(h.key, h.ledger), h.name, h.charged, actual]
+                ops += [Op.QUOTA, key(h.key, h.ledger), h.name, h.charged, actual]
         now_us = self.ctx.now_us()
         kept: set[str] = set()
         for h in decision.holds:
-            if h.kind == "q" and h.key not in kept:
+            if h.kind == Op.QUOTA and h.key not in kept:
                 kept.add(h.key)
-                ops += ["e", key(h.key), "", _period_ttl_ms(h.until_us, now_us), 0]
+                ops += [Op.EXPIRE, key(h.key), "", _period_ttl_ms(h.until_us, now_us), 0]
         for h in decision.holds:
-            if h.kind == "q" and h.thresholds and (cost if h.param == 1 else tokens):
+            if h.kind == Op.QUOTA and h.thresholds and (cost if h.param == 1 else tokens):
                 pcts = ",".join(str(t) for t in h.thresholds)
-                ops += ["t", key(h.key), h.name, h.amount, pcts]
+                ops += [Op.THRESHOLDS, key(h.key), h.name, h.amount, pcts]
         spikes = self.ctx.config.spikes
         if spikes is not None and tokens > 0:
             params = f"{int(spikes.multiple * 1000)},{spikes.floor_tokens},{spikes.window_hours}"
-            ops += ["h", key(keys.hourly), "", tokens, params]
+            ops += [Op.HOURLY, key(keys.hourly), "", tokens, params]
         if usage is not None and decision.day is not None:
             ukey = key(keys.usage(decision.day))
             model = (clean_model(usage.model) or "unknown").replace("|", "_")[:100]
@@ -102,7 +102,7 @@ class Settlement:
                                and not usage.total_tokens)),
             ):  # fmt: skip
                 if value:
-                    ops += ["u", ukey, f"{model}|{field}", self.ctx.retention_ms, value]
+                    ops += [Op.USAGE, ukey, f"{model}|{field}", self.ctx.retention_ms, value]
         if not ops:
             return None
         args: list[ScriptArg] = [
@@ -130,20 +130,26 @@ class Settlement:
                 key_list += [key, app_keys.ledger(key)]
                 index[key] = len(key_list) - 1
                 ends[key] = end_us
-            ops += ["q", index[key], b.name or "", 0, cost]
+            ops += [Op.QUOTA, index[key], b.name or "", 0, cost]
         now_us = self.ctx.now_us()
         for key, end_us in ends.items():
-            ops += ["e", index[key], "", _period_ttl_ms(end_us, now_us), 0]
+            ops += [Op.EXPIRE, index[key], "", _period_ttl_ms(end_us, now_us), 0]
         for b in budgets:
             if b.thresholds:
                 key, _ = self.ctx.app_period_key(b, at_us)
-                ops += ["t", index[key], b.name or "", b.micros, ",".join(map(str, b.thresholds))]
+                ops += [
+                    Op.THRESHOLDS,
+                    index[key],
+                    b.name or "",
+                    b.micros,
+                    ",".join(map(str, b.thresholds)),
+                ]
         args: list[ScriptArg] = [self.ctx.now_arg(), decision.request_id, SETTLE_MARKER_MS,
                                  len(ops) // 5]  # fmt: skip
         return ScriptCall("settle", tuple(key_list), tuple(args + ops))
 
     def _app_budget_ops(self) -> tuple[AppBudget, ...]:
-        """The app budgets, in the order their "q" operations open the app settle call."""
+        """The app budgets, in the order their quota operations open the app settle call."""
         return tuple(self.ctx.config.app_budgets)
 
     def finish(
@@ -333,9 +339,9 @@ class Settlement:
         out = []
         at = self.ctx.now_us() / 1_000_000
         budgets = {b.name: b for b in self.ctx.config.app_budgets}
-        holds = {h.name: h for h in decision.holds if h.kind == "q"}
+        holds = {h.name: h for h in decision.holds if h.kind == Op.QUOTA}
         for kind, name, level, used in raw:
-            if kind == "h":
+            if kind == Op.HOURLY:
                 assert caller is not None
                 out.append(AlertEvent(
                     id=f"spike:{caller.tenant}:{caller.id}:{level}", type="spike",
