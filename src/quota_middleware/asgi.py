@@ -20,7 +20,7 @@ from quota_middleware.base._scripts import ScriptCall
 from quota_middleware.config import QuotaConfig, load_config
 from quota_middleware.core._decision import Charge
 from quota_middleware.core._engine import Engine, drive_async, drive_sync
-from quota_middleware.core._exchange import Exchange
+from quota_middleware.core._exchange import METER_KEY, Exchange
 from quota_middleware.core._responses import RawHeaders, Response
 from quota_middleware.identity._identifier import Identifier
 from quota_middleware.reports import UsageReader
@@ -141,6 +141,8 @@ class QuotaMiddleware:
         if not ex.tracks_response:
             await self.app(scope, receive, _with_headers(send, ex.extra) if ex.extra else send)
             return
+        if ex.meter is not None:
+            scope["state"][METER_KEY] = ex.meter_only
         relay = _Relay(self, ex, backend, send)
         try:
             await self.app(scope, receive, relay.send)

@@ -21,7 +21,7 @@ from quota_middleware.base._request import RequestInfo
 from quota_middleware.config import QuotaConfig, load_config
 from quota_middleware.core._decision import Charge
 from quota_middleware.core._engine import Engine, drive_sync
-from quota_middleware.core._exchange import Exchange
+from quota_middleware.core._exchange import METER_KEY, Exchange
 from quota_middleware.core._responses import RawHeaders, Response
 from quota_middleware.identity._identifier import Identifier
 from quota_middleware.reports import UsageReader
@@ -104,6 +104,8 @@ class WSGIQuotaMiddleware:
                 return start_response(status, [*headers, *extra], exc_info)
 
             return self.app(environ, add_headers)
+        if ex.meter is not None:
+            environ[METER_KEY] = ex.meter_only
         metered = _Metered(self, ex, start_response)
         try:
             app_iter = self.app(environ, metered.start_response)

@@ -43,7 +43,11 @@ from quota_middleware.core._responses import (
 )
 from quota_middleware.errors import IdentificationError
 
-__all__ = ["Exchange"]
+__all__ = ["METER_KEY", "Exchange"]
+
+#: where the adapters publish :meth:`Exchange.meter_only` to the app: in ASGI
+#: ``scope["state"]``, in WSGI the environ. Only present while the response is metered.
+METER_KEY = "quota_middleware.meter"
 
 Flow = Generator[ScriptCall, Any, Any]
 
@@ -137,6 +141,13 @@ class Exchange:
     def response_chunk(self, chunk: bytes) -> None:
         if self.meter is not None and chunk:
             self.meter.feed(chunk)
+
+    def meter_only(self, chunk: bytes) -> None:
+        """Bytes of the response the app metered but did not send: the AI proxy's usage-only
+        final chunk, which it asked the upstream for and strips from what the client receives.
+        They go to the meter in stream order, between the relayed chunks, never to the client.
+        The adapters publish this as :data:`METER_KEY` while the response is metered."""
+        self.response_chunk(chunk)
 
     @property
     def hard_stop(self) -> bool:
