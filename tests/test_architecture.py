@@ -41,6 +41,8 @@ LAYERS: list[tuple[str, int]] = [
     ("alerts._sinks", 4),
     ("alerts._text", 4),
     ("alerts._config", 5),
+    ("proxy._config", 5),  # the proxy's upstreams, part of the policy
+    ("proxy._plan", 5),  # the proxy's sans-IO request plan and usage stripper
     ("config", 6),
     # the sans-IO core: decisions, admission, settlement, the per-request exchange
     ("core", 7),
@@ -54,6 +56,7 @@ LAYERS: list[tuple[str, int]] = [
     ("core._settlement", 12),
     ("core._engine", 13),
     ("core._exchange", 14),
+    ("core._connection", 14),  # the WebSocket peer of the exchange
     # stores
     ("backends", 6),
     # what runs beside the core: reading usage, delivering alerts, metrics
@@ -63,6 +66,7 @@ LAYERS: list[tuple[str, int]] = [
     # the adapters, then the command line and the package's public face
     ("asgi", 16),
     ("wsgi", 16),
+    ("proxy", 16),  # the proxy apps drive its plan with httpx, beside the adapters
     ("cli", 17),
     ("", 18),
 ]

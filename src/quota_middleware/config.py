@@ -34,6 +34,7 @@ from quota_middleware.limits import (
     path_matches,
 )
 from quota_middleware.metering._usage import Format
+from quota_middleware.proxy._config import ProxyConfig
 
 OnError = Literal["open", "closed"]
 T = TypeVar("T")
@@ -291,6 +292,9 @@ class QuotaConfig:
     #: where alert events go (:class:`quota_middleware.alerts.AlertsConfig`); None: the outbox
     #: only, for a separate ``quota-middleware alerts run`` worker or ``alerts tail``
     alerts: Any = None
+    #: the backend proxy's upstreams (:class:`quota_middleware.proxy.ProxyConfig`); its AI
+    #: operations become AI routes here (after any declared in ``ai_routes``, which win)
+    proxy: ProxyConfig | None = None
 
     def __post_init__(self) -> None:
         plans = tuple(self.plans)
@@ -313,7 +317,7 @@ class QuotaConfig:
                     )
         object.__setattr__(self, "plans", plans)
         object.__setattr__(self, "default_plan", default)
-        object.__setattr__(self, "ai_routes", tuple(self.ai_routes))
+        object.__setattr__(self, "ai_routes", (*self.ai_routes, *_proxy_routes(self)))
         object.__setattr__(self, "app_budgets", tuple(self.app_budgets))
         budget_names = [b.name for b in self.app_budgets]
         if len(set(budget_names)) != len(budget_names):
@@ -437,6 +441,8 @@ class QuotaConfig:
             spikes = _table(data, "spikes")
             check_keys(spikes, set(SpikeRule.__dataclass_fields__), "spikes")
             extra["spikes"] = SpikeRule(**spikes)
+        if "proxy" in data:
+            extra["proxy"] = ProxyConfig.from_dict(_table(data, "proxy"))
         if "alerts" in data:
             from quota_middleware.alerts._config import AlertsConfig
 
@@ -450,6 +456,18 @@ class QuotaConfig:
             ai_routes=ai_routes,
             **extra,
         )
+
+
+def _proxy_routes(config: QuotaConfig) -> list[AIRoute]:
+    """The AI routes of the proxy's metered operations that ``ai_routes`` does not declare."""
+    if config.proxy is None:
+        return []
+    declared = {(m, r.path) for r in config.ai_routes for m in r.methods}
+    return [
+        AIRoute(path=path, format=fmt, methods=(method,))  # type: ignore[arg-type]
+        for method, path, fmt in config.proxy.ai_endpoints()
+        if (method, path) not in declared
+    ]
 
 
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
