@@ -59,6 +59,7 @@ from quota_middleware.cli.keys import (
     run_keys_revoke,
     run_keys_rotate,
 )
+from quota_middleware.cli.serve import _serve_arguments, run_serve
 from quota_middleware.cli.usage import (
     APP_COLUMNS,
     DAY_COLUMNS,
@@ -103,6 +104,7 @@ __all__ = [
     "run_keys_list",
     "run_keys_revoke",
     "run_keys_rotate",
+    "run_serve",
     "run_usage",
 ]
 
@@ -117,6 +119,11 @@ COMMANDS: dict[str, tuple[str, AddArguments, Runner]] = {
     "usage": ("top callers, one caller's usage, app budgets", _usage_arguments, run_usage),
     "check": ("validate a policy file and print what it resolves to", _check_arguments, run_check),
     "alerts": ("alert delivery worker, outbox tail, test event", _alerts_arguments, _need_action),
+    "serve": (
+        "run the backend proxy as a standalone gateway (uvicorn)",
+        _serve_arguments,
+        run_serve,
+    ),
     "demo": (
         "run the FastAPI example in-process and show limits at work",
         _demo_arguments,
