@@ -84,13 +84,16 @@ class Gateway:
 
 def _metrics() -> tuple[Any, Any]:
     try:
-        from prometheus_client import REGISTRY
+        from prometheus_client import CollectorRegistry
     except ImportError:
         log.warning("quota_middleware: /metrics is off: pip install 'quota-middleware[metrics]'")
         return None, None
     from quota_middleware.metrics import PrometheusMetrics
 
-    return PrometheusMetrics(), REGISTRY
+    # the gateway's own registry: a second Gateway in one process (serve checks the policy
+    # before uvicorn builds the app) must not collide with the first one's series
+    registry = CollectorRegistry()
+    return PrometheusMetrics(registry), registry
 
 
 async def _reply(send: Send, status: int, body: bytes, content_type: str) -> None:
