@@ -328,6 +328,26 @@ def extend(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
     return out
 
 
+def renew(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[int]:
+    now = _now(store, argv[0])
+    rid = as_str(argv[1])
+    n = _i(argv[2])
+
+    for i in range(n):
+        key, most = keys[i], _i(argv[3 + i * 2])
+        store.zremrangebyscore(key, float("-inf"), now)
+        if store.zscore(key, rid) is None and store.zcard(key) >= most:
+            return [0, i + 1]
+
+    for i in range(n):
+        key, lease = keys[i], _i(argv[3 + i * 2 + 1])
+        store.zadd(key, now + lease, rid)
+        ms = math.ceil(lease / 1000) + 1000
+        if store.pttl(key) < ms:
+            store.pexpire(key, ms)
+    return [1, 0]
+
+
 def read(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[list[bytes]]:
     out: list[list[bytes]] = []
     for key in keys:

@@ -35,6 +35,7 @@ SCRIPTS: Mapping[str, Script] = MappingProxyType(
         "admit": Script("admit.lua", twins.admit),
         "settle": Script("settle.lua", twins.settle),
         "extend": Script("extend.lua", twins.extend),
+        "renew": Script("renew.lua", twins.renew),
         "read": Script("read.lua", twins.read),
         "margins": Script("margins.lua", twins.margins),
         "outbox_add": Script("outbox_add.lua", twins.outbox_add),
