@@ -1,7 +1,8 @@
 """``QuotaMiddleware``: pure ASGI middleware. It wraps ``receive`` and ``send`` (no
 BaseHTTPMiddleware), so responses, SSE included, pass through chunk by chunk, untouched. What
-happens to a request is :class:`~quota_middleware.exchange.Exchange`'s: this module only
-translates ASGI messages into its calls and runs its flows on the async backend."""
+happens to a request is :class:`~quota_middleware.exchange.Exchange`'s, and to a WebSocket
+connection :class:`~quota_middleware.core._connection.Connection`'s: this module only translates
+ASGI messages into their calls and runs their flows on the async backend."""
 
 from __future__ import annotations
 
@@ -18,10 +19,19 @@ from quota_middleware.base._protocols import AsyncBackend
 from quota_middleware.base._request import RequestInfo
 from quota_middleware.base._scripts import ScriptCall
 from quota_middleware.config import QuotaConfig, load_config
+from quota_middleware.core._connection import (
+    POLICY_VIOLATION,
+    TRY_AGAIN_LATER,
+    Connection,
+    MessageRate,
+    Refusal,
+    check_routes,
+)
 from quota_middleware.core._decision import Charge
 from quota_middleware.core._engine import Engine, drive_async, drive_sync
 from quota_middleware.core._exchange import METER_KEY, Exchange
 from quota_middleware.core._responses import RawHeaders, Response
+from quota_middleware.errors import QuotaError
 from quota_middleware.identity._identifier import Identifier
 from quota_middleware.reports import UsageReader
 
@@ -52,8 +62,12 @@ class QuotaMiddleware:
     :param on_settle: called with the :class:`~quota_middleware.Charge` of every settled AI
         request, after its settle; a plain function or a coroutine function. Exceptions are
         logged, never raised into the request.
+    :param websocket_message_rate: the most messages a client may send over one WebSocket
+        connection, e.g. ``"20/second"`` (a burst of 20, then 20 per second), counted in
+        process per connection; one over it closes the connection with 1008. None: unlimited.
 
-    The decision is in ``scope["state"]["quota"]`` (``request.state.quota`` in Starlette/FastAPI).
+    The decision is in ``scope["state"]["quota"]`` (``request.state.quota`` in Starlette/FastAPI),
+    for WebSocket connections too (README, "WebSockets").
     """
 
     def __init__(
@@ -67,10 +81,15 @@ class QuotaMiddleware:
         clock: Callable[[], int] | None = None,
         metrics: Any = None,
         on_settle: Callable[[Charge], object] | None = None,
+        websocket_message_rate: str | None = None,
     ) -> None:
         self.app = app
         self.on_settle = on_settle
         self.config = load_config(config)
+        check_routes(self.config)
+        if websocket_message_rate is not None:
+            MessageRate(websocket_message_rate)  # a bad rate fails here, not at a connection
+        self.websocket_message_rate = websocket_message_rate
         self.engine = Engine(self.config, identifier=identifier, clock=clock, metrics=metrics)
         self._observer = metrics.store if metrics is not None else None
         self._redis = redis
@@ -114,7 +133,10 @@ class QuotaMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "websocket":
+                await self._websocket(scope, receive, send)
+            else:  # lifespan, and whatever else a server sends
+                await self.app(scope, receive, send)
             return
         backend = self._get_backend()
         if self.alerts is not None:
@@ -126,7 +148,7 @@ class QuotaMiddleware:
             body = await _read_body(scope, receive, ex.max_body)
             if body is not None:
                 receive = _replay(body, client_receive)
-        refusal = await self._admit(ex, body, backend)
+        refusal = await self._admit(ex.admit(body), ex.release, backend)
         if ex.decision is not None:
             scope.setdefault("state", {})["quota"] = ex.decision
         if refusal is not None:
@@ -155,6 +177,31 @@ class QuotaMiddleware:
             # it held must still be given back, what it used charged, and the charge reported.
             await asyncio.shield(self._spawn(self._finish(ex, backend)))
 
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket connection: admitted at its handshake (refused before the app sees it),
+        its slots held while it is open, given back when it closes."""
+        first = await receive()
+        if first["type"] != "websocket.connect":
+            return  # the client left before its handshake: nothing to admit, nothing for the app
+        backend = self._get_backend()
+        if self.alerts is not None:
+            self.alerts.ensure(backend)
+        conn = Connection(
+            self.engine, RequestInfo.from_scope(scope), message_rate=self.websocket_message_rate
+        )
+        refusal = await self._admit(conn.admit(), conn.release, backend)
+        if conn.decision is not None:
+            scope.setdefault("state", {})["quota"] = conn.decision
+        if refusal is not None:
+            await _refuse(scope, send, refusal)
+            return
+        socket = _Socket(self, conn, backend, first, receive, send)
+        try:
+            await self.app(scope, socket.receive, socket.send)
+        finally:
+            # shielded: a cancelled connection task must still give its slots back
+            await asyncio.shield(self._spawn(socket.finish()))
+
     async def _finish(self, ex: Exchange, backend: AsyncBackend) -> None:
         charge = await self._run(ex.settle(), backend)
         if ex.buffered:
@@ -169,23 +216,32 @@ class QuotaMiddleware:
         return await drive_async(flow, backend)
 
     async def _admit(
-        self, ex: Exchange, body: bytes | None, backend: AsyncBackend
-    ) -> Response | None:
+        self,
+        flow: Generator[ScriptCall, Any, T],
+        release: Callable[[], Generator[ScriptCall, Any, Any]],
+        backend: AsyncBackend,
+    ) -> T:
+        """Run an admit ``flow``; ``release`` is what it took, as a flow that gives it back."""
         if getattr(backend, "inline", False):
-            return await self._run(ex.admit(body), backend)
+            return await self._run(flow, backend)
         # Shielded: if the client goes away while the admit call is in flight, the call still
         # completes in Redis, and what it took (a slot, a reservation) must be given back now,
         # not when its lease ends.
-        task = self._spawn(drive_async(ex.admit(body), backend))
+        task = self._spawn(drive_async(flow, backend))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            task.add_done_callback(lambda t: self._release_orphan(t, ex, backend))
+            task.add_done_callback(lambda t: self._release_orphan(t, release, backend))
             raise
 
-    def _release_orphan(self, task: asyncio.Task[Any], ex: Exchange, backend: AsyncBackend) -> None:
+    def _release_orphan(
+        self,
+        task: asyncio.Task[Any],
+        release: Callable[[], Generator[ScriptCall, Any, Any]],
+        backend: AsyncBackend,
+    ) -> None:
         if not task.cancelled() and task.exception() is None:
-            self._spawn(drive_async(ex.release(), backend))
+            self._spawn(drive_async(release(), backend))
 
     def _start_drain(self, backend: AsyncBackend) -> None:
         """Writes the settle buffer in the background while it holds settles (the store was
@@ -259,6 +315,123 @@ class _Relay:
                     raise _HardStop("the quota or budget has no room for the rest")
                 return
         await self._send(message)
+
+
+class _ClosedByQuota(QuotaError, OSError):
+    """Raised into the app from ``send`` once the middleware closed its WebSocket connection
+    (the message rate, a lost slot): the ``OSError`` the ASGI spec has servers raise for a send
+    on a closed connection, so the app ends as it would for a client that went away (Starlette
+    turns it into ``WebSocketDisconnect``)."""
+
+
+class _Socket:
+    """Per WebSocket connection: the app's ``receive`` and ``send``, through the
+    :class:`Connection`: the handshake's connect replayed, the RateLimit headers added to the
+    accept, each client message held to the message rate, and the slots renewed in the
+    background while the connection is open. Once the middleware closed the connection, the
+    app's ``receive`` is the disconnect and its ``send`` raises :class:`_ClosedByQuota`."""
+
+    __slots__ = ("mw", "conn", "backend", "_first", "_receive", "_send", "_open", "_code",
+                 "_stop", "_renewer")  # fmt: skip
+
+    def __init__(
+        self, mw: QuotaMiddleware, conn: Connection, backend: AsyncBackend, first: Message,
+        receive: Receive, send: Send,
+    ) -> None:  # fmt: skip
+        self.mw, self.conn, self.backend = mw, conn, backend
+        self._first: Message | None = first
+        self._receive, self._send = receive, send
+        #: until either side closes it: the slots are renewed while it is
+        self._open = True
+        #: the close code, once the middleware closed it
+        self._code: int | None = None
+        self._stop = asyncio.Event()
+        self._renewer: asyncio.Task[Any] | None = None
+        interval = conn.renew_interval
+        if interval is not None:
+            self._renewer = mw._spawn(self._renew(interval))
+
+    async def receive(self) -> Message:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        if self._code is None:
+            message = await self._receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                self._open = False
+                return message
+            if kind == "websocket.receive" and self._open and not self.conn.message():
+                await self._close(POLICY_VIOLATION, "message rate exceeded")
+            if self._code is None:
+                return message
+        # closed by the middleware (maybe while this receive waited): whatever the client sent
+        # after that is not the app's
+        return {"type": "websocket.disconnect", "code": self._code}
+
+    async def send(self, message: Message) -> None:
+        if self._code is not None:
+            raise _ClosedByQuota(f"the connection was closed by quota-middleware ({self._code})")
+        kind = message["type"]
+        if kind == "websocket.accept" and self.conn.extra:
+            message = dict(message)
+            message["headers"] = [*(message.get("headers") or ()), *self.conn.extra]
+        elif kind == "websocket.close":
+            self._open = False  # the app ended it: no more renewals (the settle is next)
+        await self._send(message)
+
+    async def _close(self, code: int, reason: str) -> None:
+        if not self._open:
+            return
+        self._open, self._code = False, code
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except (OSError, RuntimeError):
+            pass  # the client went away first: it is closed all the same
+
+    async def _renew(self, interval: float) -> None:
+        while self._open:
+            try:
+                async with asyncio.timeout(interval):
+                    await self._stop.wait()
+                return
+            except TimeoutError:
+                pass
+            if not self._open:
+                return
+            try:
+                held = await self.mw._run(self.conn.renew(), self.backend)
+            except Exception:  # a renewer that dies would let the slot lapse silently
+                log.exception("quota_middleware: renewing a WebSocket connection's slots failed")
+                continue
+            if not held:
+                await self._close(TRY_AGAIN_LATER, "concurrency slot lost")
+                return
+
+    async def finish(self) -> None:
+        """Once the app returned: stop renewing, give the slots back."""
+        self._open = False
+        if self._renewer is not None:
+            # Stopped, not cancelled: a renewal in flight lands before the settle. A cancelled
+            # one could still reach Redis after it and take the slot again until its lease ends.
+            self._stop.set()
+            # (wait, not await: a renewer cancelled at shutdown must not skip the settle)
+            await asyncio.wait([self._renewer])
+        await self.mw._run(self.conn.settle(), self.backend)
+
+
+async def _refuse(scope: Scope, send: Send, refusal: Refusal) -> None:
+    """A denied handshake, before any accept: the HTTP denial itself where the server can send
+    a response in place of the upgrade (the ``websocket.http.response`` extension), else a close,
+    which servers answer with a 403 and clients that see it read as ``refusal.close_code``."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        response = refusal.response
+        await send({"type": "websocket.http.response.start", "status": response.status,
+                    "headers": response.headers})  # fmt: skip
+        await send({"type": "websocket.http.response.body", "body": response.body})
+    else:
+        await send({"type": "websocket.close", "code": refusal.close_code,
+                    "reason": refusal.reason})  # fmt: skip
 
 
 async def _call_hook(hook: Callable[[Charge], object], charge: Charge) -> None:
