@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import httpx
 import jwt
 
 from quota_middleware import Decision, Remaining, UsageRecord
+from quota_middleware.proxy import ProxyConfig, UpstreamKey
+from quota_middleware.proxy import Upstream as ProxyUpstream
 
 #: Used only when ``DEMO_JWT_SECRET`` is unset. Public: never use it outside a local demo.
 DEMO_JWT_SECRET = "demo-only-jwt-secret-not-for-production-use"
@@ -25,25 +26,6 @@ DEMO_KEYS = {
 }
 #: ``GET /v1/usage?days=N`` accepts 1..USAGE_MAX_DAYS (the policy keeps records 35 days by default)
 USAGE_MAX_DAYS = 35
-#: Request headers of the caller that are never forwarded upstream (their credentials for us).
-_HOP_BY_HOP = frozenset(
-    {"host", "connection", "content-length", "transfer-encoding", "authorization", "x-api-key",
-     "cookie", "accept-encoding", "keep-alive", "upgrade", "te", "trailer"}
-)  # fmt: skip
-#: Response headers of the upstream that are relayed to the caller; every other one is dropped.
-#: Not relayed: ``content-length`` and ``content-encoding`` (the body is sent decoded, re-chunked),
-#: hop-by-hop headers, ``set-cookie`` (the upstream's or its CDN's cookies belong to this server's
-#: session with the upstream, shared by all callers, not to any one caller), and the upstream's
-#: rate-limit headers (``x-ratelimit-*``, ``anthropic-ratelimit-*``: they describe the server's
-#: provider key, not the caller, and would contradict the middleware's own ``x-ratelimit-*``).
-_RELAYED = frozenset(
-    {"content-type", "request-id", "retry-after", "x-should-retry", "openai-processing-ms"}
-)
-#: Relayed under another name: the middleware sends ``x-request-id`` (the id the charge is logged
-#: under) unless the app's response has one, so the upstream's own would replace it.
-_RENAMED = {"x-request-id": "x-upstream-request-id"}
-#: Content codings the relay decodes (httpx decodes these without optional packages).
-_DECODED = frozenset({"gzip", "deflate", "identity"})
 
 
 def ensure_demo_secret() -> None:
@@ -63,7 +45,8 @@ def make_token(sub: str, plan: str | None = "pro", *, secret: str | None = None)
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where a route forwards to. ``base_url`` None means the built-in fake, in-process.
+    """Where the proxy forwards one provider's calls. ``base_url`` None means the built-in
+    fake, in-process.
 
     ``base_url`` follows each SDK's convention: for ``"openai"`` the API root, version included
     (``https://api.openai.com/v1``; the route appends ``/chat/completions``); for ``"anthropic"``
@@ -73,7 +56,6 @@ class Upstream:
 
     kind: str
     base_url: str | None
-    headers: dict[str, str]
 
     @property
     def is_fake(self) -> bool:
@@ -94,55 +76,33 @@ class Upstream:
 
 
 def upstream_for(kind: str) -> Upstream:
-    """``kind`` is ``"openai"`` (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``) or ``"anthropic"``
-    (``ANTHROPIC_BASE_URL``, ``ANTHROPIC_API_KEY``). The server-side key goes only into the
-    upstream request headers; it is never logged or returned."""
-    if kind == "openai":
-        base, key = os.environ.get("OPENAI_BASE_URL"), os.environ.get("OPENAI_API_KEY", "")
-        auth = {"authorization": f"Bearer {key}"} if key else {}
-    elif kind == "anthropic":
-        base, key = os.environ.get("ANTHROPIC_BASE_URL"), os.environ.get("ANTHROPIC_API_KEY", "")
-        auth = {"x-api-key": key, "anthropic-version": "2023-06-01"} if key else {}
-    else:
+    """``kind`` is ``"openai"`` (``OPENAI_BASE_URL``) or ``"anthropic"``
+    (``ANTHROPIC_BASE_URL``); their keys are read by the proxy (:func:`proxy_config`)."""
+    if kind not in ("openai", "anthropic"):
         raise ValueError(f"unknown upstream kind {kind!r}")
-    return Upstream(kind=kind, base_url=base or None, headers=auth)
+    return Upstream(kind=kind, base_url=os.environ.get(f"{kind.upper()}_BASE_URL") or None)
 
 
-def forward_headers(incoming: list[tuple[str, str]], upstream: Upstream) -> dict[str, str]:
-    """The caller's headers minus its credentials and hop-by-hop ones, plus the server's key.
-    ``accept-encoding: identity`` keeps the relayed bytes exactly what the upstream sent."""
-    headers = {k.lower(): v for k, v in incoming if k.lower() not in _HOP_BY_HOP}
-    headers["accept-encoding"] = "identity"
-    headers.update(upstream.headers)
-    return headers
+def proxy_config() -> ProxyConfig:
+    """The examples' backend proxy: OpenAI under ``/v1`` (``/v1/chat/completions``, ...) and
+    Anthropic at the root (``/v1/messages``), as each SDK requests them, at the base URLs and
+    with the keys of ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` and ``ANTHROPIC_BASE_URL`` /
+    ``ANTHROPIC_API_KEY``; without a base URL, the built-in fake (``http://fake-upstream``)."""
+    openai, claude = upstream_for("openai"), upstream_for("anthropic")
 
+    def keys(env: str) -> list[UpstreamKey]:
+        return [UpstreamKey(id=env.lower(), env=env)] if os.environ.get(env) else []
 
-@dataclass(frozen=True, slots=True)
-class Relay:
-    """How to send an upstream response on: ``decode`` True means relay the decoded body
-    (httpx ``iter_bytes``), False the bytes as received (``iter_raw``); ``headers`` are the
-    response headers to send with it, ``content-type`` always among them."""
-
-    decode: bool
-    headers: dict[str, str]
-
-
-def relay_plan(upstream: httpx.Headers) -> Relay:
-    """The upstream was asked for ``identity``, but some upstreams and proxies gzip anyway. The
-    middleware meters the body this app sends, decoding it by the ``Content-Encoding`` this app
-    sends, so body and header must agree. A gzip or deflate body is decoded and sent without
-    ``Content-Encoding`` (the caller never negotiated one with us: its ``Accept-Encoding`` is not
-    forwarded). A coding httpx may not decode (``br``, ``zstd``: httpx would skip it silently) is
-    relayed as received, with the upstream's ``Content-Encoding``; the middleware then charges
-    it from an estimate. ``Content-Length`` is never copied: the body is re-chunked."""
-    codings = [c.strip().lower() for c in upstream.get_list("content-encoding", split_commas=True)]
-    decode = all(c in _DECODED for c in codings if c)
-    headers = {k: v for k, v in upstream.items() if k.lower() in _RELAYED}
-    headers.update({_RENAMED[k]: v for k, v in upstream.items() if k.lower() in _RENAMED})
-    headers.setdefault("content-type", "application/json")
-    if not decode:
-        headers["content-encoding"] = ", ".join(c for c in codings if c)
-    return Relay(decode=decode, headers=headers)
+    return ProxyConfig(
+        mount="",
+        upstreams=[
+            ProxyUpstream(name="openai", provider="openai", base_url=openai.api_root, prefix="/v1",
+                     keys=keys("OPENAI_API_KEY")),
+            ProxyUpstream(name="anthropic", provider="anthropic",
+                     base_url=claude.api_root.removesuffix("/v1"), prefix="",
+                     keys=keys("ANTHROPIC_API_KEY")),
+        ],
+    )  # fmt: skip
 
 
 def describe(decision: Decision) -> dict[str, Any]:

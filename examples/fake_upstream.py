@@ -416,6 +416,39 @@ class FakeUpstreamTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return httpx.Response(resp.status, headers=headers, stream=stream, request=request)
 
 
+class FakeOrRealTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """The examples' proxy transport: requests to ``http://fake-upstream`` are answered by the
+    in-process fake, every other one goes out on a real connection pool."""
+
+    def __init__(self, delay: float = DEFAULT_DELAY) -> None:
+        self.fake = FakeUpstreamTransport(delay)
+        self._sync: httpx.HTTPTransport | None = None
+        self._async: httpx.AsyncHTTPTransport | None = None
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == FAKE_HOST:
+            return self.fake.handle_request(request)
+        self._sync = self._sync or httpx.HTTPTransport()
+        return self._sync.handle_request(request)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == FAKE_HOST:
+            return await self.fake.handle_async_request(request)
+        self._async = self._async or httpx.AsyncHTTPTransport()
+        return await self._async.handle_async_request(request)
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.aclose()
+
+
+FAKE_HOST = "fake-upstream"
+
+
 # -- served on a loopback port, in a thread --------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SeenRequest:

@@ -15,6 +15,7 @@ The servers run the example policy plus the test-only plans in ``tests/data/sdk_
 from __future__ import annotations
 
 import contextlib
+import gzip
 import dataclasses
 import json
 import os
@@ -331,22 +332,25 @@ def test_openai_usage_is_charged_exactly(
     assert left["usd-month"]["used"] == rec.cost_micros
 
 
-def test_openai_stream_without_usage_is_charged_from_an_estimate(
+def test_openai_stream_without_usage_is_charged_exactly(
     server: Server, request: pytest.FixtureRequest
 ) -> None:
+    """The examples' proxy asks the upstream for the usage the SDK did not ask for, and keeps
+    that chunk from it: the SDK sees no usage and no extra chunk, the charge is exact."""
     sub = _caller("oai-est")
     client = _openai(server, demo_common.make_token(sub, "pro"))
     chunks = list(
         client.chat.completions.create(model=GPT, messages=PROMPT, max_tokens=25, stream=True)
     )
-    assert chunks and all(c.usage is None for c in chunks)  # nothing to read the usage from
+    assert chunks and all(c.usage is None and c.choices for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     rec = _charged(server, sub, "pro", 1)
-    assert (rec.model, rec.requests, rec.estimated) == (GPT, 1, 1)
-    # tiktoken counts of the prompt and of the relayed text: near the fake's one token per word
-    assert rec.input_tokens > 0 and abs(rec.output_tokens - len(text.split())) <= 8
-    estimate = Usage(input_tokens=rec.input_tokens, output_tokens=rec.output_tokens)
-    assert rec.cost_micros == _cost(GPT, estimate)
+    assert (rec.model, rec.requests, rec.estimated) == (GPT, 1, 0)
+    req = {"model": GPT, "messages": PROMPT, "max_tokens": 25}
+    exact = Usage(input_tokens=fake_upstream.prompt_tokens(req), output_tokens=25)
+    assert (rec.input_tokens, rec.output_tokens) == (exact.input_tokens, exact.output_tokens)
+    assert len(text.split()) == 25
+    assert rec.cost_micros == _cost(GPT, exact)
 
 
 # -- anthropic ------------------------------------------------------------------------------------
@@ -498,7 +502,6 @@ def _upstream_saw(upstream: fake_upstream.LocalUpstream, n: int) -> list[Any]:
     seen = upstream.requests[-n:]
     assert len(seen) == n
     for s in seen:
-        assert s.headers["accept-encoding"] == "identity"
         if s.path == "/v1/messages":
             assert s.headers["x-api-key"] == UPSTREAM_ANTHROPIC_KEY
             assert "authorization" not in s.headers
@@ -571,11 +574,12 @@ RAW_MESSAGES = {"model": CLAUDE, "max_tokens": 20, "messages": PROMPT}
         pytest.param("/v1/messages", RAW_MESSAGES, id="messages-json"),
     ],
 )
-def test_gzip_upstream_raw_httpx_gets_identity_bytes(
+def test_gzip_upstream_raw_httpx_gets_the_upstream_bytes_with_their_encoding(
     gzip_server: Server, gzip_upstream: fake_upstream.LocalUpstream, path: str, payload: Any
 ) -> None:
-    """On the wire (no client-side decoding): plain bytes, no Content-Encoding, and a
-    Content-Length, if any, that is theirs, whatever the caller's Accept-Encoding."""
+    """On the wire (no client-side decoding): the upstream's gzip bytes with their
+    Content-Encoding (the proxy relays them as they came), and a Content-Length, if any, that
+    is theirs; the middleware decodes them only to meter."""
     sub = _caller("gz-raw")
     auth = {"authorization": f"Bearer {demo_common.make_token(sub, 'pro')}"}
     body = json.dumps(payload).encode()
@@ -585,10 +589,10 @@ def test_gzip_upstream_raw_httpx_gets_identity_bytes(
     ) as r:
         data = b"".join(r.iter_raw())
     assert r.status_code == 200, data
-    assert "content-encoding" not in r.headers
+    assert r.headers["content-encoding"] == "gzip"
     assert r.headers.get("content-length", str(len(data))) == str(len(data))
     expected = fake_upstream.handle("POST", path, body)
-    assert data == expected.body
+    assert gzip.decompress(data) == expected.body
     assert r.headers["content-type"] == expected.content_type
     (seen,) = _upstream_saw(gzip_upstream, 1)
     assert seen.path == path

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from quota_middleware import QuotaConfig, QuotaMiddleware
+from quota_middleware.proxy import AIProxy
 
 _EXAMPLES = str(Path(__file__).resolve().parents[1])  # examples/, for the shared modules
 if _EXAMPLES not in sys.path:
@@ -30,13 +28,11 @@ from demo_common import (  # noqa: E402
     describe,
     ensure_demo_secret,
     error_body,
-    forward_headers,
-    relay_plan,
-    upstream_for,
+    proxy_config,
     usage_days,
     usage_report,
 )
-from fake_upstream import FakeUpstreamTransport  # noqa: E402
+from fake_upstream import FakeOrRealTransport  # noqa: E402
 
 POLICY_FILE = Path(__file__).with_name("policy.toml")
 
@@ -48,13 +44,7 @@ def load_policy() -> QuotaConfig:
 
 
 def create_app(config: QuotaConfig | None = None) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5)) as client:
-            app.state.http = client
-            yield
-
-    app = FastAPI(title="quota-middleware FastAPI example", lifespan=lifespan)
+    app = FastAPI(title="quota-middleware FastAPI example")
     app.add_middleware(QuotaMiddleware, config=config or load_policy())
 
     @app.get("/health")
@@ -81,14 +71,9 @@ def create_app(config: QuotaConfig | None = None) -> FastAPI:
         left = await reader.aremaining(caller.id, tenant=caller.tenant, plan=decision.plan)
         return usage_report(decision, records, left)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await forward(request, "openai", "/chat/completions")
-
-    @app.post("/v1/messages")
-    async def messages(request: Request) -> Response:
-        return await forward(request, "anthropic", "/messages")
-
+    # Every other path goes to the backend proxy: /v1/chat/completions (and the rest of the
+    # OpenAI API) and /v1/messages, with the server's keys, metered by the middleware above.
+    app.mount("/", AIProxy(proxy_config(), transport=FakeOrRealTransport()))
     return app
 
 
@@ -106,51 +91,6 @@ def quota_middleware(app: FastAPI) -> QuotaMiddleware:
         raise RuntimeError("no QuotaMiddleware on this app (or it has not served a request yet)")
     app.state.quota = layer
     return layer
-
-
-_fake = FakeUpstreamTransport()
-
-
-async def forward(request: Request, kind: str, suffix: str) -> Response:
-    """Relay the raw body to the upstream with the server-side key, and stream the answer back
-    chunk by chunk with the upstream's status and content type. A gzip/deflate answer is sent on
-    decoded, without ``Content-Encoding`` (see :func:`demo_common.relay_plan`): the middleware
-    meters what is sent, by the headers sent with it."""
-    upstream = upstream_for(kind)
-    if upstream.is_fake:
-        client = httpx.AsyncClient(transport=_fake)
-        owned = True
-    elif getattr(request.app.state, "http", None) is not None:
-        client, owned = request.app.state.http, False
-    else:  # lifespan did not run (some test clients): one client for this request
-        client, owned = httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5)), True
-    req = client.build_request(
-        "POST",
-        upstream.url(suffix),
-        content=await request.body(),
-        headers=forward_headers(list(request.headers.items()), upstream),
-    )
-    try:
-        resp = await client.send(req, stream=True)
-    except httpx.HTTPError as e:
-        if owned:
-            await client.aclose()
-        body = {"error": {"message": f"upstream unreachable ({type(e).__name__})",
-                          "type": "upstream_error", "code": "bad_gateway"}}  # fmt: skip
-        return JSONResponse(body, status_code=502)
-
-    plan = relay_plan(resp.headers)
-
-    async def relay() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in resp.aiter_bytes() if plan.decode else resp.aiter_raw():
-                yield chunk
-        finally:  # also when the client went away mid-stream
-            await resp.aclose()
-            if owned:
-                await client.aclose()
-
-    return StreamingResponse(relay(), status_code=resp.status_code, headers=plan.headers)
 
 
 app = create_app()

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-from flask import Flask, Response, jsonify, request, stream_with_context
+from flask import Flask, jsonify, request
 
 from quota_middleware import QuotaConfig, WSGIQuotaMiddleware
+from quota_middleware.proxy import WSGIAIProxy
 from quota_middleware.wsgi import ENVIRON_KEY
 
 _EXAMPLES = str(Path(__file__).resolve().parents[1])  # examples/, for the shared modules
@@ -29,16 +28,13 @@ from demo_common import (  # noqa: E402
     describe,
     ensure_demo_secret,
     error_body,
-    forward_headers,
-    relay_plan,
-    upstream_for,
+    proxy_config,
     usage_days,
     usage_report,
 )
-from fake_upstream import FakeUpstreamTransport  # noqa: E402
+from fake_upstream import FakeOrRealTransport  # noqa: E402
 
 POLICY_FILE = Path(__file__).with_name("policy.toml")
-_fake = FakeUpstreamTransport()
 
 
 def load_policy() -> QuotaConfig:
@@ -49,7 +45,18 @@ def load_policy() -> QuotaConfig:
 
 def create_app(config: QuotaConfig | None = None) -> Flask:
     app = Flask(__name__)
-    quota = WSGIQuotaMiddleware(app.wsgi_app, config=config or load_policy())
+    flask_app = app.wsgi_app
+    proxy = WSGIAIProxy(proxy_config(), transport=FakeOrRealTransport())
+
+    def dispatch(environ: dict[str, Any], start_response: Any) -> Any:
+        # Flask's own routes first; every other path goes to the backend proxy
+        # (/v1/chat/completions, /v1/messages, ...), with the server's keys
+        urls = app.url_map.bind_to_environ(environ)
+        if urls.test(environ.get("PATH_INFO") or "/", environ.get("REQUEST_METHOD")):
+            return flask_app(environ, start_response)
+        return proxy(environ, start_response)
+
+    quota = WSGIQuotaMiddleware(dispatch, config=config or load_policy())
     app.wsgi_app = quota  # type: ignore[method-assign]
     app.extensions["quota"] = quota  # for quota.reader() and quota.stats
 
@@ -76,47 +83,7 @@ def create_app(config: QuotaConfig | None = None) -> Flask:
         left = reader.remaining(caller.id, tenant=caller.tenant, plan=decision.plan)
         return jsonify(usage_report(decision, records, left))
 
-    @app.post("/v1/chat/completions")
-    def chat_completions() -> Response:
-        return forward("openai", "/chat/completions")
-
-    @app.post("/v1/messages")
-    def messages() -> Response:
-        return forward("anthropic", "/messages")
-
     return app
-
-
-def forward(kind: str, suffix: str) -> Response:
-    """Relay the raw body with the server-side key; stream the answer back chunk by chunk,
-    decoded when the upstream gzipped it anyway (see :func:`demo_common.relay_plan`)."""
-    upstream = upstream_for(kind)
-    transport = _fake if upstream.is_fake else None
-    client = httpx.Client(transport=transport, timeout=httpx.Timeout(60, connect=5))
-    req = client.build_request(
-        "POST",
-        upstream.url(suffix),
-        content=request.get_data(),
-        headers=forward_headers(list(request.headers.items()), upstream),
-    )
-    try:
-        resp = client.send(req, stream=True)
-    except httpx.HTTPError as e:
-        client.close()
-        body = {"error": {"message": f"upstream unreachable ({type(e).__name__})",
-                          "type": "upstream_error", "code": "bad_gateway"}}  # fmt: skip
-        return Response(jsonify(body).get_data(), status=502, content_type="application/json")
-
-    plan = relay_plan(resp.headers)
-
-    def relay() -> Iterator[bytes]:
-        try:
-            yield from resp.iter_bytes() if plan.decode else resp.iter_raw()
-        finally:  # also when the client went away mid-stream (the server closes the iterator)
-            resp.close()
-            client.close()
-
-    return Response(stream_with_context(relay()), status=resp.status_code, headers=plan.headers)
 
 
 app = create_app()

@@ -23,6 +23,7 @@ from quota_middleware.proxy._plan import (
     UsageStripper,
     error,
     plan_request,
+    relay_mode,
     response_headers,
 )
 
@@ -188,14 +189,18 @@ class AIProxy:
             await _answer(send, transport_error(e))
             return
         try:
-            stripper = UsageStripper() if plan.strip_usage else None
-            headers = response_headers(response.headers.multi_items(), stripped=bool(stripper))
+            decode, strip = relay_mode(plan.strip_usage, response.headers.get("content-encoding"))
+            stripper = UsageStripper() if strip else None
+            headers = response_headers(
+                response.headers.multi_items(), stripped=strip, decoded=decode
+            )
             await send({
                 "type": "http.response.start", "status": response.status_code,
                 "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
             })  # fmt: skip
             try:
-                async for chunk in response.aiter_raw():
+                chunks = response.aiter_bytes() if decode else response.aiter_raw()
+                async for chunk in chunks:
                     if stripper is None:
                         await send({"type": "http.response.body", "body": chunk,
                                     "more_body": True})  # fmt: skip

@@ -184,7 +184,8 @@ class Upstream:
     """An AI provider the proxy forwards to.
 
     :param name: the upstream's path segment under the mount (``/ai/<name>/...``), unless
-        ``prefix`` says otherwise.
+        ``prefix`` says otherwise. Upstreams may share a prefix (even ``""``): a request goes
+        to the first one, in order, whose surface has its method and path.
     :param provider: the API shape: ``openai``, ``openai-compatible`` (vLLM, Ollama ``/v1``,
         OpenRouter, Groq, Together, ...), ``azure``, ``anthropic``, ``gemini``, ``ollama``.
     :param base_url: the base URL as the provider's SDK takes it (default: the SDK's own, for
@@ -289,10 +290,8 @@ class ProxyConfig:
         ups = tuple(u if isinstance(u, Upstream) else Upstream(**u) for u in self.upstreams)
         if not ups:
             raise ConfigurationError("proxy.upstreams", "at least one upstream is required")
-        if len({u.prefix for u in ups}) != len(ups):
-            raise ConfigurationError("proxy.upstreams", "upstream prefixes must be unique")
-        if "" in {u.prefix for u in ups} and len(ups) > 1:
-            raise ConfigurationError("proxy.upstreams", "an empty prefix needs a single upstream")
+        if len({u.name for u in ups}) != len(ups):
+            raise ConfigurationError("proxy.upstreams", "upstream names must be unique")
         object.__setattr__(self, "upstreams", ups)
         mount = self.mount.rstrip("/")
         if mount and not re.fullmatch(r"(/[A-Za-z0-9_.-]+)+", mount):

@@ -28,6 +28,7 @@ __all__ = [
     "UsageStripper",
     "error",
     "plan_request",
+    "relay_mode",
     "response_headers",
 ]
 
@@ -138,14 +139,11 @@ def plan_request(
         segments = None
     if segments is None:
         return error(400, "invalid_path", "the request path is not a valid API path")
-    upstream, rest = _upstream_for(config.upstreams, segments)
-    if upstream is None:
-        return error(404, "unknown_upstream", "no upstream is configured at this path")
-    path = "/".join(rest)
     method = method.upper()
-    endpoint = next((e for e in upstream.endpoints if e.matches(method, unquote(path))), None)
-    if endpoint is None:
-        return error(404, "unknown_endpoint", f"{method} /{unquote(path)} is not forwarded")
+    found = _route(config.upstreams, segments, method)
+    if isinstance(found, Refusal):
+        return found
+    upstream, endpoint, path = found
     out_headers = [(k, v) for k, v in headers if k in FORWARDED]
     strip = False
     if (
@@ -171,15 +169,27 @@ def plan_request(
     )
 
 
-def _upstream_for(
-    upstreams: Sequence[Upstream], segments: list[str]
-) -> tuple[Upstream | None, list[str]]:
+def _route(
+    upstreams: Sequence[Upstream], segments: list[str], method: str
+) -> tuple[Upstream, Endpoint, str] | Refusal:
+    """The first upstream (in the policy's order) whose prefix starts the path and whose
+    surface has the operation: upstreams may share a prefix when their surfaces differ (an
+    OpenAI and an Anthropic upstream both under ``/v1``, as the SDKs' paths are)."""
+    prefixed = False
     for u in upstreams:
         assert u.prefix is not None
         want = u.prefix.split("/")[1:] if u.prefix else []
-        if segments[: len(want)] == want and len(segments) > len(want):
-            return u, segments[len(want) :]
-    return None, []
+        if segments[: len(want)] != want or len(segments) <= len(want):
+            continue
+        prefixed = True
+        path = "/".join(segments[len(want) :])
+        plain = unquote(path)
+        endpoint = next((e for e in u.endpoints if e.matches(method, plain)), None)
+        if endpoint is not None:
+            return u, endpoint, path
+    if not prefixed:
+        return error(404, "unknown_upstream", "no upstream is configured at this path")
+    return error(404, "unknown_endpoint", "this method and path are not forwarded")
 
 
 def _query(upstream: Upstream, path: str, query: str) -> str:
@@ -238,16 +248,37 @@ def _with_include_usage(body: bytes) -> tuple[bytes, bool]:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(), True
 
 
+def relay_mode(strip: bool, content_encoding: str | None) -> tuple[bool, bool]:
+    """``(decode, strip)`` for a response: the usage chunk can only be cut out of plain bytes.
+    We asked for ``identity``; an upstream that compresses anyway is decoded (gzip, deflate:
+    httpx reads them) and relayed plain, so the client still gets the stream it asked for;
+    one we cannot decode is relayed as it came, usage chunk included (the charge stays exact)."""
+    if not strip:
+        return False, False
+    codings = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
+    if all(c == "identity" for c in codings):
+        return False, True
+    if all(c in ("gzip", "x-gzip", "deflate", "identity") for c in codings):
+        return True, True
+    return False, False
+
+
 def response_headers(
-    headers: Iterable[tuple[str, str]], *, stripped: bool
+    headers: Iterable[tuple[str, str]], *, stripped: bool, decoded: bool = False
 ) -> list[tuple[str, str]]:
     """The upstream's response headers the client gets: hop-by-hop headers and cookies
-    dropped; the length too when the body was changed."""
-    return [
-        (k, v)
-        for k, v in headers
-        if k.lower() not in _DROPPED_RESPONSE and not (stripped and k.lower() == "content-length")
-    ]
+    dropped, the length too when the body was changed, ``x-request-id`` renamed
+    ``x-upstream-request-id``."""
+    out = []
+    for k, v in headers:
+        name = k.lower()
+        if name in _DROPPED_RESPONSE or (stripped and name == "content-length"):
+            continue
+        if decoded and name == "content-encoding":
+            continue
+        # the middleware's x-request-id names the charge; the provider's keeps its value
+        out.append(("x-upstream-request-id" if name == "x-request-id" else k, v))
+    return out
 
 
 # -- the response side ---------------------------------------------------------------------------

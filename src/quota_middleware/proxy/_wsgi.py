@@ -21,6 +21,7 @@ from quota_middleware.proxy._plan import (
     UsageStripper,
     error,
     plan_request,
+    relay_mode,
     response_headers,
 )
 
@@ -100,10 +101,10 @@ class WSGIAIProxy:
         except httpx.HTTPError as e:
             log.warning("quota_middleware.proxy: %s: %s", plan.upstream.name, type(e).__name__)
             return _answer(start_response, transport_error(e))
-        stripper = UsageStripper() if plan.strip_usage else None
-        headers = response_headers(response.headers.multi_items(), stripped=bool(stripper))
+        decode, strip = relay_mode(plan.strip_usage, response.headers.get("content-encoding"))
+        headers = response_headers(response.headers.multi_items(), stripped=strip, decoded=decode)
         start_response(f"{response.status_code} {response.reason_phrase}", headers)
-        return _Body(plan, response, stripper, meter)
+        return _Body(plan, response, UsageStripper() if strip else None, meter, decode)
 
 
 class _Body:
@@ -116,13 +117,16 @@ class _Body:
         response: httpx.Response,
         stripper: UsageStripper | None,
         meter: Callable[[bytes], None] | None,
+        decode: bool = False,
     ) -> None:
         self.plan, self.response, self.stripper, self.meter = plan, response, stripper, meter
+        self.decode = decode
 
     def __iter__(self) -> Iterator[bytes]:
         stripper = self.stripper
         try:
-            for chunk in self.response.iter_raw():
+            chunks = self.response.iter_bytes() if self.decode else self.response.iter_raw()
+            for chunk in chunks:
                 if stripper is None:
                     yield chunk
                     continue
