@@ -455,3 +455,55 @@ def test_anthropic_messages_fake_is_well_formed() -> None:
     # guards the fake itself: its stream ends with message_delta's final usage
     chunks = anthropic_messages({"messages": PROMPT, "stream": True, "max_tokens": 3})[2]
     assert b"message_delta" in chunks[-2] and b'"output_tokens":3' in chunks[-2]
+
+
+def test_azure_and_ollama_upstreams() -> None:
+    cfg = ProxyConfig(
+        upstreams=[
+            Upstream(name="az", provider="azure", base_url="https://res.openai.azure.com/openai",
+                     api_version="2024-10-21", keys=[UpstreamKey(id="az", env="TEST_OPENAI_KEY")]),
+            Upstream(name="local", provider="ollama"),
+            Upstream(name="vllm", provider="openai-compatible", base_url="http://vllm:8000/v1"),
+        ]
+    )  # fmt: skip
+    ring = KeyRing(cfg)
+
+    def go(path: str, query: str = "") -> Outbound:
+        out = plan_request(cfg, ring, method="POST", raw_path=path, query=query,
+                           headers=[("api-key", CLIENT_KEY)], body=b"{}", metered=True)  # fmt: skip
+        assert isinstance(out, Outbound), out
+        return out
+
+    az = go("/az/deployments/gpt4o/chat/completions")
+    assert az.url == (
+        "https://res.openai.azure.com/openai/deployments/gpt4o/chat/completions"
+        "?api-version=2024-10-21"
+    )
+    assert dict(az.headers) == {"api-key": SERVER_KEY}
+    assert go("/az/deployments/d/chat/completions", "api-version=2025-01-01").url.endswith(
+        "?api-version=2025-01-01"
+    )
+    assert go("/az/v1/responses").endpoint.format == "openai-responses"
+    local = go("/local/api/chat")
+    assert local.url == "http://127.0.0.1:11434/api/chat" and local.headers == []
+    assert local.endpoint.format == "ollama"
+    assert go("/vllm/chat/completions").url == "http://vllm:8000/v1/chat/completions"
+    derived = {(m, p): f for m, p, f in cfg.ai_endpoints()}
+    assert derived[("POST", "/ai/az/deployments/*/chat/completions")] == "openai-chat"
+    assert derived[("POST", "/ai/local/api/generate")] == "ollama"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"name": "x", "provider": "azure"}, "base_url"),
+        ({"name": "x", "provider": "openai", "base_url": "ftp://h/v1"}, "base_url"),
+        ({"name": "x", "provider": "openai", "base_url": "https://u:p@h/v1"}, "base_url"),
+        ({"name": "x", "provider": "nope"}, "provider"),
+        ({"name": "bad name", "provider": "openai"}, "name"),
+        ({"name": "x", "provider": "openai", "allow": ["FETCH x"]}, "allow"),
+    ],
+)
+def test_bad_upstream_values_are_configuration_errors(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigurationError, match=field):
+        Upstream(**kwargs)
