@@ -87,6 +87,63 @@ def timed(client: httpx.Client, base: str, stream: bool, n: int) -> list[float]:
     return out
 
 
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def open_streams(tmp: Path, n: int) -> None:
+    """The gateway's resident memory with ``n`` streams open at once through it (a slow
+    upstream: one event per second), against its memory idle."""
+    import asyncio
+
+    up_port = free_port()
+    procs = [start([sys.executable, "-m", "uvicorn", "fake_upstream:app", "--app-dir",
+                    str(ROOT / "examples"), "--port", str(up_port), "--log-level", "warning",
+                    "--limit-concurrency", str(n + 100)], up_port,
+                   {"FAKE_UPSTREAM_DELAY_MS": "1000"})]  # fmt: skip
+    try:
+        base, gw = gateway(tmp, f"http://127.0.0.1:{up_port}", "memory://", "streams")
+        procs.append(gw)
+        with httpx.Client() as c:  # warm: tiktoken, the pool
+            c.post(f"{base}/chat/completions", json={"model": "gpt-4o-mini", "messages": PROMPT})
+        idle = rss_kib(gw.pid)
+
+        async def one(client: httpx.AsyncClient, started: list[int]) -> None:
+            body = {"model": "gpt-4o-mini", "messages": PROMPT, "stream": True}
+            async with client.stream("POST", f"{base}/chat/completions", json=body) as r:
+                it = r.aiter_raw()
+                await it.__anext__()
+                started.append(1)
+                async for _ in it:
+                    pass
+
+        async def run() -> int:
+            limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+                started: list[int] = []
+                tasks = [asyncio.ensure_future(one(client, started)) for _ in range(n)]
+                while len(started) < n and not all(t.done() for t in tasks):
+                    await asyncio.sleep(0.2)
+                await asyncio.sleep(1.0)
+                peak = rss_kib(gw.pid)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                print(f"{len(started)} streams open at once through the gateway")
+                return peak
+
+        peak = asyncio.run(run())
+        print(f"gateway RSS idle {idle / 1024:.1f} MiB, with them {peak / 1024:.1f} MiB: "
+              f"{(peak - idle) / n:.1f} KiB per open stream")  # fmt: skip
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -96,7 +153,20 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument(
+        "--streams",
+        type=int,
+        default=0,
+        help="instead: the gateway's memory with this many streams open at once",
+    )
     args = ap.parse_args()
+    if args.streams:
+        tmp = Path(tempfile.mkdtemp())
+        try:
+            open_streams(tmp, args.streams)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp())
     try:
