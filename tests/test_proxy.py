@@ -507,3 +507,13 @@ def test_azure_and_ollama_upstreams() -> None:
 def test_bad_upstream_values_are_configuration_errors(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigurationError, match=field):
         Upstream(**kwargs)
+
+
+def test_http2_without_h2_is_a_startup_error() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("h2") is not None:
+        pytest.skip("h2 is installed here")
+    cfg = ProxyConfig(upstreams=[Upstream(name="o", provider="openai")], http2=True)
+    with pytest.raises(ConfigurationError, match="http2"):
+        AIProxy(cfg)

@@ -53,6 +53,15 @@ def proxy_config(config: QuotaConfig | ProxyConfig | str | os.PathLike[str]) -> 
     return policy.proxy
 
 
+def check_http2(config: ProxyConfig) -> None:
+    """``http2 = true`` needs the ``h2`` package: say so at startup, not at the first call."""
+    if config.http2:
+        import importlib.util
+
+        if importlib.util.find_spec("h2") is None:
+            raise ConfigurationError("proxy.http2", "needs: pip install 'httpx[http2]'")
+
+
 def timeouts(config: ProxyConfig) -> httpx.Timeout:
     return httpx.Timeout(
         connect=config.connect_timeout,
@@ -90,6 +99,7 @@ class AIProxy:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = proxy_config(config)
+        check_http2(self.config)
         self.keys = KeyRing(self.config)  # resolved now: a missing key fails at startup
         self._transport = transport
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (

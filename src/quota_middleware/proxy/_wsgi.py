@@ -12,7 +12,13 @@ import httpx
 
 from quota_middleware.config import QuotaConfig
 from quota_middleware.core._exchange import METER_KEY
-from quota_middleware.proxy._asgi import KEY_ID, proxy_config, timeouts, transport_error
+from quota_middleware.proxy._asgi import (
+    KEY_ID,
+    check_http2,
+    proxy_config,
+    timeouts,
+    transport_error,
+)
 from quota_middleware.proxy._config import ProxyConfig
 from quota_middleware.proxy._plan import (
     KeyRing,
@@ -49,6 +55,7 @@ class WSGIAIProxy:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.config = proxy_config(config)
+        check_http2(self.config)
         self.keys = KeyRing(self.config)
         self.client = httpx.Client(
             timeout=timeouts(self.config),
