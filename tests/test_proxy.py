@@ -517,3 +517,49 @@ def test_http2_without_h2_is_a_startup_error() -> None:
     cfg = ProxyConfig(upstreams=[Upstream(name="o", provider="openai")], http2=True)
     with pytest.raises(ConfigurationError, match="http2"):
         AIProxy(cfg)
+
+
+def test_wsgi_proxy_closes_the_upstream_when_the_client_goes_away(
+    provider: tuple[Provider, str],
+) -> None:
+    from werkzeug.serving import make_server
+
+    fake, base = provider
+    fake.delay = 0.2
+    charges: list[Charge] = []
+    config = policy(base)
+    app = WSGIQuotaMiddleware(WSGIAIProxy(proxy_config(base, mount="")), config=config,
+                              on_settle=charges.append)  # fmt: skip
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        req = {"model": "gpt-4o-mini", "messages": PROMPT, "stream": True}
+        url = f"http://127.0.0.1:{server.server_port}/openai/chat/completions"
+        with httpx.stream("POST", url, json=req) as r:
+            next(r.iter_raw())
+            gone = time.monotonic()
+        deadline = time.monotonic() + 5
+        while fake.stream_closed_at is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fake.stream_closed_at is not None
+        assert fake.stream_closed_at - gone < 2.0  # at the first write that fails
+        assert fake.stream_chunks_sent < 12
+    finally:
+        server.shutdown()
+        t.join(5)
+
+
+def test_gemini_json_through_the_mounted_proxy(gateway: Any) -> None:
+    fake, url, charges = gateway
+    req = {"contents": [{"role": "user", "parts": [{"text": "hi there"}]}]}
+    r = httpx.post(f"{url}/ai/gemini/v1beta/models/gemini-2.0-flash:generateContent", json=req,
+                   headers={"authorization": f"Bearer {CLIENT_KEY}"})  # fmt: skip
+    assert r.status_code == 200
+    meta = r.json()["usageMetadata"]
+    [charge] = settled(charges)
+    assert (charge.input_tokens, charge.output_tokens) == (
+        meta["promptTokenCount"], meta["candidatesTokenCount"])  # fmt: skip
+    assert charge.model == "gemini-2.0-flash" and not charge.estimated
+    assert fake.seen[-1].headers["x-goog-api-key"] == GEMINI_KEY
+    assert "authorization" not in fake.seen[-1].headers
