@@ -66,6 +66,7 @@ LAYERS: list[tuple[str, int]] = [
     # the adapters, then the command line and the package's public face
     ("asgi", 16),
     ("wsgi", 16),
+    ("_asgi_websocket", 16),  # the ASGI adapter's WebSocket half
     ("proxy", 16),  # the proxy apps drive its plan with httpx, beside the adapters
     ("cli", 17),
     ("", 18),

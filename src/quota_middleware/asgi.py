@@ -13,6 +13,7 @@ import os
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any, TypeVar
 
+from quota_middleware._asgi_websocket import Socket, refuse
 from quota_middleware.alerts import in_process_delivery
 from quota_middleware.backends._factory import async_backend
 from quota_middleware.base._protocols import AsyncBackend
@@ -20,18 +21,14 @@ from quota_middleware.base._request import RequestInfo
 from quota_middleware.base._scripts import ScriptCall
 from quota_middleware.config import QuotaConfig, load_config
 from quota_middleware.core._connection import (
-    POLICY_VIOLATION,
-    TRY_AGAIN_LATER,
     Connection,
     MessageRate,
-    Refusal,
     check_routes,
 )
 from quota_middleware.core._decision import Charge
 from quota_middleware.core._engine import Engine, drive_async, drive_sync
 from quota_middleware.core._exchange import METER_KEY, Exchange
 from quota_middleware.core._responses import RawHeaders, Response
-from quota_middleware.errors import QuotaError
 from quota_middleware.identity._identifier import Identifier
 from quota_middleware.reports import UsageReader
 
@@ -193,9 +190,9 @@ class QuotaMiddleware:
         if conn.decision is not None:
             scope.setdefault("state", {})["quota"] = conn.decision
         if refusal is not None:
-            await _refuse(scope, send, refusal)
+            await refuse(scope, send, refusal)
             return
-        socket = _Socket(self, conn, backend, first, receive, send)
+        socket = Socket(self._run, self._spawn, conn, backend, first, receive, send)
         try:
             await self.app(scope, socket.receive, socket.send)
         finally:
@@ -315,123 +312,6 @@ class _Relay:
                     raise _HardStop("the quota or budget has no room for the rest")
                 return
         await self._send(message)
-
-
-class _ClosedByQuota(QuotaError, OSError):
-    """Raised into the app from ``send`` once the middleware closed its WebSocket connection
-    (the message rate, a lost slot): the ``OSError`` the ASGI spec has servers raise for a send
-    on a closed connection, so the app ends as it would for a client that went away (Starlette
-    turns it into ``WebSocketDisconnect``)."""
-
-
-class _Socket:
-    """Per WebSocket connection: the app's ``receive`` and ``send``, through the
-    :class:`Connection`: the handshake's connect replayed, the RateLimit headers added to the
-    accept, each client message held to the message rate, and the slots renewed in the
-    background while the connection is open. Once the middleware closed the connection, the
-    app's ``receive`` is the disconnect and its ``send`` raises :class:`_ClosedByQuota`."""
-
-    __slots__ = ("mw", "conn", "backend", "_first", "_receive", "_send", "_open", "_code",
-                 "_stop", "_renewer")  # fmt: skip
-
-    def __init__(
-        self, mw: QuotaMiddleware, conn: Connection, backend: AsyncBackend, first: Message,
-        receive: Receive, send: Send,
-    ) -> None:  # fmt: skip
-        self.mw, self.conn, self.backend = mw, conn, backend
-        self._first: Message | None = first
-        self._receive, self._send = receive, send
-        #: until either side closes it: the slots are renewed while it is
-        self._open = True
-        #: the close code, once the middleware closed it
-        self._code: int | None = None
-        self._stop = asyncio.Event()
-        self._renewer: asyncio.Task[Any] | None = None
-        interval = conn.renew_interval
-        if interval is not None:
-            self._renewer = mw._spawn(self._renew(interval))
-
-    async def receive(self) -> Message:
-        if self._first is not None:
-            first, self._first = self._first, None
-            return first
-        if self._code is None:
-            message = await self._receive()
-            kind = message["type"]
-            if kind == "websocket.disconnect":
-                self._open = False
-                return message
-            if kind == "websocket.receive" and self._open and not self.conn.message():
-                await self._close(POLICY_VIOLATION, "message rate exceeded")
-            if self._code is None:
-                return message
-        # closed by the middleware (maybe while this receive waited): whatever the client sent
-        # after that is not the app's
-        return {"type": "websocket.disconnect", "code": self._code}
-
-    async def send(self, message: Message) -> None:
-        if self._code is not None:
-            raise _ClosedByQuota(f"the connection was closed by quota-middleware ({self._code})")
-        kind = message["type"]
-        if kind == "websocket.accept" and self.conn.extra:
-            message = dict(message)
-            message["headers"] = [*(message.get("headers") or ()), *self.conn.extra]
-        elif kind == "websocket.close":
-            self._open = False  # the app ended it: no more renewals (the settle is next)
-        await self._send(message)
-
-    async def _close(self, code: int, reason: str) -> None:
-        if not self._open:
-            return
-        self._open, self._code = False, code
-        try:
-            await self._send({"type": "websocket.close", "code": code, "reason": reason})
-        except (OSError, RuntimeError):
-            pass  # the client went away first: it is closed all the same
-
-    async def _renew(self, interval: float) -> None:
-        while self._open:
-            try:
-                async with asyncio.timeout(interval):
-                    await self._stop.wait()
-                return
-            except TimeoutError:
-                pass
-            if not self._open:
-                return
-            try:
-                held = await self.mw._run(self.conn.renew(), self.backend)
-            except Exception:  # a renewer that dies would let the slot lapse silently
-                log.exception("quota_middleware: renewing a WebSocket connection's slots failed")
-                continue
-            if not held:
-                await self._close(TRY_AGAIN_LATER, "concurrency slot lost")
-                return
-
-    async def finish(self) -> None:
-        """Once the app returned: stop renewing, give the slots back."""
-        self._open = False
-        if self._renewer is not None:
-            # Stopped, not cancelled: a renewal in flight lands before the settle. A cancelled
-            # one could still reach Redis after it and take the slot again until its lease ends.
-            self._stop.set()
-            # (wait, not await: a renewer cancelled at shutdown must not skip the settle)
-            await asyncio.wait([self._renewer])
-        await self.mw._run(self.conn.settle(), self.backend)
-
-
-async def _refuse(scope: Scope, send: Send, refusal: Refusal) -> None:
-    """A denied handshake, before any accept: the HTTP denial itself where the server can send
-    a response in place of the upgrade (the ``websocket.http.response`` extension), else a close,
-    which servers answer with a 403 and clients that see it read as ``refusal.close_code``."""
-    if "websocket.http.response" in (scope.get("extensions") or {}):
-        response = refusal.response
-        await send({"type": "websocket.http.response.start", "status": response.status,
-                    "headers": response.headers})  # fmt: skip
-        await send({"type": "websocket.http.response.body", "body": response.body})
-    else:
-        await send({"type": "websocket.close", "code": refusal.close_code,
-                    "reason": refusal.reason})  # fmt: skip
 
 
 async def _call_hook(hook: Callable[[Charge], object], charge: Charge) -> None:
