@@ -470,9 +470,15 @@ def test_websocket_settings_are_checked_at_construction() -> None:
 
     with pytest.raises(ConfigurationError, match="websocket_message_rate"):
         QuotaMiddleware(app, config=policy(), websocket_message_rate="fast")
+    # a WebSocket AI route must be a Realtime one (only its server events are metered), and a
+    # Realtime route must be a WebSocket one
     route = AIRoute(path="/v1/realtime", methods=["WEBSOCKET"])
     realtime = QuotaConfig(plans=[Plan(name="free")], ai_routes=[route])
-    with pytest.raises(ConfigurationError, match="not metered"):
+    with pytest.raises(ConfigurationError, match="only openai-realtime routes"):
+        QuotaMiddleware(app, config=realtime)
+    route = AIRoute(path="/v1/realtime", format="openai-realtime")
+    realtime = QuotaConfig(plans=[Plan(name="free")], ai_routes=[route])
+    with pytest.raises(ConfigurationError, match="routes need methods"):
         QuotaMiddleware(app, config=realtime)
 
 

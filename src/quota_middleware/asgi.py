@@ -192,12 +192,17 @@ class QuotaMiddleware:
         if refusal is not None:
             await refuse(scope, send, refusal)
             return
-        socket = Socket(self._run, self._spawn, conn, backend, first, receive, send)
+        socket = Socket(self._run, self._spawn, conn, backend, first, receive, send,
+                        report=self._report, state=scope.setdefault("state", {}))  # fmt: skip
         try:
             await self.app(scope, socket.receive, socket.send)
         finally:
             # shielded: a cancelled connection task must still give its slots back
             await asyncio.shield(self._spawn(socket.finish()))
+
+    async def _report(self, charge: Charge) -> None:
+        if self.on_settle is not None:
+            await _call_hook(self.on_settle, charge)
 
     async def _finish(self, ex: Exchange, backend: AsyncBackend) -> None:
         charge = await self._run(ex.settle(), backend)

@@ -16,23 +16,43 @@ drives for a ``websocket`` scope, in this order:
 
 For route matching a connection's method is :data:`WEBSOCKET`, not the handshake's ``GET``: a
 route weight names it to weigh connections (``methods = ["WEBSOCKET"]``), a weight rule on GET
-does not price them by accident, and no AI route (POST by default) matches one. An AI route that
-lists WEBSOCKET is refused at startup (:func:`check_routes`): messages are not metered yet.
+does not price them by accident, and no AI route (POST by default) matches one. Only an
+``openai-realtime`` AI route may list WEBSOCKET (:func:`check_routes`).
+
+On such a route (OpenAI Realtime) the connection is also metered, one response at a time:
+
+- the handshake is an AI admission (the model from ``?model=``), reserving one response's
+  allowance, so a caller with no room left cannot open a connection;
+- :meth:`Connection.response_admit` (a flow) when a response starts (the client's
+  ``response.create`` or, for server-side turn detection, the server's ``response.created``)
+  reserves that response on the caller's token rates, quotas and budgets in one admit call; a
+  refusal is the decision the app is told about (the adapter drops the client's request and
+  answers the client with an ``error`` event, or closes on a server-started response);
+- :meth:`Connection.server_event` for each server event the app sends: the response's meter
+  reads it; ``response.done`` returns the response's usage, and :meth:`Connection.response_settle`
+  (a flow) charges it, text and audio tokens at their own prices;
+- at close, a response cut short is charged from its estimate, and the handshake's reservation
+  is given back with the connection's slots.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
+from quota_middleware.base._periods import day_id
 from quota_middleware.base._request import RequestInfo
 from quota_middleware.base._scripts import Op, ScriptArg, ScriptCall
-from quota_middleware.config import QuotaConfig
-from quota_middleware.core._decision import Decision
+from quota_middleware.config import AIRoute, QuotaConfig
+from quota_middleware.core._decision import Charge, Decision
 from quota_middleware.core._engine import Engine
+from quota_middleware.core._meter import Meter, prepare, price_table
 from quota_middleware.core._responses import (
     RawHeaders,
     Response,
@@ -41,11 +61,12 @@ from quota_middleware.core._responses import (
     unauthorized,
 )
 from quota_middleware.errors import ConfigurationError, IdentificationError, StorageError
-from quota_middleware.limits import Concurrency, parse_rate
+from quota_middleware.limits import Budget, Concurrency, TokenQuota, TokenRate, parse_rate
+from quota_middleware.metering.pricing import UnpricedModel
 
 __all__ = [
-    "CLOSE_CODES", "POLICY_VIOLATION", "TRY_AGAIN_LATER", "WEBSOCKET", "Connection",
-    "MessageRate", "Refusal", "check_routes",
+    "CLOSE_CODES", "POLICY_VIOLATION", "REALTIME", "TRY_AGAIN_LATER", "WEBSOCKET",
+    "Connection", "MessageRate", "Refusal", "check_routes", "realtime_error",
 ]  # fmt: skip
 
 log = logging.getLogger("quota_middleware")
@@ -106,14 +127,23 @@ class MessageRate:
         return True
 
 
+REALTIME = "openai-realtime"
+
+
 def check_routes(config: QuotaConfig) -> None:
-    """A :class:`ConfigurationError` for an AI route a WebSocket connection would match: its
-    messages are not metered, so a connection there would be admitted as if it were free."""
+    """A :class:`ConfigurationError` for an AI route a WebSocket connection would match but
+    could not meter (only Realtime's server events are read), or a Realtime route no
+    connection could match."""
     for route in config.ai_routes:
-        if WEBSOCKET in route.methods:
+        if WEBSOCKET in route.methods and route.format != REALTIME:
             raise ConfigurationError(
                 f"ai_routes[{route.path}].methods",
-                "WebSocket connections are not metered as AI requests; remove WEBSOCKET",
+                f"only {REALTIME} routes meter WebSocket connections; remove WEBSOCKET",
+            )
+        if route.format == REALTIME and WEBSOCKET not in route.methods:
+            raise ConfigurationError(
+                f"ai_routes[{route.path}].methods",
+                f'{REALTIME} routes need methods = ["WEBSOCKET"]',
             )
 
 
@@ -123,7 +153,8 @@ Flow = Generator[ScriptCall, Any, Any]
 class Connection:
     """The middleware's side of one WebSocket connection (the module docstring has the order)."""
 
-    __slots__ = ("engine", "info", "decision", "extra", "_slots", "_rate", "_settled")
+    __slots__ = ("engine", "info", "decision", "extra", "route", "model", "_slots", "_rate",
+                 "_settled", "_pending", "_active", "_turns")  # fmt: skip
 
     def __init__(
         self, engine: Engine, info: RequestInfo, *, message_rate: str | None = None
@@ -138,6 +169,19 @@ class Connection:
         self._slots: tuple[tuple[str, int, int], ...] = ()
         self._rate = MessageRate(message_rate) if message_rate is not None else None
         self._settled = False
+        #: the Realtime route this connection is metered on, if any
+        self.route: AIRoute | None = engine.ai_route(info)
+        self.model: str | None = None
+        if self.route is not None:
+            model = parse_qs(info.query).get("model", [None])[0]
+            self.model = model
+            # the handshake reserves one response of this model (what a caller without room
+            # for one cannot open a connection for)
+            info.body = json.dumps({"model": model} if model else {}).encode()
+        #: responses admitted and not yet started (the client asked), and the one running
+        self._pending: deque[Decision] = deque()
+        self._active: tuple[Decision, Meter] | None = None
+        self._turns = 0
 
     # -- the handshake ------------------------------------------------------------------------
     def admit(self) -> Generator[ScriptCall, Any, Refusal | None]:
@@ -210,11 +254,114 @@ class Connection:
         self.engine.stats.incr("message_rate_closed")
         return False
 
+    # -- Realtime responses ---------------------------------------------------------------
+    def response_admit(self) -> Generator[ScriptCall, Any, Decision]:
+        """Reserve the next response on the caller's token rates, quotas and budgets (one admit
+        call). Returns its decision; an allowed one waits for the response to start."""
+        conn, route = self.decision, self.route
+        assert conn is not None and conn.caller is not None and route is not None
+        engine, caller = self.engine, conn.caller
+        plan = engine.config.plan(conn.plan)
+        self._turns += 1
+        rid = f"{conn.request_id}.{self._turns}"
+        body = json.dumps({"model": self.model} if self.model else {}).encode()
+        table, default = price_table(engine.config)
+        try:
+            ai = prepare(route, self.info.path, body, plan, engine.config, table, default,
+                         budgeted=any(isinstance(lim, Budget) for lim in plan.limits))  # fmt: skip
+        except UnpricedModel:
+            return Decision(allowed=False, request_id=rid, caller=caller, plan=plan.name,
+                            reason="unpriced")  # fmt: skip
+        limits = [
+            lim for lim in plan.limits
+            if isinstance(lim, TokenRate | TokenQuota | Budget)
+            and lim.applies(self.info.path, ai.model)
+        ]  # fmt: skip
+        now_us = engine.ctx.now_us()
+        day = day_id(now_us, plan.zone)
+        if not limits:
+            decision = Decision(allowed=True, request_id=rid, caller=caller, plan=plan.name,
+                                ai=ai, day=day)  # fmt: skip
+        else:
+            call, holds = engine.plan_admit(caller, plan, limits, 1, rid, ai, now_us)
+            try:
+                reply = yield call
+            except StorageError as e:
+                decision = engine.admission._degraded(rid, caller, plan, ai, e, day)
+            else:
+                decision = engine.decide(caller, plan, limits, rid, reply, holds, ai, day)
+        decision.path = self.info.path
+        if decision.allowed:
+            self._pending.append(decision)
+        return decision
+
+    @property
+    def needs_admit(self) -> bool:
+        """A response is starting with nothing admitted for it (server-side turn detection)."""
+        return self.route is not None and not self._pending and self._active is None
+
+    def server_event(self, data: bytes) -> bool:
+        """One server event the app sends (a Realtime JSON text message). True when it ends
+        the running response (``response.done``): :meth:`response_settle` is next."""
+        if self.route is None or b'"type"' not in data:
+            return False
+        head = data[:200]
+        if b'"response.created"' in head and self._active is None and self._pending:
+            decision = self._pending.popleft()
+            assert decision.ai is not None
+            meter = Meter(decision.ai)
+            meter.start(200, "application/x-ndjson", None)
+            self._active = (decision, meter)
+        if self._active is None or b'audio.delta"' in head:
+            return False  # base64 audio: nothing to count in it, the usage says it all
+        self._active[1].feed(data + b"\n")
+        return b'"response.done"' in head
+
+    def response_settle(self) -> Generator[ScriptCall, Any, Charge | None]:
+        """Charge the running response (its ``response.done`` usage, or its estimate when the
+        connection ended before it): its own settle, with its own request id."""
+        if self._active is None:
+            return None
+        decision, meter = self._active
+        self._active = None
+        usage, cost, charge = self.engine.finish(decision, meter)
+        if decision.needs_settle:
+            yield from self.engine.settle(decision, usage, cost)
+        return charge
+
     # -- the close ----------------------------------------------------------------------------
-    def settle(self) -> Flow:
-        """Once, whatever happened: gives back the slots the connection held."""
+    def settle(self) -> Generator[ScriptCall, Any, list[Charge]]:
+        """Once, whatever happened: charges a response cut short, gives back what admitted
+        responses that never started reserved, then the connection's own holds (its slots and
+        the handshake's reservation). Returns the charges of the responses."""
+        charges: list[Charge] = []
         if self._settled or self.decision is None:
-            return
+            return charges
         self._settled = True
+        charge = yield from self.response_settle()
+        if charge is not None:
+            charges.append(charge)
+        while self._pending:
+            yield from self.engine.settle(self._pending.popleft())
         if self.decision.needs_settle:
             yield from self.engine.settle(self.decision)
+        return charges
+
+
+def realtime_error(decision: Decision) -> bytes:
+    """The Realtime ``error`` server event a client gets for a response the middleware refused
+    (its ``response.create`` never reaches the app): OpenAI's codes, as for HTTP."""
+    if decision.reason in ("quota", "budget"):
+        code = "insufficient_quota"
+    elif decision.reason == "rate":
+        code = "rate_limit_exceeded"
+    else:
+        code = decision.reason or "refused"
+    message = {
+        "insufficient_quota": "the token quota or budget has no room for another response",
+        "rate_limit_exceeded": "over the token rate: retry after a moment",
+    }.get(code, "the response was refused")
+    event = {"type": "error", "event_id": f"evt_{decision.request_id}",
+             "error": {"type": "invalid_request_error", "code": code, "message": message,
+                       "param": None, "event_id": None}}  # fmt: skip
+    return json.dumps(event, separators=(",", ":")).encode()

@@ -81,7 +81,8 @@ def price_table(config: QuotaConfig) -> tuple[PriceTable, ModelPrice | None]:
 def _price_from(spec: Mapping[str, float]) -> ModelPrice:
     return ModelPrice.from_usd(
         spec.get("input"), spec.get("output"), spec.get("cached_input"), spec.get("cache_write"),
-        where="default_price",
+        audio_input=spec.get("audio_input"), audio_output=spec.get("audio_output"),
+        cached_audio_input=spec.get("cached_audio_input"), where="default_price",
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ _MAX_COUNT = (1 << 53) - 1
 _MAX_ERROR_CHARS = 500
 
 # Kinds of response body; the three OpenAI "chat-like" formats share one usage shape.
-_Kind = Literal["openai", "responses", "anthropic", "gemini", "ollama"]
+_Kind = Literal["openai", "responses", "anthropic", "gemini", "ollama", "realtime"]
 _KIND_OF_FORMAT: dict[str, _Kind] = {
     "openai-chat": "openai",
     "openai-completions": "openai",
@@ -27,6 +27,7 @@ _KIND_OF_FORMAT: dict[str, _Kind] = {
     "anthropic-messages": "anthropic",
     "gemini": "gemini",
     "ollama": "ollama",
+    "openai-realtime": "realtime",
 }
 _ANTHROPIC_EVENTS = frozenset(
     {
@@ -391,10 +392,59 @@ def _ollama(acc: Accumulator, obj: dict[str, Any]) -> None:
         acc.add_text(msg.get("thinking"))
 
 
+_REALTIME_FIELDS = (("input_tokens", "in"), ("output_tokens", "out"), ("total_tokens", "total"))
+#: Realtime server events whose ``delta`` is generated text (a transcript, for audio)
+_REALTIME_TEXT = frozenset(
+    {
+        "response.text.delta", "response.output_text.delta", "response.audio_transcript.delta",
+        "response.output_audio_transcript.delta", "response.function_call_arguments.delta",
+    }
+)  # fmt: skip
+
+
+def _realtime(acc: Accumulator, obj: dict[str, Any]) -> None:
+    """OpenAI Realtime server events, one response's worth (the connection feeds each
+    response's events to its own parser): ``response.done`` carries its usage, text and audio
+    apart; the deltas carry its text for an estimate when the response never completes."""
+    t = obj.get("type")
+    if t in _REALTIME_TEXT:
+        acc.add_text(obj.get("delta"))
+        return
+    if t in ("session.created", "session.updated"):
+        session = obj.get("session")
+        if isinstance(session, dict):
+            acc.set_model(session.get("model"))
+        return
+    if t == "error":
+        acc.error = _error_text(obj.get("error"))
+        return
+    if t != "response.done":
+        return
+    response = obj.get("response")
+    if not isinstance(response, dict):
+        return
+    acc.set_model(response.get("model"))
+    usage = response.get("usage")
+    if isinstance(usage, dict) and acc.merge(usage, _REALTIME_FIELDS):
+        acc.complete = True
+        acc.merge_detail(usage, "input_token_details", "cached_tokens", "cached")
+        acc.merge_detail(usage, "input_token_details", "audio_tokens", "audio_in")
+        acc.merge_detail(usage, "output_token_details", "audio_tokens", "audio_out")
+        details = usage.get("input_token_details")
+        if isinstance(details, dict):
+            acc.merge_detail(details, "cached_tokens_details", "audio_tokens", "cached_audio")
+    status = response.get("status")
+    if status == "failed":
+        details = response.get("status_details")
+        err = details.get("error") if isinstance(details, dict) else None
+        acc.error = _error_text(err, "response.failed")
+
+
 HANDLERS: dict[_Kind, Callable[[Accumulator, dict[str, Any]], None]] = {
     "openai": _openai,
     "responses": _responses,
     "anthropic": _anthropic,
     "gemini": _gemini,
     "ollama": _ollama,
+    "realtime": _realtime,
 }

@@ -44,6 +44,7 @@ Format = Literal[
     "anthropic-messages",
     "gemini",
     "ollama",
+    "openai-realtime",
     "auto",
 ]
 
@@ -63,6 +64,11 @@ class Usage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    #: audio tokens (OpenAI Realtime): subsets of ``input_tokens``, ``cached_tokens`` and
+    #: ``output_tokens``, priced at the model's audio prices
+    audio_input_tokens: int = 0
+    cached_audio_tokens: int = 0
+    audio_output_tokens: int = 0
     model: str | None = None
     estimated: bool = False
     error: str | None = None
@@ -286,6 +292,9 @@ def normalise(acc: Accumulator, kind: _Kind | None) -> Usage:
         cached_tokens=cached,
         cache_write_tokens=write,
         reasoning_tokens=min(reasoning, out),
+        audio_input_tokens=min(f.get("audio_in", 0), inp),
+        cached_audio_tokens=min(f.get("cached_audio", 0), cached, f.get("audio_in", 0)),
+        audio_output_tokens=min(f.get("audio_out", 0), out),
         model=acc.model,
         error=acc.error,
         input_missing=missing and kind == "ollama",

@@ -66,6 +66,10 @@ class ModelPrice:
     output: int
     cached_input: int | None = None
     cache_write: int | None = None
+    #: audio tokens (OpenAI Realtime, audio models): missing prices fall back to the text ones
+    audio_input: int | None = None
+    audio_output: int | None = None
+    cached_audio_input: int | None = None
 
     @classmethod
     def from_usd(
@@ -75,19 +79,35 @@ class ModelPrice:
         cached_input: object = None,
         cache_write: object = None,
         *,
+        audio_input: object = None,
+        audio_output: object = None,
+        cached_audio_input: object = None,
         where: str = "price",
     ) -> ModelPrice:
         """Prices in USD per 1M tokens, as written in configuration."""
+
+        def opt(value: object, name: str) -> int | None:
+            return None if value is None else _micros(value, f"{where}.{name}")
+
         return cls(
             input=_micros(input, f"{where}.input"),
             output=_micros(output, f"{where}.output"),
-            cached_input=None if cached_input is None else _micros(cached_input, f"{where}.cached"),
-            cache_write=None if cache_write is None else _micros(cache_write, f"{where}.write"),
+            cached_input=opt(cached_input, "cached"),
+            cache_write=opt(cache_write, "write"),
+            audio_input=opt(audio_input, "audio_input"),
+            audio_output=opt(audio_output, "audio_output"),
+            cached_audio_input=opt(cached_audio_input, "cached_audio_input"),
         )
 
 
 def _p(inp: str, out: str, cached: str | None = None, write: str | None = None) -> ModelPrice:
     return ModelPrice.from_usd(inp, out, cached, write)
+
+
+def _rt(text: tuple[str, str, str], audio: tuple[str, str, str]) -> ModelPrice:
+    """A Realtime model: (input, cached input, output) for text, then for audio."""
+    return ModelPrice.from_usd(text[0], text[2], text[1], audio_input=audio[0],
+                               cached_audio_input=audio[1], audio_output=audio[2])  # fmt: skip
 
 
 # USD per 1M tokens: input, output, cached input (cache read), cache write.
@@ -105,6 +125,11 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
     "gpt-4.1-mini": _p("0.40", "1.60", "0.10"),
     "gpt-4.1-nano": _p("0.10", "0.40", "0.025"),
     "gpt-4o": _p("2.50", "10", "1.25"),  # ref
+    # Realtime: text and audio tokens at their own prices (longer names win over "gpt-4o")
+    "gpt-realtime": _rt(("4", "0.40", "16"), ("32", "0.40", "64")),
+    "gpt-realtime-mini": _rt(("0.60", "0.06", "2.40"), ("10", "0.30", "20")),
+    "gpt-4o-realtime-preview": _rt(("5", "2.50", "20"), ("40", "2.50", "80")),
+    "gpt-4o-mini-realtime-preview": _rt(("0.60", "0.30", "2.40"), ("10", "0.30", "20")),
     "gpt-4o-mini": _p("0.15", "0.60", "0.075"),
     "gpt-4-turbo": _p("10", "30"),
     "gpt-4": _p("30", "60"),
@@ -190,7 +215,8 @@ class PriceTable:
                 raise ConfigurationError("prices", f"model name {model!r} must be a string")
             if not isinstance(spec, Mapping):
                 raise ConfigurationError(where, "must be a table of USD per 1M tokens")
-            unknown = set(spec) - {"input", "output", "cached_input", "cache_write"}
+            unknown = set(spec) - {"input", "output", "cached_input", "cache_write",
+                                   "audio_input", "audio_output", "cached_audio_input"}  # fmt: skip
             if unknown:
                 raise ConfigurationError(where, f"unknown keys {sorted(unknown)}")
             if "input" not in spec or "output" not in spec:
@@ -200,6 +226,9 @@ class PriceTable:
                 spec["output"],
                 spec.get("cached_input"),
                 spec.get("cache_write"),
+                audio_input=spec.get("audio_input"),
+                audio_output=spec.get("audio_output"),
+                cached_audio_input=spec.get("cached_audio_input"),
                 where=where,
             )
         return PriceTable(prices)
@@ -214,14 +243,26 @@ def cost_micros(usage: Usage, price: ModelPrice) -> int:
     """
     cached = max(usage.cached_tokens, 0)
     write = max(usage.cache_write_tokens, 0)
-    plain = max(usage.input_tokens - cached - write, 0)
+    # audio tokens are subsets of the input, cached and output counts, priced on their own
+    audio_in = min(max(usage.audio_input_tokens, 0), max(usage.input_tokens, 0))
+    cached_audio = min(max(usage.cached_audio_tokens, 0), cached, audio_in)
+    audio_out = min(max(usage.audio_output_tokens, 0), max(usage.output_tokens, 0))
+    plain = max(usage.input_tokens - cached - write - (audio_in - cached_audio), 0)
     cached_price = price.input if price.cached_input is None else price.cached_input
     write_price = price.input if price.cache_write is None else price.cache_write
+    audio_in_price = price.input if price.audio_input is None else price.audio_input
+    cached_audio_price = (
+        cached_price if price.cached_audio_input is None else price.cached_audio_input
+    )
+    audio_out_price = price.output if price.audio_output is None else price.audio_output
     scaled = (
         plain * price.input
-        + cached * cached_price
+        + (cached - cached_audio) * cached_price
         + write * write_price
-        + max(usage.output_tokens, 0) * price.output
+        + (audio_in - cached_audio) * audio_in_price
+        + cached_audio * cached_audio_price
+        + (max(usage.output_tokens, 0) - audio_out) * price.output
+        + audio_out * audio_out_price
     )
     return -(-scaled // _PER_MILLION)
 
