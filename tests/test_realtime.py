@@ -13,6 +13,7 @@ client, the app never sees the request) and a new connection is refused at its h
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -235,3 +236,99 @@ def test_realtime_usage_parsing_and_audio_prices() -> None:
     # 100 text out at 16, 500 audio out at 64 (USD per 1M)
     expected = 50 * 0.40 + 50 * 4 + 150 * 32 + 150 * 0.40 + 100 * 16 + 500 * 64
     assert cost_micros(usage, DEFAULT_PRICES[MODEL]) == round(expected)
+
+
+# -- the proxy forwards a Realtime socket -----------------------------------------------------
+class FakeRealtimeUpstream:
+    """An OpenAI Realtime server (the ``websockets`` library) on a loopback port, in a thread:
+    it records each handshake's path and headers, and answers ``response.create`` with a
+    response and its usage."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        from servers import free_port
+
+        self.port = free_port()
+        self.seen: list[tuple[str, dict[str, str], list[str]]] = []
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import asyncio
+
+        from websockets.asyncio.server import serve
+
+        async def handler(ws: Any) -> None:
+            req = ws.request
+            self.seen.append((req.path, {k.lower(): v for k, v in req.headers.raw_items()},
+                              list(req.headers.get_all("sec-websocket-protocol"))))  # fmt: skip
+            await ws.send(json.dumps({"type": "session.created", "session": {"model": MODEL}}))
+            async for text in ws:
+                if json.loads(text).get("type") == "response.create":
+                    await ws.send(json.dumps({"type": "response.created", "response": {}}))
+                    await ws.send(json.dumps({"type": "response.done", "response": {
+                        "status": "completed", "usage": USAGE}}))  # fmt: skip
+
+        async def main() -> None:
+            self.stop = asyncio.Event()
+            async with serve(handler, "127.0.0.1", self.port, subprotocols=["realtime"]):
+                self.ready.set()
+                await self.stop.wait()
+
+        self.loop.run_until_complete(main())
+        self.loop.close()
+
+    def __enter__(self) -> FakeRealtimeUpstream:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("backend_name", KINDS)
+def test_the_proxy_forwards_a_realtime_socket_with_the_server_key_and_meters_it(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from starlette.routing import Mount
+
+    from quota_middleware.proxy import AIProxy, ProxyConfig, Upstream, UpstreamKey
+
+    monkeypatch.setenv("RT_KEY", "sk-server-realtime-key")
+    with FakeRealtimeUpstream() as upstream:
+        proxy = ProxyConfig(upstreams=[Upstream(
+            name="openai", provider="openai", base_url=f"http://127.0.0.1:{upstream.port}/v1",
+            keys=[UpstreamKey(id="rt", env="RT_KEY")])])  # fmt: skip
+        config = QuotaConfig(plans=[Plan(name="free", limits=[TokenQuota(tokens=10**6)])],
+                             proxy=proxy)  # fmt: skip
+        route = config.ai_route("WEBSOCKET", "/ai/openai/realtime")
+        assert route is not None and route.format == "openai-realtime"
+        charges: list[Charge] = []
+        app = Starlette(routes=[Mount("/ai", app=AIProxy(config))])
+        mw = QuotaMiddleware(app, config=config, backend=backend.async_(),
+                             on_settle=charges.append)  # fmt: skip
+        with serve(mw) as base:
+            url = f"{base}/ai/openai/realtime?model={MODEL}"
+            with connect(
+                url,
+                open_timeout=5,
+                subprotocols=[
+                    "realtime",  # type: ignore[list-item]
+                    "openai-insecure-api-key.sk-client-secret",
+                ],  # fmt: skip
+                additional_headers={"Authorization": "Bearer sk-client-secret"},
+            ) as ws:
+                assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+                ws.send(json.dumps({"type": "response.create"}))
+                events_until(ws, "response.done")
+                wait_for(lambda: len(charges) == 1)
+        [(path, headers, protocols)] = upstream.seen
+        assert path == f"/v1/realtime?model={MODEL}"
+        assert headers["authorization"] == "Bearer sk-server-realtime-key"
+        assert "sk-client-secret" not in json.dumps([headers, protocols])
+        [charge] = charges
+        assert (charge.input_tokens, charge.output_tokens) == (400, 600) and not charge.estimated

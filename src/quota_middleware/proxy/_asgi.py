@@ -141,9 +141,10 @@ class AIProxy:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
-            # Realtime forwarding is not built yet: refuse the handshake rather than hang
-            await send({"type": "websocket.close", "code": 1008})
             return
         body = await _read_body(receive, self.config.max_body)
         if body is None:
@@ -226,6 +227,69 @@ class AIProxy:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await response.aclose()
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket (OpenAI Realtime) forwarded to the upstream with the server's key, both
+        ways, until either side closes; the middleware in front meters what the app sends."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        plan = plan_request(
+            self.config, self.keys, method="WEBSOCKET", raw_path=_path_under_mount(scope),
+            query=bytes(scope.get("query_string") or b"").decode("latin-1"),
+            headers=[(bytes(k).decode("latin-1").lower(), bytes(v).decode("latin-1"))
+                     for k, v in scope.get("headers") or ()],
+            body=b"", metered=False,
+        )  # fmt: skip
+        if isinstance(plan, Refusal):
+            await send({"type": "websocket.close", "code": 1008, "reason": str(plan.status)})
+            return
+        try:
+            from websockets.asyncio.client import connect
+        except ImportError:
+            log.error("quota_middleware.proxy: WebSocket forwarding needs the websockets package")
+            await send({"type": "websocket.close", "code": 1011, "reason": "unavailable"})
+            return
+        # a browser's credential can ride in a subprotocol ("openai-insecure-api-key.<key>"):
+        # only plain protocol names go on
+        protocols = [p for p in scope.get("subprotocols") or () if "key" not in p.lower()]
+        try:
+            upstream = await connect(
+                plan.url, additional_headers=plan.headers, open_timeout=self.config.connect_timeout,
+                subprotocols=protocols or None, max_size=None, user_agent_header=None,
+            )  # fmt: skip
+        except Exception as e:
+            log.warning("quota_middleware.proxy: %s WebSocket: %s", plan.upstream.name,
+                        type(e).__name__)  # fmt: skip
+            await send({"type": "websocket.close", "code": 1011, "reason": "upstream unavailable"})
+            return
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+
+        async def from_client() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message["type"] == "websocket.receive":
+                    text = message.get("text")
+                    await upstream.send(text if text is not None else message.get("bytes") or b"")
+
+        async def from_upstream() -> None:
+            async for data in upstream:
+                key = "text" if isinstance(data, str) else "bytes"
+                await send({"type": "websocket.send", key: data})
+
+        up = asyncio.ensure_future(from_upstream())
+        down = asyncio.ensure_future(from_client())
+        try:
+            done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (up, down):
+                task.cancel()
+            await upstream.close()
+        if up in done:  # the upstream ended it: so does the client's side, with its code
+            code = upstream.close_code or 1000
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": code})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

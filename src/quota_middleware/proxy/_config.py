@@ -72,10 +72,12 @@ _OPENAI = (
     Endpoint("GET", "models"),
     Endpoint("GET", "models/*"),
 )
+#: OpenAI Realtime: a WebSocket (method WEBSOCKET, as the middleware names connections)
+_REALTIME = Endpoint("WEBSOCKET", "realtime", "openai-realtime")
 #: each provider's known API surface; a request outside it is a 404 (``Upstream.allow`` adds
 #: more, ``Upstream.surface`` replaces it)
 SURFACES: Mapping[str, tuple[Endpoint, ...]] = {
-    "openai": _OPENAI,
+    "openai": (*_OPENAI, _REALTIME),
     "openai-compatible": _OPENAI,
     "azure": (
         # classic deployment paths (…/openai/deployments/<name>/…?api-version=…) and the v1 API
@@ -87,6 +89,7 @@ SURFACES: Mapping[str, tuple[Endpoint, ...]] = {
         Endpoint("POST", "v1/embeddings", "openai-embeddings"),
         Endpoint("GET", "models"),
         Endpoint("GET", "v1/models"),
+        _REALTIME,  # …/openai/realtime?api-version=…&deployment=…
     ),
     "anthropic": (
         Endpoint("POST", "v1/messages", "anthropic-messages"),
@@ -237,7 +240,8 @@ class Upstream:
         object.__setattr__(self, "keys", keys)
         for entry in (*self.allow, *(self.surface or ())):
             method, _, pattern = entry.partition(" ")
-            if method.upper() not in ("GET", "POST", "PUT", "PATCH", "DELETE") or not pattern:
+            methods = ("GET", "POST", "PUT", "PATCH", "DELETE", "WEBSOCKET")
+            if method.upper() not in methods or not pattern:
                 raise ConfigurationError(f"{where}.allow", f"{entry!r}: want 'METHOD path-glob'")
         for k, v in self.headers.items():
             if not (isinstance(k, str) and isinstance(v, str)) or "\n" in k + v or "\r" in k + v:
@@ -306,10 +310,13 @@ class ProxyConfig:
         """``(method, full path glob, format)`` of every metered operation, for the policy's
         derived AI routes (``*`` in the glob is as in :attr:`AIRoute.path`)."""
         out = []
+        seen = set()
         for u in self.upstreams:
             for e in u.endpoints:
-                if e.format is not None:
-                    out.append((e.method, f"{self.mount}{u.prefix}/{e.pattern}", e.format))
+                path = f"{self.mount}{u.prefix}/{e.pattern}"
+                if e.format is not None and (e.method, path) not in seen:
+                    seen.add((e.method, path))
+                    out.append((e.method, path, e.format))
         return out
 
     @classmethod

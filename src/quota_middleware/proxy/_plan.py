@@ -40,6 +40,8 @@ FORWARDED = frozenset(
         "anthropic-version", "anthropic-beta", "openai-beta", "x-goog-api-client",
     }
 )  # fmt: skip
+#: what goes on for a WebSocket: the handshake's own headers are the client library's business
+WS_FORWARDED = frozenset({"openai-beta", "user-agent"})
 #: query parameters that carry credentials (Gemini's ``?key=``, and common variants)
 _CREDENTIAL_PARAMS = frozenset({"key", "api_key", "api-key", "apikey", "access_token", "token"})
 #: response headers not passed back: hop-by-hop (RFC 9110 §7.6.1) and upstream cookies
@@ -144,7 +146,8 @@ def plan_request(
     if isinstance(found, Refusal):
         return found
     upstream, endpoint, path = found
-    out_headers = [(k, v) for k, v in headers if k in FORWARDED]
+    allowed = WS_FORWARDED if method == "WEBSOCKET" else FORWARDED
+    out_headers = [(k, v) for k, v in headers if k in allowed]
     strip = False
     if (
         endpoint.stream_usage_flag and upstream.inject_usage and metered
@@ -157,11 +160,14 @@ def plan_request(
     key = keys.next(upstream)
     out_headers += _auth(upstream, key[1] if key else None, out_headers)
     out_headers += list(upstream.headers.items())
+    url = f"{upstream.base_url}/{path}{_query(upstream, path, query)}"
+    if method == "WEBSOCKET":  # the same host and path, on its WebSocket scheme
+        url = "ws" + url[4:] if url.startswith("http:") else "wss" + url[5:]
     return Outbound(
         upstream=upstream,
         endpoint=endpoint,
         method=method,
-        url=f"{upstream.base_url}/{path}{_query(upstream, path, query)}",
+        url=url,
         headers=out_headers,
         body=body,
         key_id=key[0] if key else None,
