@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
-from quota_middleware import Decision, Remaining, UsageRecord
+from quota_middleware import Decision
 from quota_middleware.proxy import ProxyConfig, UpstreamKey
 from quota_middleware.proxy import Upstream as ProxyUpstream
 
@@ -24,8 +23,6 @@ DEMO_KEYS = {
     "svc-reports": "qm_DemoReports0_demoOnlyNotARealSecret00000000012s7AJH",
     "svc-batch": "qm_DemoBatchJob_demoOnlyNotARealSecret00000000021TdN3C",
 }
-#: ``GET /v1/usage?days=N`` accepts 1..USAGE_MAX_DAYS (the policy keeps records 35 days by default)
-USAGE_MAX_DAYS = 35
 
 
 def ensure_demo_secret() -> None:
@@ -119,43 +116,3 @@ def describe(decision: Decision) -> dict[str, Any]:
             for s in decision.statuses
         ],
     }  # fmt: skip
-
-
-def usage_days(raw: str | None) -> int | None:
-    """The ``days`` query parameter of ``GET /v1/usage`` (default 1: today), None if invalid."""
-    if raw is None or raw == "":
-        return 1
-    if not raw.isdigit() or not 1 <= int(raw) <= USAGE_MAX_DAYS:
-        return None
-    return int(raw)
-
-
-def usage_report(
-    decision: Decision, records: Sequence[UsageRecord], remaining: Sequence[Remaining]
-) -> dict[str, Any]:
-    """``GET /v1/usage``: the caller's usage per day and model (newest day first; tokens, cost in
-    micro-USD and USD, how many requests were charged from estimates) and what is left of each
-    token quota and budget of its plan this period (``used`` includes requests in flight)."""
-    caller = decision.caller
-    totals = {
-        name: sum(getattr(r, name) for r in records)
-        for name in ("requests", "input_tokens", "output_tokens", "cost_micros", "estimated")
-    }
-    return {
-        "caller": caller.id if caller else None,
-        "plan": decision.plan,
-        "usage": [{**asdict(r), "cost_usd": r.cost_usd} for r in records],
-        "totals": {**totals, "cost_usd": totals["cost_micros"] / 1_000_000},
-        "remaining": [
-            {"name": r.name, "kind": r.kind, "period": r.period, "unit": r.unit,
-             "limit": r.limit, "used": r.used, "remaining": r.remaining,
-             "resets_at": r.resets_at.isoformat()}
-            for r in remaining
-        ],
-    }  # fmt: skip
-
-
-def error_body(message: str, code: str) -> dict[str, Any]:
-    """An OpenAI-shaped error body, like the middleware's own."""
-    return {"error": {"message": message, "type": "invalid_request_error", "code": code,
-                      "param": None}}  # fmt: skip

@@ -61,12 +61,14 @@ LAYERS: list[tuple[str, int]] = [
     ("backends", 6),
     # what runs beside the core: reading usage, delivering alerts, metrics
     ("reports", 15),
+    ("controls", 15),
     ("alerts", 15),
     ("metrics", 15),
     # the adapters, then the command line and the package's public face
     ("asgi", 16),
     ("wsgi", 16),
     ("_asgi_websocket", 16),  # the ASGI adapter's WebSocket half
+    ("selfservice", 16),  # the caller's own usage, an app mounted behind either adapter
     ("proxy", 16),  # the proxy apps drive its plan with httpx, beside the adapters
     ("cli", 17),
     ("", 18),
@@ -219,7 +221,7 @@ def test_every_module_outside_the_public_surface_is_private() -> None:
     """The public modules are the package, its folders' ``__init__`` and these; every other
     module name starts with an underscore (or sits in a folder whose ``__init__`` says so)."""
     public = {
-        "errors", "limits", "config", "asgi", "wsgi", "reports", "metrics",
+        "errors", "limits", "config", "asgi", "wsgi", "reports", "metrics", "selfservice", "controls",
         "metering.pricing", "backends.memory", "backends.redis", "cli.__main__",
     }  # fmt: skip
     folders = {m for m, p in _modules().items() if p.name == "__init__.py"}

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from quota_middleware import QuotaConfig, QuotaMiddleware
 from quota_middleware.proxy import AIProxy
+from quota_middleware.selfservice import UsageApp
 
 _EXAMPLES = str(Path(__file__).resolve().parents[1])  # examples/, for the shared modules
 if _EXAMPLES not in sys.path:
@@ -27,10 +27,7 @@ if _EXAMPLES not in sys.path:
 from demo_common import (  # noqa: E402
     describe,
     ensure_demo_secret,
-    error_body,
     proxy_config,
-    usage_days,
-    usage_report,
 )
 from fake_upstream import FakeOrRealTransport  # noqa: E402
 
@@ -55,42 +52,13 @@ def create_app(config: QuotaConfig | None = None) -> FastAPI:
     async def me(request: Request) -> dict[str, Any]:
         return describe(request.state.quota)
 
-    @app.get("/v1/usage", response_model=None)
-    async def usage(request: Request) -> dict[str, Any] | JSONResponse:
-        """The caller's usage today (``?days=N``: the last N days) and what is left."""
-        days = usage_days(request.query_params.get("days"))
-        if days is None:
-            return JSONResponse(error_body("days must be 1..35", "invalid_days"), 400)
-        decision = request.state.quota
-        if decision.caller is None:  # the store was down when the caller was identified
-            return JSONResponse(error_body("usage is unavailable", "unavailable"), 503)
-        caller = decision.caller
-        reader = quota_middleware(request.app).reader()
-        records = await reader.ausage(caller.id, tenant=caller.tenant, days=days,
-                                      plan=decision.plan)  # fmt: skip
-        left = await reader.aremaining(caller.id, tenant=caller.tenant, plan=decision.plan)
-        return usage_report(decision, records, left)
+    # the caller's own usage and what is left (?days=N), read through the middleware's store
+    app.add_route("/v1/usage", UsageApp(), methods=["GET"])
 
     # Every other path goes to the backend proxy: /v1/chat/completions (and the rest of the
     # OpenAI API) and /v1/messages, with the server's keys, metered by the middleware above.
     app.mount("/", AIProxy(proxy_config(), transport=FakeOrRealTransport()))
     return app
-
-
-def quota_middleware(app: FastAPI) -> QuotaMiddleware:
-    """The app's :class:`QuotaMiddleware` instance, for its ``reader()``. ``add_middleware`` only
-    records the class: Starlette builds the instance with the middleware stack at the first
-    request, so it is looked up there (once) and kept in ``app.state.quota``."""
-    found = getattr(app.state, "quota", None)
-    if isinstance(found, QuotaMiddleware):
-        return found
-    layer: Any = app.middleware_stack
-    while layer is not None and not isinstance(layer, QuotaMiddleware):
-        layer = getattr(layer, "app", None)
-    if layer is None:
-        raise RuntimeError("no QuotaMiddleware on this app (or it has not served a request yet)")
-    app.state.quota = layer
-    return layer
 
 
 app = create_app()

@@ -19,6 +19,7 @@ from flask import Flask, jsonify, request
 
 from quota_middleware import QuotaConfig, WSGIQuotaMiddleware
 from quota_middleware.proxy import WSGIAIProxy
+from quota_middleware.selfservice import usage_blueprint
 from quota_middleware.wsgi import ENVIRON_KEY
 
 _EXAMPLES = str(Path(__file__).resolve().parents[1])  # examples/, for the shared modules
@@ -27,10 +28,7 @@ if _EXAMPLES not in sys.path:
 from demo_common import (  # noqa: E402
     describe,
     ensure_demo_secret,
-    error_body,
     proxy_config,
-    usage_days,
-    usage_report,
 )
 from fake_upstream import FakeOrRealTransport  # noqa: E402
 
@@ -68,20 +66,8 @@ def create_app(config: QuotaConfig | None = None) -> Flask:
     def me() -> Any:
         return jsonify(describe(request.environ[ENVIRON_KEY]))
 
-    @app.get("/v1/usage")
-    def usage() -> Any:
-        """The caller's usage today (``?days=N``: the last N days) and what is left."""
-        days = usage_days(request.args.get("days"))
-        if days is None:
-            return jsonify(error_body("days must be 1..35", "invalid_days")), 400
-        decision = request.environ[ENVIRON_KEY]
-        if decision.caller is None:  # the store was down when the caller was identified
-            return jsonify(error_body("usage is unavailable", "unavailable")), 503
-        caller = decision.caller
-        reader = quota.reader()
-        records = reader.usage(caller.id, tenant=caller.tenant, days=days, plan=decision.plan)
-        left = reader.remaining(caller.id, tenant=caller.tenant, plan=decision.plan)
-        return jsonify(usage_report(decision, records, left))
+    # the caller's own usage and what is left (?days=N), read through the middleware's store
+    app.register_blueprint(usage_blueprint(), url_prefix="/v1/usage")
 
     return app
 

@@ -41,6 +41,10 @@ T = TypeVar("T")
 
 log = logging.getLogger("quota_middleware")
 
+#: where the middleware leaves itself in ``scope["state"]`` (the WSGI one: in the environ),
+#: next to the decision, so a mounted app can read usage through its store
+INSTANCE_KEY = "quota_middleware"
+
 #: seconds between background attempts to write buffered settles
 DRAIN_INTERVAL = 1.0
 
@@ -147,7 +151,9 @@ class QuotaMiddleware:
                 receive = _replay(body, client_receive)
         refusal = await self._admit(ex.admit(body), ex.release, backend)
         if ex.decision is not None:
-            scope.setdefault("state", {})["quota"] = ex.decision
+            state = scope.setdefault("state", {})
+            state["quota"] = ex.decision
+            state[INSTANCE_KEY] = self  # for the self-service usage app (its reader)
         if refusal is not None:
             await _send_response(send, refusal)
             return

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("quota_middleware")
 
 ENVIRON_KEY = "quota_middleware.decision"
+#: where the middleware leaves itself in the environ, for a mounted app to read usage
+INSTANCE_KEY = "quota_middleware.instance"
 #: seconds between background attempts to write buffered settles
 DRAIN_INTERVAL = 1.0
 
@@ -88,6 +90,7 @@ class WSGIQuotaMiddleware:
         refusal = drive_sync(ex.admit(body), self.backend)
         if ex.decision is not None:
             environ[ENVIRON_KEY] = ex.decision
+            environ[INSTANCE_KEY] = self  # for the self-service usage app (its reader)
         if refusal is not None:
             return _respond(start_response, refusal)
         if ex.app_body is not None:  # the output cap was written in: the app gets that body
