@@ -61,4 +61,20 @@ def create_app(config: QuotaConfig | None = None) -> FastAPI:
     return app
 
 
+def quota_middleware(app: FastAPI) -> QuotaMiddleware:
+    """The app's :class:`QuotaMiddleware` instance, for its ``reader()``. ``add_middleware`` only
+    records the class: Starlette builds the instance with the middleware stack at the first
+    request, so it is looked up there (once) and kept in ``app.state.quota``."""
+    found = getattr(app.state, "quota", None)
+    if isinstance(found, QuotaMiddleware):
+        return found
+    layer: Any = app.middleware_stack
+    while layer is not None and not isinstance(layer, QuotaMiddleware):
+        layer = getattr(layer, "app", None)
+    if layer is None:
+        raise RuntimeError("no QuotaMiddleware on this app (or it has not served a request yet)")
+    app.state.quota = layer
+    return layer
+
+
 app = create_app()
