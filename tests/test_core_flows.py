@@ -28,6 +28,7 @@ from quota_middleware import (
     TokenQuota,
     TokenRate,
 )
+from quota_middleware.base._keys import key_slot, tenant_controls
 from quota_middleware.base._request import Headers, RequestInfo
 from quota_middleware.base._scripts import ScriptCall
 from quota_middleware.core._decision import Decision, Hold
@@ -45,6 +46,8 @@ MONTH_END = int(datetime(2023, 12, 1, tzinfo=UTC).timestamp()) * 1_000_000
 PATH = "/v1/chat/completions"
 IP = "192.0.2.1"
 K = f"qm:{{default:{IP}}}"  # the caller's keys
+# the copy of the tenant's controls in the caller's slot (base/_keys.tenant_controls)
+TENANT_X = tenant_controls("qm", "default", key_slot(K))
 PRICE = PriceTable().lookup("gpt-4o-mini")
 assert PRICE is not None
 
@@ -173,12 +176,12 @@ def test_a_plain_request_is_one_admit_call() -> None:
     s = Step(e.admit(plain()))
     call = s.call
     assert call is not None and call.name == "admit"
-    assert call.keys == (K,)
+    assert call.keys == (K, f"{K}:x", TENANT_X)
     rid = call.args[1]
     # ARGV: now, request id, lease (none), n; then kind, key index, field, interval, tau,
-    # cost, min cost
+    # cost, min cost; then the runtime controls: route class, the two controls keys
     assert call.args == (NOW, rid, b"0", b"1", b"b", b"1", b"rpm", b"1000000", b"60000000",
-                         b"1", b"1")  # fmt: skip
+                         b"1", b"1", b"", b"2", b"3")  # fmt: skip
     s.reply(allowed(0, remaining=59))
     d = s.value
     assert d.allowed and d.limited and not d.degraded and d.request_id == rid
@@ -191,7 +194,7 @@ def test_a_plain_request_is_one_admit_call() -> None:
 
 def test_a_weighted_route_costs_its_weight() -> None:
     call = Step(engine(plain_config()).admit(plain("/heavy"))).call
-    assert call is not None and call.args[-2:] == (b"5", b"5")
+    assert call is not None and call.args[-5:-3] == (b"5", b"5")
 
 
 def test_an_exempt_path_and_a_plan_without_limits_make_no_call() -> None:
@@ -207,9 +210,10 @@ def test_a_concurrency_slot_is_a_key_of_its_own_and_a_hold() -> None:
     e = engine(plain_config(RequestRate(rate="60/minute", name="rpm"),
                             Concurrency(max=3, name="inflight", lease=30)))  # fmt: skip
     [call], d = run(e.admit(plain()), allowed(0, 1))
-    assert call.keys == (K, f"{K}:c:inflight")
+    assert call.keys == (K, f"{K}:c:inflight", f"{K}:x", TENANT_X)
     assert call.args[3:] == (b"2", b"b", b"1", b"rpm", b"1000000", b"60000000", b"1", b"1",
-                             b"c", b"2", b"", b"3", b"30000000", b"1", b"1")  # fmt: skip
+                             b"c", b"2", b"inflight", b"3", b"30000000", b"1", b"1",
+                             b"", b"3", b"4")  # fmt: skip
     # the request limit holds nothing; the slot is held until the settle gives it back
     assert d.holds == (Hold("c", f"{K}:c:inflight", "inflight", 1),)
     assert d.statuses[1].kind == "concurrency" and d.statuses[1].quota == 3
@@ -263,7 +267,8 @@ def test_an_ai_request_reserves_its_estimate_on_every_limit() -> None:
     assert call is not None and call.name == "admit"
     day, month = f"{K}:q:d2023-11-14", f"{K}:q:m2023-11"
     # the bucket hash, the slot, then each period's counters and their reservation ledger
-    assert call.keys == (K, f"{K}:c:inflight", day, f"{day}:r", month, f"{month}:r")
+    assert call.keys == (K, f"{K}:c:inflight", day, f"{day}:r", month, f"{month}:r", f"{K}:x",
+                         TENANT_X)  # fmt: skip
     reserve, least = PROMPT + 50, PROMPT  # the prompt and the request's own max_tokens
     cost = cost_micros(Usage(input_tokens=PROMPT, output_tokens=50), PRICE)
     min_cost = max(1, cost_micros(Usage(input_tokens=PROMPT), PRICE))
@@ -271,9 +276,10 @@ def test_an_ai_request_reserves_its_estimate_on_every_limit() -> None:
         NOW, call.args[1], 600_000_000, 5,  # lease: AIRoute.lease, 600 s
         "b", 1, "rpm", 1_000_000, 60_000_000, 1, 1,
         "b", 1, "tpm", 60_000, 60_000_000, reserve, least,
-        "c", 2, "", 2, 300_000_000, 1, 1,
+        "c", 2, "inflight", 2, 300_000_000, 1, 1,
         "q", 3, "tpd", 10_000, DAY_END, reserve, least,
         "q", 5, "usd", 1_000_000, MONTH_END, cost, min_cost,
+        "a", 7, 8,  # an AI route; the caller's and the tenant's controls
     )  # fmt: skip
 
 

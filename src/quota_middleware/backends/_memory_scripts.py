@@ -28,11 +28,40 @@ def _now(store: MemoryStore, arg: Arg) -> int:
     return int(text) if text != "" else store.time_us()
 
 
-def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[int]:
+_BLOCK = re.compile(r"([0-9]+)\|([A-Za-z]*)\|(.*)", re.DOTALL)
+_OVERRIDE = re.compile(r"([0-9]+)\|([0-9]+)\|([0-9]*)")
+
+
+def _blocked(value: bytes | None, now: int, ai: bool, who: bytes) -> list[Any] | None:
+    m = _BLOCK.fullmatch(value.decode()) if value is not None else None
+    if m is None:
+        return None
+    until, scope = int(m.group(1)), m.group(2)
+    if (until > 0 and until <= now) or (scope == "ai" and not ai):
+        return None
+    return [0, -1, until - now if until > 0 else -1, now, m.group(3).encode(), who]
+
+
+def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[Any]:
     now = _now(store, argv[0])
     rid = as_str(argv[1])
     lease = _i(argv[2])
     n = _i(argv[3])
+
+    ctl: dict[str, bytes] = {}
+    c0 = 4 + n * 7
+    if len(argv) > c0 + 1:
+        ai = as_str(argv[c0]) == "a"
+        ctl = store.hgetall(keys[_i(argv[c0 + 1]) - 1])
+        b = _blocked(ctl.get("block"), now, ai, b"caller")
+        if b is not None:
+            return b
+        t = _i(argv[c0 + 2])
+        if t > 0:
+            b = _blocked(store.hget(keys[t - 1], "block"), now, ai, b"tenant")
+            if b is not None:
+                return b
+    overridden: list[int] = []
 
     swept: set[int] = set()
     for i in range(n):
@@ -65,6 +94,13 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
         f = as_str(argv[base + 2])
         p1, p2 = _i(argv[base + 3]), _i(argv[base + 4])
         cost, min_cost = _i(argv[base + 5]), _i(argv[base + 6])
+        ov = ctl.get("o|" + f)
+        om = _OVERRIDE.fullmatch(ov.decode()) if ov is not None else None
+        if om is not None and (int(om.group(1)) == 0 or int(om.group(1)) > now):
+            p1 = int(om.group(2))
+            if om.group(3) != "":
+                p2 = int(om.group(3))
+            overridden += [i + 1, p1, p2]
         remaining = reset = charged = wait = 0
         if kind == "b":
             tat = lua_number(store.hget(key, f))
@@ -129,7 +165,7 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
             o = 4 + i * 3
             if out[o + 2] > 0:
                 out[o], out[o + 1], out[o + 2] = undo[i][0], undo[i][1], 0
-        return out
+        return out + overridden
 
     ttl: dict[str, int] = {}
     reserved: dict[str, list[str]] = {}
@@ -155,7 +191,55 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
     for key, ms in ttl.items():
         if store.pttl(key) < ms:
             store.pexpire(key, ms)
-    return out
+    return out + overridden
+
+
+_UNTIL = re.compile(r"([0-9]+)\|")
+
+
+def control(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[Any]:
+    now = _now(store, argv[0])
+    key, op, field = keys[0], as_str(argv[1]), as_str(argv[2])
+
+    def live(v: bytes) -> tuple[bool, int]:
+        m = _UNTIL.match(v.decode())
+        if m is None:
+            return False, 0
+        u = int(m.group(1))
+        return u == 0 or u > now, u
+
+    def expire_with_last() -> None:
+        last = -1
+        for f, v in store.hgetall(key).items():
+            ok, u = live(v)
+            if not ok:
+                store.hdel(key, f)
+            elif u == 0:
+                last = 0
+            elif last != 0 and u > last:
+                last = u
+        if last == 0:
+            store.persist(key)
+        elif last > 0:
+            store.pexpireat(key, math.ceil(last / 1000) + 1000)
+
+    if op == "set":
+        life, at = _i(argv[4]), _i(argv[5])
+        u = at if at > 0 else now + life if life > 0 else 0
+        store.hset(key, {field: f"{u}|{as_str(argv[3])}".encode()})
+        expire_with_last()
+        return [now, u]
+    if op == "del":
+        removed = store.hdel(key, field)
+        expire_with_last()
+        return [now, removed]
+    if op == "get":
+        out: list[Any] = [now]
+        for f, v in store.hgetall(key).items():
+            if live(v)[0]:
+                out += [f.encode(), v]
+        return out
+    raise ValueError(f"control: unknown operation {op}")
 
 
 def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[Any]:

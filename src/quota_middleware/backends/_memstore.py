@@ -124,6 +124,10 @@ class MemoryStore:
         if self._alive(key):
             self.expires[key] = int(at_ms)
 
+    def persist(self, key: str) -> None:
+        if self._alive(key):
+            self.expires.pop(key, None)
+
     # -- strings --------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
         v: bytes | None = self._get(key, "string")

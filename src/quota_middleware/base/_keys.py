@@ -66,6 +66,80 @@ class CallerKeys:
     def settled(self, request_id: str) -> str:
         return f"{self.base}:s:{request_id}"
 
+    @property
+    def controls(self) -> str:
+        """The operator's runtime controls of this caller (``controls.py``): one hash, field
+        ``block`` and one ``o|<limit>`` per override, read by every admit call."""
+        return f"{self.base}:x"
+
+
+# -- tenant controls --------------------------------------------------------------------------
+# A tenant's block must be read by the admit call of every caller of the tenant, and on a
+# cluster a script may only touch its own slot. So the block is stored once per slot: the copy
+# for slot s is tagged with a short tag that hashes to s, and a caller's admit reads the copy in
+# its own slot. The same layout is used off a cluster, since the core cannot tell which store
+# it runs on (the backend is the adapter's).
+_CRC = []
+for _i in range(256):
+    _c = _i << 8
+    for _ in range(8):
+        _c = ((_c << 1) ^ 0x1021) if _c & 0x8000 else (_c << 1)
+    _CRC.append(_c & 0xFFFF)
+SLOTS = 16384
+
+
+def key_slot(key: str) -> int:
+    """The Redis Cluster slot of ``key`` (CRC16/XMODEM of its hash tag, mod 16384)."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    c = 0
+    for b in key.encode():
+        c = ((c << 8) & 0xFFFF) ^ _CRC[(c >> 8) ^ b]
+    return c & (SLOTS - 1)
+
+
+_SLOT_TAGS: list[str] = []
+_TAG_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-"
+
+
+def slot_tags() -> list[str]:
+    """For each slot, a tag ``@s<3 chars>`` that hashes to it (no ':', so never a caller's
+    tag). Computed once per process (about 0.1 s, when an engine is built): the CRC is extended
+    a byte at a time and the first tag to reach a slot is kept, so the table is the same in
+    every process."""
+    if not _SLOT_TAGS:
+        tags: list[str | None] = [None] * SLOTS
+        left = SLOTS
+        crc, mask, chars = _CRC, SLOTS - 1, [(ch, ord(ch)) for ch in _TAG_CHARS]
+        c0 = 0
+        for b in b"@s":
+            c0 = ((c0 << 8) & 0xFFFF) ^ crc[(c0 >> 8) ^ b]
+        for a, oa in chars:
+            c1 = ((c0 << 8) & 0xFFFF) ^ crc[(c0 >> 8) ^ oa]
+            for b2, ob in chars:
+                c2 = ((c1 << 8) & 0xFFFF) ^ crc[(c1 >> 8) ^ ob]
+                hi, lo = (c2 << 8) & mask, c2 >> 8
+                for ch, oc in chars:
+                    slot = (hi ^ crc[lo ^ oc]) & mask
+                    if tags[slot] is None:
+                        tags[slot] = "@s" + a + b2 + ch
+                        left -= 1
+                if not left:
+                    break
+            if not left:
+                break
+        assert left == 0, "every slot has a tag"
+        _SLOT_TAGS.extend(t for t in tags if t is not None)
+    return _SLOT_TAGS
+
+
+def tenant_controls(prefix: str, tenant: str, slot: int) -> str:
+    """The copy in ``slot`` of the tenant's controls hash."""
+    return f"{prefix}:{{{slot_tags()[slot]}}}:t:{_part(tenant, _SAFE_TENANT)}"
+
 
 class AppKeys:
     """The app-wide keys under ``prefix`` (the app budgets): their own hash tag, so one cluster

@@ -14,7 +14,8 @@ from quota_middleware.core._meter import AIRequest
 from quota_middleware.identity._identifier import Caller
 
 Reason = Literal[
-    "rate", "concurrency", "quota", "budget", "unavailable", "model", "unpriced", "too_large"
+    "rate", "concurrency", "quota", "budget", "unavailable", "model", "unpriced", "too_large",
+    "blocked",
 ]  # fmt: skip
 
 
@@ -88,6 +89,8 @@ class Decision:
     trace_id: str | None = None
     #: the request path (AI routes), for the charge record
     path: str | None = None
+    #: ``reason == "blocked"``: the operator's reason (``denied_by`` is "caller" or "tenant")
+    block_reason: str | None = None
 
     @property
     def caller_id(self) -> str | None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from quota_middleware.base._flows import drive_async, drive_sync
-from quota_middleware.base._keys import CallerKeys
+from quota_middleware.base._keys import CallerKeys, key_slot, slot_tags, tenant_controls
 from quota_middleware.base._periods import day_id, period_of
 from quota_middleware.base._request import RequestInfo
 from quota_middleware.base._scripts import Op, ScriptArg, ScriptCall, hash_pairs
@@ -145,6 +145,11 @@ class Admission:
         ] = {}
         # app budget name -> (period key, spent micros, limit micros, fetched at monotonic s)
         self._app_seen: dict[str, tuple[str, int, int, float]] = {}
+        # A tenant's block has one copy per cluster slot (base/_keys.py); the one a caller's
+        # admit reads is a pure function of its keys, so memoised. The slot table is built now,
+        # once per process, not on a first request.
+        self._tenant_keys: dict[str, str] = {}
+        slot_tags()
 
     def ai_route(self, info: RequestInfo) -> AIRoute | None:
         """The AI route this request is on, if any: the adapter then buffers its body first."""
@@ -248,6 +253,8 @@ class Admission:
         now_us = self.ctx.now_us() if ai is not None else None
         day = day_id(now_us, plan.zone) if now_us is not None else None
         if not limits:
+            # No store call at all, so no block read either (controls.py): a plan without limits
+            # stays free of round trips; give it a wide limit to make its callers blockable.
             self.ctx.stats.incr("allowed")
             return Decision(
                 allowed=True, request_id=rid, caller=caller, plan=plan.name, ai=ai, day=day,
@@ -292,8 +299,9 @@ class Admission:
         """The admit call, and for each limit what it would hold if admitted (charged amounts
         come from the reply)."""
         keys = CallerKeys(self.ctx.prefix, caller.tenant, caller.id)
+        tenant_key = self._tenant_key(keys, caller.tenant)
         if ai is None:
-            return self._plan_plain(keys, limits, weight, rid)
+            return self._plan_plain(keys, tenant_key, limits, weight, rid)
         key_list: list[str] = [keys.buckets]
         index: dict[str, int] = {}
         lease_us = int(ai.route.lease * 1_000_000)
@@ -314,7 +322,8 @@ class Admission:
             elif isinstance(lim, Concurrency):
                 assert lim.name is not None
                 key_list.append(keys.concurrency(lim.name))
-                args += [Op.SLOT, len(key_list), "", lim.max, int(lim.lease * 1_000_000), 1, 1]
+                args += [Op.SLOT, len(key_list), lim.name, lim.max, int(lim.lease * 1_000_000),
+                         1, 1]  # fmt: skip
                 holds.append(Hold(Op.SLOT, key_list[-1], lim.name, 0))
             else:
                 assert lim.name is not None and ai is not None
@@ -330,10 +339,29 @@ class Admission:
                 args += [Op.QUOTA, index[pkey], lim.name, lim.amount, end_us, cost, least]
                 holds.append(Hold(Op.QUOTA, pkey, lim.name, 0, unit, keys.ledger(pkey),
                                   lim.amount, tuple(lim.thresholds), pid[1:], end_us))  # fmt: skip
+        # the runtime controls (controls.py), read in this same call
+        key_list += [keys.controls, tenant_key]
+        args += ["a", len(key_list) - 1, len(key_list)]
         return ScriptCall("admit", tuple(key_list), tuple(args)), tuple(holds)
 
+    def _tenant_key(self, keys: CallerKeys, tenant: str) -> str:
+        """The copy of the tenant's controls this caller's admit reads: the one in the
+        caller's own cluster slot (a script touches one slot)."""
+        key = self._tenant_keys.get(keys.base)
+        if key is None:
+            key = tenant_controls(self.ctx.prefix, tenant, key_slot(keys.base))
+            if len(self._tenant_keys) >= 4096:
+                self._tenant_keys.clear()
+            self._tenant_keys[keys.base] = key
+        return key
+
     def _plan_plain(
-        self, keys: CallerKeys, limits: Sequence[Limit], weight: int, rid: str
+        self,
+        keys: CallerKeys,
+        tenant_key: str,
+        limits: Sequence[Limit],
+        weight: int,
+        rid: str,
     ) -> tuple[ScriptCall, tuple[Hold, ...]]:
         """``plan_admit`` for request and concurrency limits: everything but the time, the
         request id and the caller's key names is fixed by the configuration, so it is built
@@ -358,17 +386,23 @@ class Admission:
                     ]
                 elif isinstance(lim, Concurrency):
                     slots.append(lim.name)
-                    tail += [Op.SLOT, len(slots) + 1, "", lim.max, int(lim.lease * 1_000_000), 1, 1]
+                    tail += [Op.SLOT, len(slots) + 1, lim.name, lim.max,
+                             int(lim.lease * 1_000_000), 1, 1]  # fmt: skip
+            # the runtime controls: the two keys after the slots' (controls.py)
+            tail += ["", len(slots) + 2, len(slots) + 3]
             encoded = tuple(str(a).encode() if not isinstance(a, bytes) else a for a in tail)
             cached = (limits, (b"0", str(len(limits)).encode(), *encoded), tuple(slots))
             if len(self._plain_seen) >= 1024:
                 self._plain_seen.clear()
             self._plain_seen[shape] = cached
         _, tail_bytes, slot_names = cached
-        key_list = (keys.buckets, *(keys.concurrency(name) for name in slot_names))
+        key_list = (
+            keys.buckets, *(keys.concurrency(name) for name in slot_names), keys.controls,
+            tenant_key,
+        )  # fmt: skip
         if slot_names:
             # aligned with ``limits``, as ``decide`` reads them by position
-            slot_keys = iter(key_list[1:])
+            slot_keys = iter(key_list[1:-2])
             holds = tuple(
                 Hold(Op.SLOT, next(slot_keys), lim.name or "", 0) if isinstance(lim, Concurrency)
                 else _NO_HOLD
@@ -390,20 +424,29 @@ class Admission:
         day: str | None = None,
     ) -> Decision:
         allowed, denied_idx, retry_us = int(reply[0]), int(reply[1]), int(reply[2])
+        if denied_idx < 0:
+            return self._blocked(rid, caller, plan, reply)
         now_us = int(reply[3])
         statuses = []
         held: list[Hold] = []
+        n = len(limits)
+        # the operator's overrides the script applied: limit index -> (p1, p2)
+        over: dict[int, tuple[int, int]] = {}
+        for j in range(4 + 3 * n, len(reply) - 2, 3):
+            over[int(reply[j]) - 1] = (int(reply[j + 1]), int(reply[j + 2]))
         for i, lim in enumerate(limits):
             remaining, reset_us, charged = (int(v) for v in reply[4 + 3 * i : 7 + 3 * i])
             denied = denied_idx == i + 1
             assert lim.name is not None
+            o = over.get(i) if over else None
             if isinstance(lim, RequestRate | TokenRate):
-                quota, window = lim.capacity, _ceil_s(lim.interval_us * lim.capacity)
+                interval, tau = o or (lim.interval_us, lim.interval_us * lim.capacity)
+                quota, window = tau // interval, _ceil_s(tau)
                 reset = _ceil_s(retry_us if denied and retry_us > 0 else reset_us)
             elif isinstance(lim, Concurrency):
-                quota, window, reset = lim.max, 0, 1 if denied else 0
+                quota, window, reset = o[0] if o else lim.max, 0, 1 if denied else 0
             else:
-                quota, reset = lim.amount, _ceil_s(reset_us)
+                quota, reset = o[0] if o else lim.amount, _ceil_s(reset_us)
                 window = 86400 if lim.period == "day" else 86400 * 30
             statuses.append(
                 LimitStatus(lim.name, lim.kind, quota, window, max(0, remaining), reset,
@@ -411,10 +454,17 @@ class Admission:
             )  # fmt: skip
             if holds and charged > 0 and not isinstance(lim, RequestRate):
                 h = holds[i]
-                held.append(Hold(h.kind, h.key, h.name, charged, h.param, h.ledger, h.amount,
+                param, amount = h.param, h.amount
+                if o is not None:  # settle and the hard stop count against the operator's number
+                    param, amount = (o[0], amount) if h.kind == Op.BUCKET else (param, o[0])
+                held.append(Hold(h.kind, h.key, h.name, charged, param, h.ledger, amount,
                                  h.thresholds, h.period, h.until_us))  # fmt: skip
             elif holds and isinstance(lim, TokenQuota | Budget):
-                held.append(holds[i])  # nothing reserved (tokens-only), still charged at settle
+                h = holds[i]
+                if o is not None:
+                    h = Hold(h.kind, h.key, h.name, h.charged, h.param, h.ledger, o[0],
+                             h.thresholds, h.period, h.until_us)  # fmt: skip
+                held.append(h)  # nothing reserved (tokens-only), still charged at settle
         del now_us
         if allowed:
             self.ctx.stats.incr("allowed")
@@ -446,6 +496,19 @@ class Admission:
             allowed=plan.shadow, request_id=rid, caller=caller, plan=plan.name, limited=True,
             denied_by=denier.name, reason=reason, retry_after=retry_after, shadow=plan.shadow,
             statuses=tuple(statuses), ai=ai if plan.shadow else None, day=day,
+        )  # fmt: skip
+
+    def _blocked(self, rid: str, caller: Caller, plan: Plan, reply: Sequence[Any]) -> Decision:
+        """An operator's block (controls.py): refused even on a shadow plan, since it is no
+        limit of the plan but an order."""
+        retry_us = int(reply[2])
+        why, who = (v.decode() if isinstance(v, bytes) else str(v) for v in reply[4:6])
+        self.ctx.stats.incr("denied")
+        self.ctx.stats.incr("denied_blocked")
+        return Decision(
+            allowed=False, request_id=rid, caller=caller, plan=plan.name, limited=True,
+            denied_by=who, reason="blocked", block_reason=why,
+            retry_after=max(1, _ceil_s(retry_us)) if retry_us > 0 else None,
         )  # fmt: skip
 
     def _refuse(

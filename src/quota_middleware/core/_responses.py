@@ -119,6 +119,16 @@ def denied(decision: Decision) -> Response:
             "service_unavailable", "quota_store_unavailable",
         )  # fmt: skip
         return _json(503, body, headers)
+    if reason == "blocked":
+        # an operator's order, not a pace: no RateLimit headers, and SDKs must not retry
+        who = "This caller's tenant" if decision.denied_by == "tenant" else "This caller"
+        message = f"{who} is blocked: {decision.block_reason or 'no reason given'}."
+        headers = [(b"x-should-retry", b"false")]
+        if decision.retry_after is not None:
+            headers.append((b"retry-after", str(decision.retry_after).encode()))
+        body = _error(message, "permission_error", "caller_blocked",
+                      reason=decision.block_reason, blocked=decision.denied_by)  # fmt: skip
+        return _json(403, body, headers)
     if reason in ("model", "unpriced"):
         why = "is not allowed on your plan" if reason == "model" else "has no price configured"
         body = _error(f"The {decision.denied_by} {why}.", "invalid_request_error",

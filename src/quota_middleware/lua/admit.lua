@@ -19,14 +19,46 @@
 --        hash keeps each reservation as field "r|<id>" = "name=amount,...". Expired
 --        reservations are given back here, so a dead worker's reservation frees itself.
 --   A limit charges min(cost, available) and admits when available >= min_cost, so a reservation
---   never exceeds what is left; for request limits min_cost == cost.
+--   never exceeds what is left; for request limits min_cost == cost. The field of a "c" limit is
+--   its name (only overrides read it).
+-- then, optionally, the runtime controls (controls.py), 3 values after the limits:
+--          route class ("a": an AI route), caller controls key index, tenant controls key index
+--          (0: none). The caller's hash holds "block" = "until_us|scope|reason" (until 0: no end;
+--          scope "ai" blocks AI routes only) and "o|<limit name>" = "until_us|p1|p2" (p2 may be
+--          empty: kept), the operator's numbers used instead of the plan's. The tenant's key
+--          holds its own "block" field. An expired field counts as absent.
 -- returns {allowed, denied_index (0 if none), retry_us (-1: can never fit), now_us,
---          then per limit: remaining, reset_us, charged}
+--          then per limit: remaining, reset_us, charged, then per overridden limit: index, p1, p2}
+--         or, blocked: {0, -1, retry_us (-1: until unblocked), now_us, reason, "caller"|"tenant"}
 
 -- #include prelude/now.lua
 local rid = ARGV[2]
 local lease = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
+
+-- runtime controls: a block refuses before anything is read or charged
+local ctl = {}
+local c0 = 4 + n * 7
+if ARGV[c0 + 2] then
+  local ai = ARGV[c0 + 1] == 'a'
+  local function block(v, who)
+    if not v then return nil end
+    local u, scope, why = string.match(v, '^(%d+)|(%a*)|(.*)$')
+    u = tonumber(u)
+    if not u or (u > 0 and u <= now) or (scope == 'ai' and not ai) then return nil end
+    return {0, -1, u > 0 and u - now or -1, now, why, who}
+  end
+  local flat = redis.call('HGETALL', KEYS[tonumber(ARGV[c0 + 2])])
+  for j = 1, #flat, 2 do ctl[flat[j]] = flat[j + 1] end
+  local b = block(ctl['block'], 'caller')
+  if b then return b end
+  local t = tonumber(ARGV[c0 + 3])
+  if t > 0 then
+    b = block(redis.call('HGET', KEYS[t], 'block'), 'tenant')
+    if b then return b end
+  end
+end
+local overridden = {}
 
 -- give back reservations whose lease ended without a settle (their worker died)
 local swept = {}
@@ -67,6 +99,16 @@ for i = 1, n do
   local p2 = tonumber(ARGV[base + 5])
   local cost = tonumber(ARGV[base + 6])
   local min_cost = tonumber(ARGV[base + 7])
+  local o = ctl['o|' .. f]
+  if o then
+    local u, o1, o2 = string.match(o, '^(%d+)|(%d+)|(%d*)$')
+    u = tonumber(u)
+    if u and (u == 0 or u > now) then
+      p1 = tonumber(o1)
+      if o2 ~= '' then p2 = tonumber(o2) end
+      overridden[#overridden + 1] = {i, p1, p2}
+    end
+  end
   local remaining, reset, charged, wait = 0, 0, 0, 0
   local before_remaining, before_reset
 
@@ -149,6 +191,9 @@ if denied > 0 then
       out[o + 3] = 0
     end
   end
+  for _, v in ipairs(overridden) do
+    out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = v[3]
+  end
   return out
 end
 
@@ -182,5 +227,8 @@ for key, h in pairs(held) do
 end
 for key, ms in pairs(ttl) do
   if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+for _, v in ipairs(overridden) do
+  out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = v[3]
 end
 return out
