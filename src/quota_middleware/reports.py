@@ -17,7 +17,7 @@ from quota_middleware.base._flows import drive_async, drive_sync
 from quota_middleware.base._keys import CallerKeys
 from quota_middleware.base._periods import period_of
 from quota_middleware.base._protocols import AsyncBackend, SyncBackend
-from quota_middleware.base._scripts import ScriptCall, hash_pairs
+from quota_middleware.base._scripts import ScriptCall, as_str, hash_pairs
 from quota_middleware.config import Plan, QuotaConfig
 from quota_middleware.errors import BackendMismatch
 from quota_middleware.limits import Budget, TokenQuota
@@ -90,6 +90,23 @@ class Remaining:
         return "usd_micros" if self.kind == "budget" else "tokens"
 
 
+def _overrides(flat: Any, now_us: int) -> dict[str, int]:
+    """``o|<name>`` fields of a controls hash (``"until_us|p1|p2"``) still in force: name -> p1."""
+    out: dict[str, int] = {}
+    for i in range(0, len(flat) - 1, 2):
+        field = as_str(flat[i])
+        if not field.startswith("o|"):
+            continue
+        parts = as_str(flat[i + 1]).split("|")
+        try:
+            until, p1 = int(parts[0]), int(parts[1])
+        except (IndexError, ValueError):
+            continue
+        if until == 0 or until > now_us:
+            out[field[2:]] = p1
+    return out
+
+
 class UsageReader:
     """Reads usage records and remaining quotas for callers of ``config``."""
 
@@ -131,8 +148,11 @@ class UsageReader:
         key_names = sorted({keys.period(pid) for pid, _ in periods})
         if not key_names:
             return []
-        reply = yield ScriptCall("read", tuple(key_names), ())
+        # the operator's overrides (controls.py) in the same read, so the limit shown is the
+        # one admit uses (their expiry judged on this machine's clock, not the store's)
+        reply = yield ScriptCall("read", (*key_names, keys.controls), ())
         values = {k: hash_pairs(flat) for k, flat in zip(key_names, reply, strict=False)}
+        over = _overrides(reply[-1] if len(reply) > len(key_names) else [], now_us)
         out = []
         for lim, (pid, end_us) in zip(limits, periods, strict=True):
             assert lim.name is not None
@@ -142,7 +162,7 @@ class UsageReader:
                     name=lim.name,
                     kind=lim.kind,
                     period=pid[1:],
-                    limit=lim.amount,
+                    limit=over.get(lim.name, lim.amount),
                     used=used,
                     resets_at=datetime.fromtimestamp(end_us / 1_000_000, UTC),
                 )

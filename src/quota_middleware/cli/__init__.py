@@ -9,8 +9,8 @@ were charged from estimates) and what is left of its token quota and budget; it 
 checkout (``examples/``) and the ``examples`` extra (``pip install -e '.[examples]'``).
 
 Modules: :mod:`._common` (shared options, policy and store access, output), one per command
-(:mod:`.keys`, :mod:`.usage`, :mod:`.check`, :mod:`.alerts`, :mod:`.demo`) and ``__main__``
-(``python -m quota_middleware.cli``).
+(:mod:`.keys`, :mod:`.limits`, :mod:`.usage`, :mod:`.check`, :mod:`.alerts`, :mod:`.demo`) and
+``__main__`` (``python -m quota_middleware.cli``).
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ from quota_middleware.cli.keys import (
     run_keys_revoke,
     run_keys_rotate,
 )
+from quota_middleware.cli.limits import (
+    _limits_arguments,
+    run_limits_block,
+    run_limits_set,
+    run_limits_show,
+    run_limits_unblock,
+    run_limits_unset,
+)
 from quota_middleware.cli.serve import _serve_arguments, run_serve
 from quota_middleware.cli.usage import (
     APP_COLUMNS,
@@ -104,6 +112,11 @@ __all__ = [
     "run_keys_list",
     "run_keys_revoke",
     "run_keys_rotate",
+    "run_limits_block",
+    "run_limits_set",
+    "run_limits_show",
+    "run_limits_unblock",
+    "run_limits_unset",
     "run_serve",
     "run_usage",
 ]
@@ -116,6 +129,11 @@ def _need_action(args: argparse.Namespace) -> int:  # pragma: no cover - argpars
 
 COMMANDS: dict[str, tuple[str, AddArguments, Runner]] = {
     "keys": ("create, list, revoke and rotate API keys", _keys_arguments, _need_action),
+    "limits": (
+        "a caller's runtime controls: show, set, unset, block, unblock",
+        _limits_arguments,
+        _need_action,
+    ),
     "usage": ("top callers, one caller's usage, app budgets", _usage_arguments, run_usage),
     "check": ("validate a policy file and print what it resolves to", _check_arguments, run_check),
     "alerts": ("alert delivery worker, outbox tail, test event", _alerts_arguments, _need_action),
