@@ -15,8 +15,8 @@ The servers run the example policy plus the test-only plans in ``tests/data/sdk_
 from __future__ import annotations
 
 import contextlib
-import gzip
 import dataclasses
+import gzip
 import json
 import os
 import subprocess
