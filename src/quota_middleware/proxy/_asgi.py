@@ -12,6 +12,9 @@ from typing import Any
 
 import httpx
 
+# the middleware's own bounded body reader: the same rules (a declared length over the limit is
+# refused before anything is read)
+from quota_middleware.asgi import _read_body as read_body
 from quota_middleware.config import QuotaConfig, load_config
 from quota_middleware.core._exchange import METER_KEY
 from quota_middleware.errors import ConfigurationError
@@ -146,7 +149,7 @@ class AIProxy:
             return
         if scope["type"] != "http":
             return
-        body = await _read_body(receive, self.config.max_body)
+        body = await read_body(scope, receive, self.config.max_body)
         if body is None:
             await _answer(send, error(413, "request_too_large", "the request body is too large"))
             return
@@ -321,23 +324,6 @@ def _path_under_mount(scope: Scope) -> str:
     if root and path.startswith(root):
         path = path[len(root) :]
     return path
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
 
 
 async def _disconnected(receive: Receive) -> None:
