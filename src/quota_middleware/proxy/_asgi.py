@@ -30,7 +30,7 @@ from quota_middleware.proxy._plan import (
     response_headers,
 )
 
-__all__ = ["AIProxy", "proxy_config"]
+__all__ = ["AIProxy", "client_options", "policy_path", "proxy_config"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -65,13 +65,29 @@ def check_http2(config: ProxyConfig) -> None:
             raise ConfigurationError("proxy.http2", "needs: pip install 'httpx[http2]'")
 
 
-def timeouts(config: ProxyConfig) -> httpx.Timeout:
-    return httpx.Timeout(
-        connect=config.connect_timeout,
-        read=config.read_timeout,
-        write=config.write_timeout,
-        pool=config.connect_timeout,
-    )
+def client_options(config: ProxyConfig, transport: Any) -> dict[str, Any]:
+    """What the pooled httpx client of either driver is built with."""
+    return {
+        "timeout": httpx.Timeout(
+            connect=config.connect_timeout,
+            read=config.read_timeout,
+            write=config.write_timeout,
+            pool=config.connect_timeout,
+        ),
+        "limits": httpx.Limits(max_keepalive_connections=config.max_connections),
+        "http2": config.http2,
+        "transport": transport,
+        "follow_redirects": False,  # a redirect could lead anywhere: never followed
+        "trust_env": False,  # no .netrc credentials or environment proxies
+    }
+
+
+def policy_path() -> str:
+    """The policy file named by ``QUOTA_POLICY`` (``from_env``, the gateway's factory)."""
+    path = os.environ.get("QUOTA_POLICY")
+    if not path:
+        raise ConfigurationError("QUOTA_POLICY", "set it to the policy file's path")
+    return path
 
 
 def transport_error(e: Exception) -> Refusal:
@@ -112,25 +128,14 @@ class AIProxy:
     @classmethod
     def from_env(cls, **kwargs: Any) -> AIProxy:
         """The proxy of the policy file named by ``QUOTA_POLICY``."""
-        path = os.environ.get("QUOTA_POLICY")
-        if not path:
-            raise ConfigurationError("QUOTA_POLICY", "set it to the policy file's path")
-        return cls(path, **kwargs)
+        return cls(policy_path(), **kwargs)
 
     def client(self) -> httpx.AsyncClient:
         """This event loop's pooled client (a connection belongs to the loop that opened it)."""
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None or client.is_closed:
-            cfg = self.config
-            client = httpx.AsyncClient(
-                timeout=timeouts(cfg),
-                limits=httpx.Limits(max_keepalive_connections=cfg.max_connections),
-                http2=cfg.http2,
-                transport=self._transport,
-                follow_redirects=False,  # a redirect could lead anywhere: never followed
-                trust_env=False,  # no .netrc credentials or environment proxies
-            )
+            client = httpx.AsyncClient(**client_options(self.config, self._transport))
             self._clients[loop] = client
         return client
 
@@ -155,19 +160,7 @@ class AIProxy:
             return
         state = scope.get("state") or {}
         meter = state.get(METER_KEY)
-        plan = plan_request(
-            self.config,
-            self.keys,
-            method=scope["method"],
-            raw_path=_path_under_mount(scope),
-            query=bytes(scope.get("query_string") or b"").decode("latin-1"),
-            headers=[
-                (bytes(k).decode("latin-1").lower(), bytes(v).decode("latin-1"))
-                for k, v in scope.get("headers") or ()
-            ],  # fmt: skip
-            body=body,
-            metered=meter is not None,
-        )
+        plan = self._plan(scope, scope["method"], body, metered=meter is not None)
         if isinstance(plan, Refusal):
             await _answer(send, plan)
             return
@@ -188,6 +181,21 @@ class AIProxy:
             relay.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await relay
+
+    def _plan(self, scope: Scope, method: str, body: bytes, *, metered: bool) -> Outbound | Refusal:
+        return plan_request(
+            self.config,
+            self.keys,
+            method=method,
+            raw_path=_path_under_mount(scope),
+            query=bytes(scope.get("query_string") or b"").decode("latin-1"),
+            headers=[
+                (bytes(k).decode("latin-1").lower(), bytes(v).decode("latin-1"))
+                for k, v in scope.get("headers") or ()
+            ],
+            body=body,
+            metered=metered,
+        )
 
     async def _forward(
         self, plan: Outbound, send: Send, meter: Callable[[bytes], None] | None
@@ -236,13 +244,7 @@ class AIProxy:
         ways, until either side closes; the middleware in front meters what the app sends."""
         if (await receive())["type"] != "websocket.connect":
             return
-        plan = plan_request(
-            self.config, self.keys, method="WEBSOCKET", raw_path=_path_under_mount(scope),
-            query=bytes(scope.get("query_string") or b"").decode("latin-1"),
-            headers=[(bytes(k).decode("latin-1").lower(), bytes(v).decode("latin-1"))
-                     for k, v in scope.get("headers") or ()],
-            body=b"", metered=False,
-        )  # fmt: skip
+        plan = self._plan(scope, "WEBSOCKET", b"", metered=False)
         if isinstance(plan, Refusal):
             await send({"type": "websocket.close", "code": 1008, "reason": str(plan.status)})
             return

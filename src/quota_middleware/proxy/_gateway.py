@@ -16,7 +16,7 @@ from typing import Any
 from quota_middleware.asgi import QuotaMiddleware, Receive, Scope, Send
 from quota_middleware.config import load_config
 from quota_middleware.errors import ConfigurationError
-from quota_middleware.proxy._asgi import AIProxy
+from quota_middleware.proxy._asgi import AIProxy, policy_path
 from quota_middleware.proxy._plan import error
 
 __all__ = ["Gateway", "create_app"]
@@ -104,7 +104,4 @@ async def _reply(send: Send, status: int, body: bytes, content_type: str) -> Non
 
 def create_app() -> Gateway:
     """The gateway of the policy named by ``QUOTA_POLICY`` (uvicorn's ``--factory`` entry)."""
-    path = os.environ.get("QUOTA_POLICY")
-    if not path:
-        raise ConfigurationError("QUOTA_POLICY", "set it to the policy file's path")
-    return Gateway(path)
+    return Gateway(policy_path())

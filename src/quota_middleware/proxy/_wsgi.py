@@ -15,8 +15,9 @@ from quota_middleware.core._exchange import METER_KEY
 from quota_middleware.proxy._asgi import (
     KEY_ID,
     check_http2,
+    client_options,
+    policy_path,
     proxy_config,
-    timeouts,
     transport_error,
 )
 from quota_middleware.proxy._config import ProxyConfig
@@ -57,23 +58,12 @@ class WSGIAIProxy:
         self.config = proxy_config(config)
         check_http2(self.config)
         self.keys = KeyRing(self.config)
-        self.client = httpx.Client(
-            timeout=timeouts(self.config),
-            limits=httpx.Limits(max_keepalive_connections=self.config.max_connections),
-            http2=self.config.http2,
-            transport=transport,
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self.client = httpx.Client(**client_options(self.config, transport))
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> WSGIAIProxy:
-        path = os.environ.get("QUOTA_POLICY")
-        if not path:
-            from quota_middleware.errors import ConfigurationError
-
-            raise ConfigurationError("QUOTA_POLICY", "set it to the policy file's path")
-        return cls(path, **kwargs)
+        """The proxy of the policy file named by ``QUOTA_POLICY``."""
+        return cls(policy_path(), **kwargs)
 
     def close(self) -> None:
         self.client.close()
