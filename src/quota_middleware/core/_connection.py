@@ -42,7 +42,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -50,9 +50,9 @@ from quota_middleware.base._periods import day_id
 from quota_middleware.base._request import RequestInfo
 from quota_middleware.base._scripts import Op, ScriptArg, ScriptCall
 from quota_middleware.config import AIRoute, QuotaConfig
-from quota_middleware.core._decision import Charge, Decision
+from quota_middleware.core._decision import Charge, Decision, Reason
 from quota_middleware.core._engine import Engine
-from quota_middleware.core._meter import Meter, prepare, price_table
+from quota_middleware.core._meter import Meter
 from quota_middleware.core._responses import (
     RawHeaders,
     Response,
@@ -60,7 +60,12 @@ from quota_middleware.core._responses import (
     denied,
     unauthorized,
 )
-from quota_middleware.errors import ConfigurationError, IdentificationError, StorageError
+from quota_middleware.errors import (
+    ConfigurationError,
+    IdentificationError,
+    ModelNotAllowed,
+    StorageError,
+)
 from quota_middleware.limits import Budget, Concurrency, TokenQuota, TokenRate, parse_rate
 from quota_middleware.metering.pricing import UnpricedModel
 
@@ -265,13 +270,14 @@ class Connection:
         self._turns += 1
         rid = f"{conn.request_id}.{self._turns}"
         body = json.dumps({"model": self.model} if self.model else {}).encode()
-        table, default = price_table(engine.config)
         try:
-            ai = prepare(route, self.info.path, body, plan, engine.config, table, default,
-                         budgeted=any(isinstance(lim, Budget) for lim in plan.limits))  # fmt: skip
-        except UnpricedModel:
+            # the admission's own estimate and price (its price table and learned margins),
+            # as for an HTTP request with this body
+            ai = engine.admission._prepare(route, replace(self.info, body=body), plan)
+        except (UnpricedModel, ModelNotAllowed) as e:
+            reason: Reason = "unpriced" if isinstance(e, UnpricedModel) else "model"
             return Decision(allowed=False, request_id=rid, caller=caller, plan=plan.name,
-                            reason="unpriced")  # fmt: skip
+                            reason=reason)  # fmt: skip
         limits = [
             lim for lim in plan.limits
             if isinstance(lim, TokenRate | TokenQuota | Budget)
