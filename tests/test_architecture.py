@@ -62,6 +62,7 @@ LAYERS: list[tuple[str, int]] = [
     # what runs beside the core: reading usage, delivering alerts, metrics
     ("reports", 15),
     ("controls", 15),
+    ("_fleet", 15),  # reports over every caller: SCANs and the app-wide rollups
     ("alerts", 15),
     ("metrics", 15),
     # the adapters, then the command line and the package's public face
