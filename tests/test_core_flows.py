@@ -139,6 +139,7 @@ AI_LIMITS = (
 
 def ai_config(*limits: Any, plan: dict[str, Any] | None = None, **kw: Any) -> QuotaConfig:
     kw.setdefault("learn_input_margins", False)  # no margins sync call unless a test wants one
+    kw.setdefault("rollups", False)  # no rollup call either (test_settle_writes_the_app_rollups)
     return QuotaConfig(
         plans=[Plan(name="p", limits=list(limits or AI_LIMITS), **(plan or {}))],
         ai_routes=[AIRoute(path=PATH, format="openai-chat", default_output_tokens=100)], **kw,
@@ -417,6 +418,38 @@ def test_app_budgets_are_charged_in_a_second_call_on_their_own_keys() -> None:
     ]
     # nothing spent: no app call
     assert e.plan_app_settle(d, 0) is None
+
+
+def test_settle_writes_the_app_rollups_in_the_app_call() -> None:
+    cfg = ai_config(TokenQuota(tokens=10_000, name="tpd"), rollups=True,
+                    app_budgets=[AppBudget(usd=10, period="day", name="app", thresholds=[],
+                                           hard_stop=False)])  # fmt: skip
+    e = engine(cfg)
+    d = admitted_ai(e, 40)
+    usage = Usage(input_tokens=10, output_tokens=20, model="gpt-4o-mini", estimated=True)
+    _, app = run(e.settle(d, usage, 77), [1], [1])[0]
+    r = "qm:{@app}:r:2023-11-14"
+    assert app.keys[3:] == (r, f"{r}:cost", f"{r}:tokens", f"{r}:requests", f"{r}:tenants",
+                            "qm:{@app}:r:2023-11:cost")  # fmt: skip
+    keep = cfg.usage_retention_days * 86_400_000
+    member = "default:" + IP
+    assert ops(app)[2:] == [
+        # the same fields as the caller's usage record, summed over the app
+        ("u", 4, "gpt-4o-mini|requests", keep, 1),
+        ("u", 4, "gpt-4o-mini|input", keep, 10),
+        ("u", 4, "gpt-4o-mini|output", keep, 20),
+        ("u", 4, "gpt-4o-mini|cost", keep, 77),
+        ("u", 4, "gpt-4o-mini|estimated", keep, 1),
+        ("r", 5, member, keep, 77),
+        ("r", 6, member, keep, 30),
+        ("r", 7, member, keep, 1),
+        ("r", 8, "default", keep, 77),
+        ("r", 9, member, keep, 77),
+    ]
+    # a free request still counts (requests, tokens) but ranks nothing by cost, charges no budget
+    _, app = run(e.settle(admitted_ai(e, 40), usage, 0), [1], [1])[0]
+    assert [op[0] for op in ops(app)] == ["u"] * 4 + ["r", "r"]
+    assert e.plan_app_settle(d, 0) is None  # no usage to roll up, nothing spent
 
 
 def test_a_threshold_in_the_settle_reply_is_an_event_sent_to_the_outbox() -> None:

@@ -4,6 +4,7 @@ request path. ``quota-middleware usage top`` and ``usage budgets`` read through 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,9 +14,9 @@ from zoneinfo import ZoneInfo
 
 from quota_middleware.backends._memstore import MemoryStore
 from quota_middleware.base._flows import drive_sync
-from quota_middleware.base._keys import caller_tag, period_name
+from quota_middleware.base._keys import AppKeys, caller_tag, period_name, tenant_member
 from quota_middleware.base._protocols import SyncBackend
-from quota_middleware.base._scripts import ScriptCall, hash_pairs
+from quota_middleware.base._scripts import ScriptCall, as_str, hash_pairs
 from quota_middleware.config import QuotaConfig
 from quota_middleware.errors import BackendMismatch, InvalidArgument
 from quota_middleware.reports import COUNTER_FIELDS, Counters
@@ -24,6 +25,10 @@ __all__ = [
     "AppBudgetStatus",
     "CallerTotals",
     "app_budget_status",
+    "daily_totals",
+    "period_days",
+    "ranked",
+    "ranked_tenants",
     "read_hashes",
     "scan_keys",
     "top_callers",
@@ -135,16 +140,33 @@ def read_hashes(source: Any, keys: Sequence[str]) -> list[dict[str, int]]:
     return out
 
 
-def _period_days(
-    config: QuotaConfig, period: str, now: datetime | None, zone: str | None
+def period_days(
+    config: QuotaConfig,
+    period: str = "day",
+    now: datetime | None = None,
+    zone: str | None = None,
 ) -> tuple[str, list[str]]:
+    """The id of the ``day``, ISO ``week`` (Monday first) or calendar ``month`` that holds
+    ``now`` (default: now) in ``zone`` (default: the default plan's time zone), and its days so
+    far: ``("2026-12-03", [...])``, ``("2026-W49", [...])``, ``("2026-12", [...])``."""
     tz = ZoneInfo(zone) if zone is not None else config.plan(None).zone
     today = (now or datetime.now(UTC)).astimezone(tz).date()
     if period == "day":
         return today.isoformat(), [today.isoformat()]
-    first = today.replace(day=1)
+    if period == "week":
+        first = today - timedelta(days=today.weekday())
+        year, week, _ = today.isocalendar()
+        pid = f"{year}-W{week:02d}"
+    elif period == "month":
+        first = today.replace(day=1)
+        pid = f"{today:%Y-%m}"
+    else:
+        raise InvalidArgument("period must be 'day', 'week' or 'month'")
     days = [(first + timedelta(days=i)).isoformat() for i in range((today - first).days + 1)]
-    return f"{today:%Y-%m}", days
+    return pid, days
+
+
+_period_days = period_days  # (top_callers' name for it)
 
 
 def top_callers(
@@ -252,3 +274,137 @@ def app_budget_status(
 def _read_flow(keys: tuple[str, ...]) -> Generator[ScriptCall, Any, Any]:
     reply = yield ScriptCall("read", keys, ())
     return reply
+
+
+# -- the app's rollups: written by every settle (``core._settlement``), read without a SCAN ------
+_METRICS = ("cost", "tokens", "requests")
+
+
+def daily_totals(
+    backend: SyncBackend, config: QuotaConfig, days: Sequence[str]
+) -> dict[str, dict[str, Counters]]:
+    """The whole app's usage on each of ``days``, per model (days without usage are absent):
+    one read of the app's rollup keys, whatever the number of callers."""
+    keys = AppKeys(config.storage.prefix)
+    names = tuple(keys.rollup(day) for day in days)
+    reply = drive_sync(_read_flow(names), backend) if names else []
+    out: dict[str, dict[str, Counters]] = {}
+    for day, flat in zip(days, reply, strict=False):
+        models = _by_model(hash_pairs(flat))
+        if models:
+            out[day] = models
+    return out
+
+
+def ranked(
+    backend: SyncBackend,
+    config: QuotaConfig,
+    days: Sequence[str],
+    *,
+    by: str = "cost",
+    limit: int = 20,
+    tenant: str | None = None,
+) -> tuple[list[CallerTotals], int]:
+    """The ``limit`` callers with the most ``cost``, ``tokens`` (input + output) or
+    ``requests`` over ``days`` (their full counters summed over those days and every model),
+    and how many distinct callers had usage then. Reads the app's rankings (a month's by
+    cost is kept whole; other spans are summed by Redis in the same call), then each top
+    caller's own usage records: no SCAN. With ``tenant``, only that tenant's callers (the
+    ranking is read whole then: meant for tenants of a modest number of callers)."""
+    if by not in _METRICS:
+        raise InvalidArgument("by must be 'cost', 'tokens' or 'requests'")
+    if limit < 1:
+        raise InvalidArgument("limit must be >= 1")
+    if not days:
+        return [], 0
+    prefix = config.storage.prefix
+    keys = AppKeys(prefix)
+    sources = [keys.ranking(day, by) for day in days]
+    if by == "cost" and len(days) > 1 and _is_month_so_far(days):
+        sources = [keys.ranking(days[0][:7], "cost")]
+    want = limit if tenant is None else 1_000_000
+    count, top = _rank(backend, keys, sources, want)
+    if tenant is not None:
+        part = tenant_member(tenant)
+        top = [(m, v) for m, v in top if m.split(":", 1)[0] == part]
+        count = len(top)
+        top = top[:limit]
+    members = [m for m, _ in top]
+    usage_keys = [f"{prefix}:{{{m}}}:u:{day}" for m in members for day in days]
+    hashes = read_hashes(backend, usage_keys)
+    rows: list[CallerTotals] = []
+    for i, member in enumerate(members):
+        acc: dict[str, int] = {}
+        models: set[str] = set()
+        seen: list[str] = []
+        for j, day in enumerate(days):
+            fields = hashes[i * len(days) + j]
+            if fields:
+                seen.append(day)
+            for model, counters in _by_model(fields).items():
+                models.add(model)
+                for attr in COUNTER_FIELDS.values():
+                    acc[attr] = acc.get(attr, 0) + getattr(counters, attr)
+        t, _, c = member.partition(":")
+        rows.append(
+            CallerTotals(tenant=t, caller=c, models=tuple(sorted(models)), days=tuple(seen), **acc)
+        )
+    return rows, count
+
+
+def ranked_tenants(
+    backend: SyncBackend, config: QuotaConfig, days: Sequence[str], *, limit: int = 20
+) -> list[tuple[str, int]]:
+    """The ``limit`` tenants that spent the most over ``days``: (tenant, micro-USD)."""
+    if limit < 1:
+        raise InvalidArgument("limit must be >= 1")
+    if not days:
+        return []
+    keys = AppKeys(config.storage.prefix)
+    _, top = _rank(backend, keys, [keys.ranking(day, "tenants") for day in days], limit)
+    return top
+
+
+def _month_days(month: str) -> list[str]:
+    first = datetime.strptime(month + "-01", "%Y-%m-%d").date()
+    out, day = [], first
+    while day.month == first.month:
+        out.append(day.isoformat())
+        day += timedelta(days=1)
+    return out
+
+
+def _is_month_so_far(days: Sequence[str]) -> bool:
+    """``days`` are a month's first days, in order, up to today: the month's ranking then
+    holds their sum (it has nothing of later days yet). "Today" is the UTC date less one day,
+    so a month so far in any zone qualifies; a plan whose zone is ahead of the one the days
+    were counted in can have added a few minutes of the next day."""
+    month = days[0][:7]
+    whole = _month_days(month)
+    yesterday = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
+    return list(days) == whole[: len(days)] and days[-1] >= yesterday
+
+
+def _rank(
+    backend: SyncBackend, keys: AppKeys, sources: Sequence[str], limit: int
+) -> tuple[int, list[tuple[str, int]]]:
+    scratch = f"{keys.base}:r:sum:{uuid.uuid4().hex}"
+    reply = drive_sync(_rank_flow((scratch, *sources), limit), backend)
+    count, flat = int(reply[0]), reply[1:]
+    pairs = [(as_str(flat[i]), int(float(as_str(flat[i + 1])))) for i in range(0, len(flat), 2)]
+    return count, pairs
+
+
+def _rank_flow(keys: tuple[str, ...], limit: int) -> Generator[ScriptCall, Any, Any]:
+    reply = yield ScriptCall("rank", keys, (limit,))
+    return reply
+
+
+def _by_model(fields: dict[str, int]) -> dict[str, Counters]:
+    acc: dict[str, dict[str, int]] = {}
+    for name, value in fields.items():
+        model, _, counter = name.rpartition("|")
+        attr = COUNTER_FIELDS.get(counter)
+        if attr is not None and model:
+            acc.setdefault(model, {})[attr] = value
+    return {model: Counters(**values) for model, values in sorted(acc.items())}

@@ -289,6 +289,10 @@ class QuotaConfig:
     app_budgets: Sequence[AppBudget] = ()
     #: flag callers whose hourly usage jumps far above their own average
     spikes: SpikeRule | None = None
+    #: keep the app-wide rollups (each day's usage per model, the rankings of callers and
+    #: tenants) that the dashboard, the digest and the admin API read; off saves the settle's
+    #: second call when there are no app budgets, and those reports then SCAN every caller
+    rollups: bool = True
     #: where alert events go (:class:`quota_middleware.alerts.AlertsConfig`); None: the outbox
     #: only, for a separate ``quota-middleware alerts run`` worker or ``alerts tail``
     alerts: Any = None
@@ -431,6 +435,7 @@ class QuotaConfig:
                 "usage_retention_days",
                 "input_margins",
                 "learn_input_margins",
+                "rollups",
             )  # fmt: skip
             if k in data
         }

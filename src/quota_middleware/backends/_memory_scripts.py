@@ -293,6 +293,9 @@ def settle(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list
         elif kind == "u":
             store.hincrby(key, f, p2)
             store.pexpire(key, p1)
+        elif kind == "r":
+            store.zadd(key, (store.zscore(key, f) or 0.0) + p2, f)
+            store.pexpire(key, p1)
         elif kind == "e":
             if store.exists(key) and store.pttl(key) < p1:
                 store.pexpire(key, p1)
@@ -439,6 +442,19 @@ def read(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[l
         for f, v in store.hgetall(key).items():
             flat += [f.encode(), v]
         out.append(flat)
+    return out
+
+
+def rank(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[Any]:
+    total: dict[str, float] = {}
+    for key in keys[1:]:
+        for member, score in store.zrangebyscore(key, float("-inf"), float("inf")):
+            total[member] = total.get(member, 0.0) + score
+    # ZREVRANGE: by score, then by member, both descending
+    top = sorted(total.items(), key=lambda t: (t[1], t[0]), reverse=True)[: _i(argv[0])]
+    out: list[Any] = [len(total)]
+    for member, score in top:
+        out += [member.encode(), str(int(score)).encode()]
     return out
 
 

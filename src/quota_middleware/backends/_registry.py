@@ -37,6 +37,7 @@ SCRIPTS: Mapping[str, Script] = MappingProxyType(
         "extend": Script("extend.lua", twins.extend),
         "renew": Script("renew.lua", twins.renew),
         "read": Script("read.lua", twins.read),
+        "rank": Script("rank.lua", twins.rank),
         "control": Script("control.lua", twins.control),
         "margins": Script("margins.lua", twins.margins),
         "outbox_add": Script("outbox_add.lua", twins.outbox_add),

@@ -160,6 +160,26 @@ class AppKeys:
     def settled(self, request_id: str) -> str:
         return f"{self.base}:s:{request_id}"
 
+    def rollup(self, day: str) -> str:
+        """The whole app's usage of one day, per model: the caller usage hash's fields summed."""
+        return f"{self.base}:r:{day}"
+
+    def ranking(self, period: str, metric: str) -> str:
+        """Who used the most in a day (or, for ``cost``, a month ``2026-12``): a sorted set of
+        caller tags (``tenant:caller``, as in their keys) by ``cost``, ``tokens`` or
+        ``requests``, and of tenants by cost (``tenants``)."""
+        return f"{self.base}:r:{period}:{metric}"
+
+
+def rank_member(tenant: str, caller: str) -> str:
+    """A caller as the rankings name it: its keys' hash tag without the braces."""
+    return caller_tag(tenant, caller)[1:-1]
+
+
+def tenant_member(tenant: str) -> str:
+    """A tenant as the tenant ranking names it (the tenant part of its callers' tags)."""
+    return _part(tenant, _SAFE_TENANT)
+
 
 def period_name(period_key: str) -> str:
     """The period a counter key (caller's or app's) counts, as events and reports name it:

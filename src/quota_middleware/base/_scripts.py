@@ -31,6 +31,7 @@ class Op(StrEnum):
     THRESHOLDS = "t"  #: crossing-threshold alerts of a counter
     HOURLY = "h"  #: the hourly spike counter
     USAGE = "u"  #: a usage counter field
+    RANK = "r"  #: a member's score in a ranking (sorted set)
 
 
 @dataclass(frozen=True, slots=True)

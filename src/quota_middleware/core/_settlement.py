@@ -10,7 +10,7 @@ from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from quota_middleware.base._events import AlertEvent, outbox_call, parse_settle_events
-from quota_middleware.base._keys import CallerKeys, period_name
+from quota_middleware.base._keys import CallerKeys, period_name, rank_member, tenant_member
 from quota_middleware.base._scripts import Op, ScriptArg, ScriptCall
 from quota_middleware.core._context import Context
 from quota_middleware.core._decision import Charge, Decision
@@ -87,22 +87,8 @@ class Settlement:
             ops += [Op.HOURLY, key(keys.hourly), "", tokens, params]
         if usage is not None and decision.day is not None:
             ukey = key(keys.usage(decision.day))
-            model = (clean_model(usage.model) or "unknown").replace("|", "_")[:100]
-            for field, value in (
-                ("requests", 1),
-                ("input", usage.input_tokens),
-                ("cached", usage.cached_tokens),
-                ("cache_write", usage.cache_write_tokens),
-                ("output", usage.output_tokens),
-                ("reasoning", usage.reasoning_tokens),
-                ("cost", cost),
-                ("estimated", int(usage.estimated)),
-                # upstream errors charged nothing: counted apart from the estimates
-                ("errors", int(usage.error is not None and not usage.estimated
-                               and not usage.total_tokens)),
-            ):  # fmt: skip
-                if value:
-                    ops += [Op.USAGE, ukey, f"{model}|{field}", self.ctx.retention_ms, value]
+            for field, value in _usage_fields(usage, cost):
+                ops += [Op.USAGE, ukey, field, self.ctx.retention_ms, value]
         if not ops:
             return None
         args: list[ScriptArg] = [
@@ -111,18 +97,25 @@ class Settlement:
         return ScriptCall("settle", tuple(key_list), tuple(args + ops))
 
     def plan_app_settle(
-        self, decision: Decision, cost: int, at_us: int | None = None
+        self,
+        decision: Decision,
+        cost: int,
+        at_us: int | None = None,
+        usage: Usage | None = None,
     ) -> ScriptCall | None:
-        """The second settle call: the request's cost on every app budget (their own keys,
-        another cluster slot) and their thresholds. No reservation there: it is a kill switch
-        on actual spend."""
-        if not self.ctx.config.app_budgets or cost <= 0:
+        """The second settle call, on the app-wide keys (their own cluster slot): the request's
+        cost on every app budget and their thresholds (no reservation there: a kill switch on
+        actual spend), then the app's rollups of ``usage`` (its day's totals per model and the
+        rankings of callers and tenants), which let reports over every caller read a few keys
+        instead of SCANning each caller's."""
+        rollup = usage is not None and decision.day is not None and self.ctx.config.rollups
+        budgets = self._app_budget_ops() if cost > 0 else ()
+        if not budgets and not rollup:
             return None
         app_keys = self.ctx.app_keys
         key_list = [app_keys.settled(decision.request_id)]
         ops: list[ScriptArg] = []
         index: dict[str, int] = {}
-        budgets = self._app_budget_ops()
         ends: dict[str, int] = {}
         for b in budgets:
             key, end_us = self.ctx.app_period_key(b, at_us)
@@ -144,9 +137,36 @@ class Settlement:
                     b.micros,
                     ",".join(map(str, b.thresholds)),
                 ]
+        if rollup:
+            assert usage is not None and decision.day is not None and decision.caller is not None
+            ops += self._rollup_ops(key_list, decision.day, decision.caller, usage, cost)
         args: list[ScriptArg] = [self.ctx.now_arg(), decision.request_id, SETTLE_MARKER_MS,
                                  len(ops) // 5]  # fmt: skip
         return ScriptCall("settle", tuple(key_list), tuple(args + ops))
+
+    def _rollup_ops(
+        self, key_list: list[str], day: str, caller: Any, usage: Usage, cost: int
+    ) -> list[ScriptArg]:
+        """The rollup operations of one settled request (keys appended to ``key_list``)."""
+        app_keys, keep = self.ctx.app_keys, self.ctx.retention_ms
+        key_list.append(app_keys.rollup(day))
+        total = len(key_list)
+        ops: list[ScriptArg] = []
+        for field, value in _usage_fields(usage, cost):
+            ops += [Op.USAGE, total, field, keep, value]
+        member = rank_member(caller.tenant, caller.id)
+        tokens = usage.input_tokens + usage.output_tokens
+        for period, metric, who, value in (
+            (day, "cost", member, cost),
+            (day, "tokens", member, tokens),
+            (day, "requests", member, 1),
+            (day, "tenants", tenant_member(caller.tenant), cost),
+            (day[:7], "cost", member, cost),  # the month's ranking, the dashboard's default
+        ):
+            if value:
+                key_list.append(app_keys.ranking(period, metric))
+                ops += [Op.RANK, len(key_list), who, keep, value]
+        return ops
 
     def _app_budget_ops(self) -> tuple[AppBudget, ...]:
         """The app budgets, in the order their quota operations open the app settle call."""
@@ -290,7 +310,9 @@ class Settlement:
                 failed = e
             else:
                 events += self._events(decision, parse_settle_events(reply), app=False)
-        app_call = self.plan_app_settle(decision, cost, at_us) if decision.ai is not None else None
+        app_call = (
+            self.plan_app_settle(decision, cost, at_us, usage) if decision.ai is not None else None
+        )
         if app_call is not None:
             try:
                 reply = yield app_call
@@ -299,9 +321,10 @@ class Settlement:
                 failed = failed or e
             else:
                 # each budget's period is the one it was charged in, read off the call's keys
+                # (the budgets' operations open the call; none when nothing was spent)
                 periods = {
                     b.name or "": period_name(app_call.keys[int(app_call.args[5 + 5 * i]) - 1])
-                    for i, b in enumerate(self._app_budget_ops())
+                    for i, b in enumerate(self._app_budget_ops() if cost > 0 else ())
                 }
                 events += self._events(
                     decision, parse_settle_events(reply), app=True, periods=periods
@@ -374,3 +397,28 @@ class Settlement:
 def _period_ttl_ms(until_us: int, now_us: int) -> int:
     """How long a period's counters are kept: until the period ends, plus an hour."""
     return max(0, until_us - now_us) // 1000 + 3_600_000
+
+
+def _usage_fields(usage: Usage, cost: int) -> list[tuple[str, int]]:
+    """The usage hash fields (``<model>|<counter>``) one settled request adds to, and by how
+    much: the caller's usage record and the app's rollup count the same."""
+    model = (clean_model(usage.model) or "unknown").replace("|", "_")[:100]
+    return [
+        (f"{model}|{field}", value)
+        for field, value in (
+            ("requests", 1),
+            ("input", usage.input_tokens),
+            ("cached", usage.cached_tokens),
+            ("cache_write", usage.cache_write_tokens),
+            ("output", usage.output_tokens),
+            ("reasoning", usage.reasoning_tokens),
+            ("cost", cost),
+            ("estimated", int(usage.estimated)),
+            # upstream errors charged nothing: counted apart from the estimates
+            (
+                "errors",
+                int(usage.error is not None and not usage.estimated and not usage.total_tokens),
+            ),
+        )  # fmt: skip
+        if value
+    ]

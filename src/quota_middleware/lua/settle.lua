@@ -19,6 +19,7 @@
 --        whole actual is charged. Field "f#"
 --        adds up the actual usage alone.
 --   "u"  usage record: HINCRBY KEYS[k] f by p2 and keep the key p1 ms
+--   "r"  ranking: ZINCRBY KEYS[k] by p2 for member f and keep the key p1 ms
 --   "e"  keep KEYS[k] at least p1 ms (a period's counters live until the period ends + 1 h;
 --        a key settle creates, like the app budgets', gets its lifetime here)
 --   "t"  thresholds of the actual usage "f#" in hash KEYS[k] (after the "q" ops, so reservations
@@ -96,6 +97,9 @@ for i = 1, n do
     if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, 86400000) end
   elseif kind == 'u' then
     redis.call('HINCRBY', key, f, string.format('%d', p2))
+    redis.call('PEXPIRE', key, p1)
+  elseif kind == 'r' then
+    redis.call('ZINCRBY', key, string.format('%d', p2), f)
     redis.call('PEXPIRE', key, p1)
   elseif kind == 'e' then
     if redis.call('EXISTS', key) == 1 and redis.call('PTTL', key) < p1 then
