@@ -25,6 +25,7 @@ from quota_middleware.limits import (
     Concurrency,
     RequestRate,
     SpikeRule,
+    TenantBudget,
     TokenQuota,
     TokenRate,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "AlertEvent",
     "AlertsConfig",
     "AppBudget",
+    "TenantBudget",
     "Budget",
     "Caller",
     "Charge",

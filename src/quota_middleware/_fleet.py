@@ -62,7 +62,8 @@ class CallerTotals(Counters):
 
 @dataclass(frozen=True, slots=True)
 class AppBudgetStatus:
-    """One app budget in its current period: what was spent against what limit."""
+    """One shared budget (an app budget, or a tenant's budget or token quota) in its current
+    period: what was spent against what limit (micro-USD, or tokens when ``unit`` says so)."""
 
     name: str
     period: str  # the period id: "2026-11-28" or "2026-11"
@@ -71,6 +72,9 @@ class AppBudgetStatus:
     override: int | None  # micro-USD, set by an operator in the store (``<name>:limit``)
     hard_stop: bool
     resets_at: datetime
+    #: the tenant whose counter this is (None: the app's)
+    tenant: str | None = None
+    unit: str = "usd_micros"
 
     @property
     def limit(self) -> int:
@@ -239,33 +243,41 @@ def top_callers(
 
 
 def app_budget_status(
-    backend: SyncBackend, config: QuotaConfig, *, now: datetime | None = None
+    backend: SyncBackend,
+    config: QuotaConfig,
+    *,
+    now: datetime | None = None,
+    tenants: Sequence[str] = (),
 ) -> list[AppBudgetStatus]:
-    """Each app budget of ``config`` in its current period: spent, the configured limit and any
-    operator override (``<name>:limit`` on the period key), in one ``read`` per period key."""
-    from quota_middleware.core._engine import Engine
+    """Each app budget of ``config`` in its current period, then the budgets of each of
+    ``tenants``: spent, the configured limit and any operator override (``<name>:limit`` on
+    the period key, :meth:`Controls.set_budget`), in one ``read`` of the period keys."""
+    from quota_middleware.core._context import Context
 
-    if not config.app_budgets:
-        return []
-    engine = Engine(config)
+    ctx = Context(config)
     now_us = int((now or datetime.now(UTC)).timestamp() * 1_000_000)
-    where = [(b, *engine.app_period_key(b, now_us)) for b in config.app_budgets]
-    key_names = tuple(sorted({key for _, key, _ in where}))
+    shared = [b for b in ctx.shared_budgets(None, now_us)]
+    for tenant in tenants:
+        shared += [b for b in ctx.shared_budgets(tenant, now_us) if b.tenant is not None]
+    if not shared:
+        return []
+    key_names = tuple(sorted({b.key for b in shared}))
     reply = drive_sync(_read_flow(key_names), backend)
     values = {k: hash_pairs(flat) for k, flat in zip(key_names, reply, strict=False)}
     out = []
-    for b, key, end_us in where:
-        assert b.name is not None
-        fields = values.get(key, {})
+    for b in shared:
+        fields = values.get(b.key, {})
         out.append(
             AppBudgetStatus(
                 name=b.name,
-                period=period_name(key),
+                period=period_name(b.key),
                 spent=fields.get(b.name, 0),
-                configured=b.micros,
+                configured=b.amount,
                 override=fields.get(f"{b.name}:limit"),
-                hard_stop=b.hard_stop,
-                resets_at=datetime.fromtimestamp(end_us / 1_000_000, UTC),
+                hard_stop=b.budget.hard_stop,
+                resets_at=datetime.fromtimestamp(b.end_us / 1_000_000, UTC),
+                tenant=b.tenant,
+                unit="usd_micros" if b.in_usd else "tokens",
             )
         )
     return out

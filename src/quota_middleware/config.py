@@ -28,6 +28,7 @@ from quota_middleware.limits import (
     Limit,
     RequestRate,
     SpikeRule,
+    TenantBudget,
     TokenQuota,
     TokenRate,
     _check_patterns,
@@ -287,6 +288,8 @@ class QuotaConfig:
     learn_input_margins: bool = True
     #: spend of the whole app per day / month (the provider bill), with an optional hard stop
     app_budgets: Sequence[AppBudget] = ()
+    #: budgets and token quotas shared by the callers of a tenant (one counter per tenant)
+    tenant_budgets: Sequence[TenantBudget] = ()
     #: flag callers whose hourly usage jumps far above their own average
     spikes: SpikeRule | None = None
     #: keep the app-wide rollups (each day's usage per model, the rankings of callers and
@@ -323,6 +326,22 @@ class QuotaConfig:
         object.__setattr__(self, "default_plan", default)
         object.__setattr__(self, "ai_routes", (*self.ai_routes, *_proxy_routes(self)))
         object.__setattr__(self, "app_budgets", tuple(self.app_budgets))
+        object.__setattr__(self, "tenant_budgets", tuple(self.tenant_budgets))
+        tenant_names = [b.name for b in self.tenant_budgets]
+        if len(set(tenant_names)) != len(tenant_names):
+            raise ConfigurationError("tenant_budgets", "names must be unique")
+        if clash := {str(n) for n in tenant_names} & {str(b.name) for b in self.app_budgets}:
+            # one settle call charges both: its events name the counter by its field alone
+            raise ConfigurationError(
+                f"tenant_budgets.{sorted(clash)[0]}.name", "an app budget has this name"
+            )
+        for tb in self.tenant_budgets:
+            try:
+                ZoneInfo(tb.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ConfigurationError(
+                    f"tenant_budgets.{tb.name}.timezone", f"unknown time zone {tb.timezone!r}"
+                ) from None
         budget_names = [b.name for b in self.app_budgets]
         if len(set(budget_names)) != len(budget_names):
             raise ConfigurationError("app_budgets", "names must be unique")
@@ -442,6 +461,9 @@ class QuotaConfig:
         app_budgets = _tables(data, "app_budgets", "", AppBudget)
         if app_budgets:
             extra["app_budgets"] = app_budgets
+        tenant_budgets = _tables(data, "tenant_budgets", "", TenantBudget)
+        if tenant_budgets:
+            extra["tenant_budgets"] = tenant_budgets
         if "spikes" in data:
             spikes = _table(data, "spikes")
             check_keys(spikes, set(SpikeRule.__dataclass_fields__), "spikes")

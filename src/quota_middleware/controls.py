@@ -21,6 +21,7 @@ tenant while it lasts. The same layout is used on a single Redis and in memory.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,6 +30,7 @@ from quota_middleware.base._keys import SLOTS, CallerKeys, key_slot, tenant_cont
 from quota_middleware.base._protocols import SyncBackend
 from quota_middleware.base._scripts import ScriptCall, as_str
 from quota_middleware.config import QuotaConfig
+from quota_middleware.core._context import Context, SharedBudget
 from quota_middleware.errors import BackendMismatch, ConfigurationError, InvalidArgument
 from quota_middleware.limits import Budget, Concurrency, Limit, RequestRate, TokenQuota, TokenRate
 
@@ -180,6 +182,42 @@ class Controls:
         )  # fmt: skip
 
     # -- helpers ----------------------------------------------------------------------------
+    # -- shared budgets (the app's and the tenants') -------------------------------------------
+    def set_budget(
+        self, name: str, limit: float | None, *, tenant: str | None = None
+    ) -> tuple[int | None, int]:
+        """Replace the limit of the shared budget ``name`` (an app budget, or with ``tenant``
+        that tenant's budget or token quota) for its current period: USD for a budget, tokens
+        for a token quota; ``0`` is the kill switch (every AI request of a hard-stopped budget
+        is refused at once); ``None`` restores the configured limit. Every worker follows
+        within the budget's ``check_interval``. Returns (the override before, spent so far)."""
+        b = self._shared(name, tenant)
+        if limit is None:
+            value = ""
+        else:
+            if not isinstance(limit, int | float) or isinstance(limit, bool) or limit < 0:
+                raise InvalidArgument("limit must be a number >= 0")
+            value = str(round(limit * 1_000_000) if b.in_usd else int(limit))
+        ttl = max(0, b.end_us - self._now_us()) // 1000 + 3_600_000
+        before, spent = self.backend.run(ScriptCall("budget_limit", (b.key,), (name, value, ttl)))
+        raw = as_str(before)
+        return (int(raw) if raw else None), int(spent)
+
+    def _shared(self, name: str, tenant: str | None) -> SharedBudget:
+        ctx = Context(self.config)
+        for b in ctx.shared_budgets(tenant):
+            if b.name == name and (b.tenant is None) == (tenant is None):
+                return b
+        where = "tenant budget" if tenant is not None else "app budget"
+        raise InvalidArgument(
+            f"no {where} named {name!r}"
+            + (f" applies to tenant {tenant!r}" if tenant is not None else "")
+        )
+
+    @staticmethod
+    def _now_us() -> int:
+        return time.time_ns() // 1000
+
     def _keys(self, caller: str, tenant: str) -> CallerKeys:
         if not caller:
             raise InvalidArgument("a caller id is required")

@@ -322,6 +322,77 @@ class AppBudget:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TenantBudget:
+    """A USD budget (``usd``) or a token quota (``tokens``) shared by every caller of a tenant
+    (an org, a team) per calendar ``period``; each tenant matching ``tenants`` (globs, default
+    every tenant) has its own counter.
+
+    Thresholds fire ``tenant_threshold`` alerts once per tenant and period; with ``hard_stop``
+    the tenant's AI requests answer 429 ``insufficient_quota`` once it is spent, until the
+    period ends or an operator raises it (``Controls.set_tenant_budget``). Like an app budget
+    it lives on its own key beside the app's, so it is charged in the settle's second call and
+    checked from a copy at most ``check_interval`` seconds old: the tenant may overshoot by what
+    its requests in flight spend and by ``check_interval`` of its spending (see the README,
+    "Tenant budgets").
+    """
+
+    usd: float | None = None
+    tokens: int | None = None
+    period: Period = "day"
+    name: str | None = None
+    tenants: Sequence[str] = ("*",)
+    thresholds: Sequence[int] = DEFAULT_THRESHOLDS
+    hard_stop: bool = True
+    timezone: str = "UTC"
+    check_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        kind = "usd" if self.tokens is None else "tokens"
+        name = self.name or f"tenant-{kind}-{self.period}"
+        where = f"tenant_budgets.{name}"
+        _check_name(name, f"{where}.name")
+        object.__setattr__(self, "name", name)
+        if (self.usd is None) == (self.tokens is None):
+            raise ConfigurationError(where, "give exactly one of usd and tokens")
+        if self.usd is not None and (not isinstance(self.usd, int | float) or self.usd <= 0):
+            raise ConfigurationError(f"{where}.usd", "must be a positive number")
+        if self.tokens is not None and (
+            not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens <= 0
+        ):
+            raise ConfigurationError(f"{where}.tokens", "must be a positive whole number")
+        if self.period not in ("day", "month"):
+            raise ConfigurationError(f"{where}.period", "day or month")
+        if not (0 < self.check_interval <= 60):
+            raise ConfigurationError(f"{where}.check_interval", "(0, 60] seconds")
+        if isinstance(self.tenants, str):
+            object.__setattr__(self, "tenants", (self.tenants,))
+        tenants = tuple(self.tenants)
+        if not tenants or not all(isinstance(t, str) and t for t in tenants):
+            raise ConfigurationError(f"{where}.tenants", "a list of tenant ids or globs")
+        object.__setattr__(self, "tenants", tenants)
+        object.__setattr__(
+            self, "thresholds", _check_thresholds(self.thresholds, f"{where}.thresholds")
+        )
+
+    @property
+    def is_budget(self) -> bool:
+        """A USD budget (counted in micro-USD), not a token quota."""
+        return self.usd is not None
+
+    @property
+    def amount(self) -> int:
+        """The limit in its unit: micro-USD for a budget, tokens for a quota."""
+        return round(self.usd * 1_000_000) if self.usd is not None else int(self.tokens or 0)
+
+    @property
+    def unit(self) -> str:
+        return "usd_micros" if self.is_budget else "tokens"
+
+    def applies(self, tenant: str) -> bool:
+        return any(fnmatch.fnmatchcase(tenant, glob) for glob in self.tenants)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SpikeRule:
     """Flag a caller whose tokens in the current hour exceed ``multiple`` times its average hour
     over the trailing ``window_hours``, and at least ``floor_tokens`` (so new callers, whose

@@ -445,6 +445,18 @@ def read(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[l
     return out
 
 
+def budget_limit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[Any]:
+    key, field = keys[0], as_str(argv[0]) + ":limit"
+    before = store.hget(key, field) or b""
+    if as_str(argv[1]) == "":
+        store.hdel(key, field)
+    else:
+        store.hset(key, {field: as_str(argv[1]).encode()})
+        if store.pttl(key) < 0:
+            store.pexpire(key, _i(argv[2]))
+    return [before, lua_number(store.hget(key, as_str(argv[0]))) or 0]
+
+
 def rank(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[Any]:
     total: dict[str, float] = {}
     for key in keys[1:]:

@@ -38,6 +38,7 @@ SCRIPTS: Mapping[str, Script] = MappingProxyType(
         "renew": Script("renew.lua", twins.renew),
         "read": Script("read.lua", twins.read),
         "rank": Script("rank.lua", twins.rank),
+        "budget_limit": Script("budget_limit.lua", twins.budget_limit),
         "control": Script("control.lua", twins.control),
         "margins": Script("margins.lua", twins.margins),
         "outbox_add": Script("outbox_add.lua", twins.outbox_add),

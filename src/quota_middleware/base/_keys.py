@@ -157,6 +157,11 @@ class AppKeys:
     def ledger(self, period_key: str) -> str:
         return f"{period_key}:r"
 
+    def tenant_period(self, tenant: str, period_id: str) -> str:
+        """A tenant's shared budgets' counters of one period: beside the app's, so the same
+        second settle call charges both."""
+        return f"{self.base}:tq:{_part(tenant, _SAFE_TENANT)}:q:{period_id}"
+
     def settled(self, request_id: str) -> str:
         return f"{self.base}:s:{request_id}"
 

@@ -8,6 +8,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -16,10 +17,37 @@ from quota_middleware.base._periods import period_of
 from quota_middleware.config import QuotaConfig
 from quota_middleware.core._decision import Decision, Stats
 from quota_middleware.core._margins import InputMargins
-from quota_middleware.limits import AppBudget
+from quota_middleware.limits import AppBudget, TenantBudget
 from quota_middleware.metering._usage import Usage
 
-__all__ = ["Context", "SettleBuffer"]
+__all__ = ["Context", "SettleBuffer", "SharedBudget"]
+
+
+@dataclass(frozen=True, slots=True)
+class SharedBudget:
+    """An app budget, or a tenant's budget or token quota, in one period: a counter that many
+    callers share, on its own key beside the app's (charged by the settle's second call)."""
+
+    budget: AppBudget | TenantBudget
+    #: the tenant whose counter this is; None for the app's
+    tenant: str | None
+    key: str
+    end_us: int
+
+    @property
+    def name(self) -> str:
+        assert self.budget.name is not None
+        return self.budget.name
+
+    @property
+    def amount(self) -> int:
+        """The limit: micro-USD, or tokens for a tenant's token quota."""
+        b = self.budget
+        return b.micros if isinstance(b, AppBudget) else b.amount
+
+    @property
+    def in_usd(self) -> bool:
+        return isinstance(self.budget, AppBudget) or self.budget.is_budget
 
 
 class SettleBuffer:
@@ -107,3 +135,20 @@ class Context:
         """The app budget's counter key for the period of ``now_us`` (default: now), and its end."""
         pid, end_us = period_of(budget.period, now_us or self.now_us(), ZoneInfo(budget.timezone))
         return self.app_keys.period(pid), end_us
+
+    def shared_budgets(self, tenant: str | None, now_us: int | None = None) -> list[SharedBudget]:
+        """The app budgets, then the budgets of ``tenant`` (those whose globs match it), each
+        in the period of ``now_us``: the order of their operations in the settle's second call."""
+        at = now_us or self.now_us()
+        out = []
+        for b in self.config.app_budgets:
+            key, end_us = self.app_period_key(b, at)
+            out.append(SharedBudget(b, None, key, end_us))
+        if tenant is not None:
+            for tb in self.config.tenant_budgets:
+                if tb.applies(tenant):
+                    pid, end_us = period_of(tb.period, at, ZoneInfo(tb.timezone))
+                    out.append(
+                        SharedBudget(tb, tenant, self.app_keys.tenant_period(tenant, pid), end_us)
+                    )
+        return out

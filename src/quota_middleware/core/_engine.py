@@ -24,7 +24,7 @@ from quota_middleware.base._periods import day_id, period_of
 from quota_middleware.base._request import RequestInfo
 from quota_middleware.base._scripts import Op, ScriptArg, ScriptCall, hash_pairs
 from quota_middleware.config import AIRoute, Plan, QuotaConfig
-from quota_middleware.core._context import Context
+from quota_middleware.core._context import Context, SharedBudget
 from quota_middleware.core._decision import Decision, Hold, LimitStatus, Reason, Stats
 from quota_middleware.core._hardstop import top_up
 from quota_middleware.core._meter import (
@@ -39,7 +39,6 @@ from quota_middleware.core._settlement import SETTLE_MARKER_MS, Settlement
 from quota_middleware.errors import IdentificationError, StorageError
 from quota_middleware.identity._identifier import Caller, Identifier
 from quota_middleware.limits import (
-    AppBudget,
     Budget,
     Concurrency,
     Limit,
@@ -53,6 +52,8 @@ log = logging.getLogger("quota_middleware")
 Flow = Generator[ScriptCall, Any, Decision]
 #: what a request-rate limit holds: nothing to give back at settle
 _NO_HOLD = Hold(Op.BUCKET, "", "", 0)
+#: shared-budget copies kept per process (one per tenant and budget) before the copy is reset
+_SEEN_MAX = 10_000
 
 
 class _RequestIds:
@@ -143,8 +144,9 @@ class Admission:
         self._plain_seen: dict[
             tuple[int, int], tuple[Sequence[Limit], tuple[bytes, ...], tuple[str, ...]]
         ] = {}
-        # app budget name -> (period key, spent micros, limit micros, fetched at monotonic s)
-        self._app_seen: dict[str, tuple[str, int, int, float]] = {}
+        # (tenant or None for the app's, budget name) -> (period key, spent, limit, fetched at
+        # monotonic s)
+        self._app_seen: dict[tuple[str | None, str], tuple[str, int, int, float]] = {}
         # A tenant's block has one copy per cluster slot (base/_keys.py); the one a caller's
         # admit reads is a pure function of its keys, so memoised. The slot table is built now,
         # once per process, not on a first request.
@@ -243,10 +245,10 @@ class Admission:
                 else:
                     if margins.known(est.format, est.model):
                         ai = self._prepare(route, info, plan)  # now with the margin
-            stopped = yield from self._app_gate()
+            stopped = yield from self._app_gate(caller.tenant if caller is not None else None)
             if stopped is not None:
                 budget, end_us = stopped
-                return self._refuse(rid, caller, plan, "budget", budget.name or "app",
+                return self._refuse(rid, caller, plan, "budget", budget.name,
                                     retry_us=end_us - self.ctx.now_us())  # fmt: skip
         else:
             limits = self._plain_limits(plan, info.path)
@@ -524,38 +526,39 @@ class Admission:
             denied_by=what, reason=reason, shadow=plan.shadow, retry_after=retry_after,
         )  # fmt: skip
 
-    # -- the app-wide budgets (their own key, so not in the caller's admit call) ------------
-    def _app_gate(self) -> Generator[ScriptCall, Any, tuple[AppBudget, int] | None]:
-        """The hard-stopped app budget that is spent, if any, from a copy of the app counters
-        at most ``check_interval`` old (one read per interval per process, not per request)."""
-        stops = [b for b in self.ctx.config.app_budgets if b.hard_stop]
+    # -- the shared budgets: the app's and the tenant's (their own keys, not in the admit call) -
+    def _app_gate(
+        self, tenant: str | None = None
+    ) -> Generator[ScriptCall, Any, tuple[SharedBudget, int] | None]:
+        """The hard-stopped shared budget (the app's, or ``tenant``'s) that is spent, if any,
+        from a copy of its counters at most ``check_interval`` old (one read per interval per
+        process and tenant, not per request)."""
+        stops = [b for b in self.ctx.shared_budgets(tenant) if b.budget.hard_stop]
         if not stops:
             return None
         now = time.monotonic()
         stale = []
         for b in stops:
-            assert b.name is not None
-            key, _ = self.ctx.app_period_key(b)
-            seen = self._app_seen.get(b.name)
-            if seen is None or seen[0] != key or now - seen[3] > b.check_interval:
-                stale.append((b, key))
+            seen = self._app_seen.get((b.tenant, b.name))
+            if seen is None or seen[0] != b.key or now - seen[3] > b.budget.check_interval:
+                stale.append(b)
         if stale:
-            keys = tuple(sorted({key for _, key in stale}))
+            keys = tuple(sorted({b.key for b in stale}))
             try:
                 reply = yield ScriptCall("read", keys, ())
             except StorageError:
                 return None  # the caller's own admit decides how an outage is handled
             values = dict(zip(keys, reply, strict=False))
-            for b, key in stale:
-                assert b.name is not None
-                fields = hash_pairs(values.get(key, []))
-                limit = fields.get(f"{b.name}:limit", b.micros)
-                self._app_seen[b.name] = (key, fields.get(b.name, 0), limit, now)
+            if len(self._app_seen) > _SEEN_MAX:
+                self._app_seen.clear()  # many tenants: a bounded copy, re-read as they come
+            for b in stale:
+                fields = hash_pairs(values.get(b.key, []))
+                limit = fields.get(f"{b.name}:limit", b.amount)
+                self._app_seen[(b.tenant, b.name)] = (b.key, fields.get(b.name, 0), limit, now)
         for b in stops:
-            assert b.name is not None
-            key, spent, limit, _ = self._app_seen[b.name]
-            if spent >= limit:
-                return b, self.ctx.app_period_key(b)[1]
+            seen = self._app_seen.get((b.tenant, b.name))
+            if seen is not None and seen[1] >= seen[2]:
+                return b, b.end_us
         return None
 
     def _degraded(

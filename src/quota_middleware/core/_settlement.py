@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING, Any
 from quota_middleware.base._events import AlertEvent, outbox_call, parse_settle_events
 from quota_middleware.base._keys import CallerKeys, period_name, rank_member, tenant_member
 from quota_middleware.base._scripts import Op, ScriptArg, ScriptCall
-from quota_middleware.core._context import Context
+from quota_middleware.core._context import Context, SharedBudget
 from quota_middleware.core._decision import Charge, Decision
 from quota_middleware.errors import StorageError
-from quota_middleware.limits import AppBudget
 from quota_middleware.metering._usage import Usage, clean_model
 
 if TYPE_CHECKING:
@@ -109,34 +108,25 @@ class Settlement:
         rankings of callers and tenants), which let reports over every caller read a few keys
         instead of SCANning each caller's."""
         rollup = usage is not None and decision.day is not None and self.ctx.config.rollups
-        budgets = self._app_budget_ops() if cost > 0 else ()
-        if not budgets and not rollup:
+        shared = self._shared_charges(decision, usage, cost, at_us)
+        if not shared and not rollup:
             return None
         app_keys = self.ctx.app_keys
         key_list = [app_keys.settled(decision.request_id)]
         ops: list[ScriptArg] = []
         index: dict[str, int] = {}
-        ends: dict[str, int] = {}
-        for b in budgets:
-            key, end_us = self.ctx.app_period_key(b, at_us)
-            if key not in index:
-                key_list += [key, app_keys.ledger(key)]
-                index[key] = len(key_list) - 1
-                ends[key] = end_us
-            ops += [Op.QUOTA, index[key], b.name or "", 0, cost]
+        for b, value in shared:
+            if b.key not in index:
+                key_list += [b.key, app_keys.ledger(b.key)]
+                index[b.key] = len(key_list) - 1
+            ops += [Op.QUOTA, index[b.key], b.name, 0, value]
         now_us = self.ctx.now_us()
-        for key, end_us in ends.items():
+        for key, end_us in {b.key: b.end_us for b, _ in shared}.items():
             ops += [Op.EXPIRE, index[key], "", _period_ttl_ms(end_us, now_us), 0]
-        for b in budgets:
-            if b.thresholds:
-                key, _ = self.ctx.app_period_key(b, at_us)
-                ops += [
-                    Op.THRESHOLDS,
-                    index[key],
-                    b.name or "",
-                    b.micros,
-                    ",".join(map(str, b.thresholds)),
-                ]
+        for b, _ in shared:
+            if b.budget.thresholds:
+                pcts = ",".join(map(str, b.budget.thresholds))
+                ops += [Op.THRESHOLDS, index[b.key], b.name, b.amount, pcts]
         if rollup:
             assert usage is not None and decision.day is not None and decision.caller is not None
             ops += self._rollup_ops(key_list, decision.day, decision.caller, usage, cost)
@@ -168,9 +158,19 @@ class Settlement:
                 ops += [Op.RANK, len(key_list), who, keep, value]
         return ops
 
-    def _app_budget_ops(self) -> tuple[AppBudget, ...]:
-        """The app budgets, in the order their quota operations open the app settle call."""
-        return tuple(self.ctx.config.app_budgets)
+    def _shared_charges(
+        self, decision: Decision, usage: Usage | None, cost: int, at_us: int | None
+    ) -> list[tuple[SharedBudget, int]]:
+        """The shared counters this request is charged on, in the order of their operations in
+        the second call, and by how much: its cost, or its tokens on a tenant token quota."""
+        tenant = decision.caller.tenant if decision.caller is not None else None
+        tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
+        out = []
+        for b in self.ctx.shared_budgets(tenant, at_us):
+            value = cost if b.in_usd else tokens
+            if value > 0:
+                out.append((b, value))
+        return out
 
     def finish(
         self, decision: Decision, meter: Meter | None
@@ -309,7 +309,7 @@ class Settlement:
                 self._settle_failed("caller", e)
                 failed = e
             else:
-                events += self._events(decision, parse_settle_events(reply), app=False)
+                events += self._events(decision, parse_settle_events(reply))
         app_call = (
             self.plan_app_settle(decision, cost, at_us, usage) if decision.ai is not None else None
         )
@@ -321,14 +321,8 @@ class Settlement:
                 failed = failed or e
             else:
                 # each budget's period is the one it was charged in, read off the call's keys
-                # (the budgets' operations open the call; none when nothing was spent)
-                periods = {
-                    b.name or "": period_name(app_call.keys[int(app_call.args[5 + 5 * i]) - 1])
-                    for i, b in enumerate(self._app_budget_ops() if cost > 0 else ())
-                }
-                events += self._events(
-                    decision, parse_settle_events(reply), app=True, periods=periods
-                )
+                shared = {b.name: b for b, _ in self._shared_charges(decision, usage, cost, at_us)}
+                events += self._events(decision, parse_settle_events(reply), shared=shared)
         if events:
             for event in events:
                 self.ctx.stats.incr(f"alerts_{event.type}")
@@ -355,13 +349,13 @@ class Settlement:
         decision: Decision,
         raw: Sequence[tuple[str, str, int, int]],
         *,
-        app: bool,
-        periods: dict[str, str] | None = None,
+        shared: dict[str, SharedBudget] | None = None,
     ) -> list[AlertEvent]:
+        """The alert events of a settle reply: the caller's (``shared`` None) or those of the
+        second call's shared budgets (by name)."""
         caller = decision.caller
         out = []
         at = self.ctx.now_us() / 1_000_000
-        budgets = {b.name: b for b in self.ctx.config.app_budgets}
         holds = {h.name: h for h in decision.holds if h.kind == Op.QUOTA}
         for kind, name, level, used in raw:
             if kind == Op.HOURLY:
@@ -372,14 +366,23 @@ class Settlement:
                     period=str(level), threshold=None, used=used, limit_value=None,
                     unit="tokens", at=at,
                 ))  # fmt: skip
-            elif app:
-                b = budgets.get(name)
-                pid = (periods or {}).get(name, "")
-                out.append(AlertEvent(
-                    id=f"app:{name}:{pid}:{level}", type="app_threshold", caller=None,
-                    tenant=None, plan=None, limit=name, period=pid, threshold=level, used=used,
-                    limit_value=b.micros if b else None, unit="usd_micros", at=at,
-                ))  # fmt: skip
+            elif shared is not None:
+                b = shared.get(name)
+                pid = period_name(b.key) if b is not None else ""
+                unit = "usd_micros" if b is None or b.in_usd else "tokens"
+                limit_value = b.amount if b is not None else None
+                if b is not None and b.tenant is not None:
+                    out.append(AlertEvent(
+                        id=f"tenant:{b.tenant}:{name}:{pid}:{level}", type="tenant_threshold",
+                        caller=None, tenant=b.tenant, plan=None, limit=name, period=pid,
+                        threshold=level, used=used, limit_value=limit_value, unit=unit, at=at,
+                    ))  # fmt: skip
+                else:
+                    out.append(AlertEvent(
+                        id=f"app:{name}:{pid}:{level}", type="app_threshold", caller=None,
+                        tenant=None, plan=None, limit=name, period=pid, threshold=level,
+                        used=used, limit_value=limit_value, unit=unit, at=at,
+                    ))  # fmt: skip
             else:
                 assert caller is not None
                 h = holds.get(name)
