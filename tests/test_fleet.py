@@ -11,7 +11,8 @@ import pytest
 
 from ai_harness import AIHarness, chat, config
 from quota_middleware import QuotaConfig
-from quota_middleware._fleet import (
+from quota_middleware.errors import InvalidArgument
+from quota_middleware.fleet import (
     daily_totals,
     period_days,
     ranked,
@@ -19,7 +20,6 @@ from quota_middleware._fleet import (
     scan_keys,
     top_callers,
 )
-from quota_middleware.errors import InvalidArgument
 
 
 def _traffic(backend: Any, cfg: QuotaConfig, adapter: str = "wsgi") -> dict[str, int]:

@@ -14,11 +14,11 @@ import pytest
 
 from ai_harness import AIHarness, chat, config
 from quota_middleware import ConfigurationError, QuotaConfig, StorageConfig, TenantBudget
-from quota_middleware._fleet import app_budget_status
 from quota_middleware.backends._factory import sync_backend
 from quota_middleware.base._events import outbox_key
 from quota_middleware.controls import Controls
 from quota_middleware.errors import InvalidArgument
+from quota_middleware.fleet import app_budget_status
 
 BODY = chat(max_tokens=50, x_prompt=40, x_completion=60)
 

@@ -1,6 +1,6 @@
 """Reading usage back: a caller's usage per day and model, and what is left of each quota and
 budget, for the app to show its own users (and for the CLI). Reports over every caller (SCANs
-of the whole keyspace) are admin tooling and live in :mod:`quota_middleware._fleet`.
+of the whole keyspace) are admin tooling and live in :mod:`quota_middleware.fleet`.
 
 The same flows serve sync and async code: :class:`UsageReader` methods run them on a sync
 backend, the ``a``-prefixed ones on an async backend.

@@ -71,7 +71,7 @@ def run_usage(args: argparse.Namespace) -> int:
 
 
 def _usage_top(args: argparse.Namespace) -> int:
-    from quota_middleware._fleet import top_callers
+    from quota_middleware.fleet import top_callers
 
     config = load_config(args)
     if args.timezone is not None:
@@ -214,7 +214,7 @@ def _usage_caller(args: argparse.Namespace) -> int:
 
 
 def _usage_app(args: argparse.Namespace) -> int:
-    from quota_middleware._fleet import app_budget_status
+    from quota_middleware.fleet import app_budget_status
 
     config = load_config(args)
     if not config.app_budgets:

@@ -1,5 +1,8 @@
-"""Reports over every caller, for admin tools: SCANs of the whole keyspace, never on the
-request path. ``quota-middleware usage top`` and ``usage budgets`` read through these."""
+"""Reports over every caller, for admin tools, never on the request path: the app's rollups
+(:func:`ranked`, :func:`daily_totals`, :func:`ranked_tenants`: a few keys whatever the number of
+callers), the shared budgets (:func:`app_budget_status`: the app's and the tenants'), and SCANs
+of the whole keyspace (:func:`top_callers`, :func:`scan_keys`) for what the rollups do not keep.
+``quota-middleware usage top`` and ``usage budgets`` read through these."""
 
 from __future__ import annotations
 
