@@ -173,9 +173,6 @@ def period_days(
     return pid, days
 
 
-_period_days = period_days  # (top_callers' name for it)
-
-
 def top_callers(
     source: Any,
     config: QuotaConfig,
@@ -202,7 +199,7 @@ def top_callers(
     if limit is not None and limit < 1:
         raise InvalidArgument("limit must be >= 1 (or None for every caller)")
     prefix = config.storage.prefix
-    pid, days = _period_days(config, period, now, zone)
+    pid, days = period_days(config, period, now, zone)
     wanted = set(days)
     tenant_part = caller_tag(tenant, "x")[1:-3] if tenant is not None else None
     keys: list[str] = []
