@@ -37,6 +37,8 @@ LAYERS: list[tuple[str, int]] = [
     ("metering", 4),
     ("metering._estimate", 5),
     ("metering.pricing", 5),
+    # leaked-key detection: patterns, decoders, the streaming scanner (pure), and file reading
+    ("leaks", 3),
     # the policy (and the alert sinks' configuration it holds)
     ("alerts._sinks", 4),
     ("alerts._text", 4),
