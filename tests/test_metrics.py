@@ -60,7 +60,8 @@ def test_store_latency_is_observed(redis_server: Any) -> None:
                         content_type="application/json")  # fmt: skip
     assert r.status_code == 200
     assert value(registry, "quota_store_seconds_count", call="admit", ok="true") == 1
-    assert value(registry, "quota_store_seconds_count", call="settle", ok="true") == 1
+    # the caller's settle and the app's (its rollups)
+    assert value(registry, "quota_store_seconds_count", call="settle", ok="true") == 2
 
 
 def test_model_labels_are_bounded(backend: Any) -> None:
