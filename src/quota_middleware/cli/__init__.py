@@ -67,6 +67,7 @@ from quota_middleware.cli.limits import (
     run_limits_unblock,
     run_limits_unset,
 )
+from quota_middleware.cli.scan import _scan_arguments, run_scan
 from quota_middleware.cli.serve import _serve_arguments, run_serve
 from quota_middleware.cli.usage import (
     APP_COLUMNS,
@@ -142,6 +143,7 @@ COMMANDS: dict[str, tuple[str, AddArguments, Runner]] = {
         _serve_arguments,
         run_serve,
     ),
+    "scan": ("find leaked AI provider keys in builds and repos", _scan_arguments, run_scan),
     "demo": (
         "run the FastAPI example in-process and show limits at work",
         _demo_arguments,
