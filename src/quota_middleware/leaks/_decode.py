@@ -461,8 +461,10 @@ def decoding_call(buf: bytes, paren: int, name: bytes) -> Region | None:
         data, step = unquote_to_bytes(raw), "URL-encoding"
     if not data:
         return None
-    steps = (step, "concatenation") if len(pieces) > 1 else (step,)
-    return Region(start, end, data, steps)
+    raw = b"".join(pieces)
+    escaped = ("hex escapes",) if b"\\x" in raw else ("unicode escapes",) if b"\\u" in raw else ()
+    joined_ = ("concatenation",) if len(pieces) > 1 else ()
+    return Region(start, end, data, (step, *escaped, *joined_))
 
 
 def json_window(buf: bytes, pos: int) -> Region | None:

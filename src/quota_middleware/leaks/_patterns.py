@@ -141,7 +141,7 @@ MISTRAL_NAME_RE = re.compile(rb"(?i:mistral[a-z0-9_-]{0,16}key)")
 HEX32_RE = re.compile(rb"(?<![0-9A-Za-z_-])([0-9a-f]{32}|[0-9A-F]{32})(?![0-9A-Za-z_-])")
 ALNUM32_RE = re.compile(rb"(?<![0-9A-Za-z_-])([0-9A-Za-z]{32})(?![0-9A-Za-z_-])")
 #: What may stand between a name and its value: quotes, ``=``, ``:``, spaces.
-VALUE_GAP_RE = re.compile(rb"""[\w-]*["'`]?\s*[:=]\s*["'`]?""")
+VALUE_GAP_RE = re.compile(rb"""[\w-]*\\?["'`]?\s*[:=]\s*\\?["'`]?""")
 
 
 # -- looking random --------------------------------------------------------------------------------

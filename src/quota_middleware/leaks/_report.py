@@ -225,8 +225,8 @@ def read_baseline(text: str, where: str = "baseline") -> set[str]:
             f"{BASELINE_VERSION} and an 'accepted' list; write one with --write-baseline)"
         )
     out = set()
-    for i, e in enumerate(entries):
-        fp = e.get("fingerprint") if isinstance(e, dict) else None
+    for i, entry in enumerate(entries):
+        fp = entry.get("fingerprint") if isinstance(entry, dict) else None
         if not isinstance(fp, str) or not fp.startswith("sha256:") or len(fp) != 71:
             raise InvalidArgument(f"{where}: accepted[{i}].fingerprint: expected sha256:<64 hex>")
         out.add(fp)

@@ -208,8 +208,9 @@ _CALL_NAMES = (
     (b"decodeURIComponent", "call"),
     (b"unescape", "call"),
 )
-_EMPTY_ARGS = (b'""', b"''", b"``")
+_EMPTY_ARGS = (b'""', b"''", b"``", b'\\"\\"')  # the last: inside a JSON string
 _SOURCES = b'"sourcesContent"'
+_SPLIT = b".split("
 _FINDS = ((_SOURCES, "sources"), (AZURE_ENDPOINT, "azure-endpoint"))
 _B64_VALUE_RE = re.compile(rb"[A-Za-z0-9+/]{40,64}={0,2}(?![A-Za-z0-9+/=])")
 _LEFT_KEY = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
@@ -267,7 +268,7 @@ class _Engine:
                         if buf.endswith(fn, max(0, at - len(fn)), at):
                             # only .join("") puts pieces of one key together; joins with a
                             # separator (most joins in a bundle) are not looked at
-                            if kind == "join" and buf[at + 1 : at + 3] not in _EMPTY_ARGS:
+                            if kind == "join" and not buf.startswith(_EMPTY_ARGS, at + 1):
                                 break
                             events.append((at - len(fn), f"{kind}/{fn.decode()}", at + 1))
                             break
@@ -346,6 +347,8 @@ class _Engine:
             region = d.decoding_call(buf, at - 1, arg.encode())
         else:  # pragma: no cover - every anchor has a handler
             return 0
+        if region is None and kind in ("call", "join") and b'\\"' in buf[pos : at + 8]:
+            region = d.json_window(buf, pos)  # atob(\"...\"): code inside a JSON string
         if region is None:
             return 0
         self._descend(buf, region, depth, hits, zones)
@@ -444,7 +447,7 @@ class _Engine:
             return
         if name == "azure-endpoint":
             for hm in HEX32_RE.finditer(buf, max(0, pos - 400), min(len(buf), pos + 400)):
-                if buf.startswith(b".split(", hm.end() + 1):
+                if buf.startswith(_SPLIT, hm.end() + 1) or buf.startswith(_SPLIT, hm.end() + 2):
                     continue  # reversed: the join's decoder reads it
                 key = hm.group(1).decode("ascii")
                 if check("azure/openai", key):
@@ -463,7 +466,7 @@ class _Engine:
             return
         v = value_rx.match(buf, gap.end())
         if v is not None:
-            if buf.startswith(b".split(", v.end() + 1):
+            if buf.startswith(_SPLIT, v.end() + 1) or buf.startswith(_SPLIT, v.end() + 2):
                 return  # "...".split("").reverse().join(""): the join's decoder reads it
             key = v.group(1).decode("ascii")
             if check(rule, key):
@@ -554,16 +557,18 @@ class Scanner:
         self._open_zone = False  # inside a sourcesContent array that has not closed yet
         self._recent: dict[str, list[int]] = {}
         self._closed = False
+        self._fed = 0
 
     @property
     def scanned(self) -> int:
         """Bytes fed so far."""
-        return self._base + len(self._buf)
+        return self._fed
 
     def feed(self, data: bytes) -> list[Finding]:
         if self._closed:
             raise InvalidArgument("Scanner.feed after close")
         self._buf += data
+        self._fed += len(data)
         hi = len(self._buf) - LOOKAHEAD
         if hi <= self._done - self._base:
             return []
