@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, int]] = [
     ("alerts._config", 5),
     ("proxy._config", 5),  # the proxy's upstreams, part of the policy
     ("proxy._plan", 5),  # the proxy's sans-IO request plan and usage stripper
+    ("admin._config", 5),  # the admin app's credentials, part of the policy
     ("config", 6),
     # the sans-IO core: decisions, admission, settlement, the per-request exchange
     ("core", 7),
@@ -73,6 +74,7 @@ LAYERS: list[tuple[str, int]] = [
     ("_asgi_websocket", 16),  # the ASGI adapter's WebSocket half
     ("selfservice", 16),  # the caller's own usage, an app mounted behind either adapter
     ("proxy", 16),  # the proxy apps drive its plan with httpx, beside the adapters
+    ("admin", 16),  # the admin API and dashboard over reports, fleet, controls, keys
     ("cli", 17),
     ("", 18),
 ]

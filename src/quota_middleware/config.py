@@ -302,6 +302,9 @@ class QuotaConfig:
     #: the backend proxy's upstreams (:class:`quota_middleware.proxy.ProxyConfig`); its AI
     #: operations become AI routes here (after any declared in ``ai_routes``, which win)
     proxy: ProxyConfig | None = None
+    #: the admin API and dashboard's credentials and settings
+    #: (:class:`quota_middleware.admin.AdminConfig`); None: no admin app can be built
+    admin: Any = None
 
     def __post_init__(self) -> None:
         plans = tuple(self.plans)
@@ -474,6 +477,10 @@ class QuotaConfig:
             from quota_middleware.alerts._config import AlertsConfig
 
             extra["alerts"] = AlertsConfig.from_dict(_table(data, "alerts"), base_dir=base_dir)
+        if "admin" in data:
+            from quota_middleware.admin._config import AdminConfig
+
+            extra["admin"] = AdminConfig.from_dict(_table(data, "admin"))
         return cls(
             plans=plans,
             default_plan=data.get("default_plan"),
