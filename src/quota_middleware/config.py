@@ -154,6 +154,12 @@ class StorageConfig:
     #: settles kept per process while the store is down, applied once it answers (oldest
     #: dropped first beyond this; 0 keeps none)
     settle_buffer: int = 10_000
+    #: which hash tag a caller's keys carry (a Redis Cluster slot each): ``"caller"`` spreads
+    #: callers over the cluster, and tenant budgets live on their own key, charged after the
+    #: request; ``"tenant"`` puts a tenant's callers in its slot, so tenant budgets are
+    #: reserved in the admit call, exactly, but a big tenant lives on one shard. Changing it
+    #: moves every caller's keys: their counters start over (README, "Tenant budgets").
+    hash_tag: Literal["caller", "tenant"] = "caller"
 
     def __post_init__(self) -> None:
         url = self.url
@@ -171,6 +177,8 @@ class StorageConfig:
             or not 0 <= self.settle_buffer <= 10_000_000
         ):  # fmt: skip
             raise ConfigurationError("storage.settle_buffer", "an integer in [0, 10000000]")
+        if self.hash_tag not in ("caller", "tenant"):
+            raise ConfigurationError("storage.hash_tag", '"caller" or "tenant"')
 
     @property
     def is_memory(self) -> bool:
@@ -182,7 +190,7 @@ class StorageConfig:
         return (
             f"StorageConfig(url={_mask_url(self.url)!r}, prefix={self.prefix!r}, "
             f"timeout={self.timeout}, breaker_failures={self.breaker_failures}, "
-            f"breaker_reset={self.breaker_reset})"
+            f"breaker_reset={self.breaker_reset}, hash_tag={self.hash_tag!r})"
         )
 
 

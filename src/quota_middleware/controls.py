@@ -88,6 +88,7 @@ class Controls:
         self.config = config
         self.backend = backend
         self._prefix = config.storage.prefix
+        self._by_tenant = config.storage.hash_tag == "tenant"
 
     # -- blocks ---------------------------------------------------------------------------
     def block(
@@ -221,7 +222,7 @@ class Controls:
     def _keys(self, caller: str, tenant: str) -> CallerKeys:
         if not caller:
             raise InvalidArgument("a caller id is required")
-        return CallerKeys(self._prefix, tenant, caller)
+        return CallerKeys(self._prefix, tenant, caller, self._by_tenant)
 
     def _block_keys(
         self, caller: str | None, tenant: str, near: CallerKeys | None = None

@@ -17,7 +17,13 @@ from zoneinfo import ZoneInfo
 
 from quota_middleware.backends._memstore import MemoryStore
 from quota_middleware.base._flows import drive_sync
-from quota_middleware.base._keys import AppKeys, caller_tag, period_name, tenant_member
+from quota_middleware.base._keys import (
+    AppKeys,
+    caller_base,
+    caller_tag,
+    period_name,
+    tenant_member,
+)
 from quota_middleware.base._protocols import SyncBackend
 from quota_middleware.base._scripts import ScriptCall, as_str, hash_pairs
 from quota_middleware.config import QuotaConfig
@@ -37,7 +43,8 @@ __all__ = [
     "top_callers",
 ]
 
-_TAG_RE = re.compile(r"\{(?P<tag>[^{}]*)\}:u:(?P<day>\d{4}-\d{2}-\d{2})$")
+# a usage key's caller tag, after the tenant's tag when keys are tagged by tenant
+_TAG_RE = re.compile(r"(?:\{[^{}:]*\})?\{(?P<tag>[^{}]*)\}:u:(?P<day>\d{4}-\d{2}-\d{2})$")
 _HASHED_RE = re.compile(r"h-[0-9a-f]{32}")
 _SCAN_COUNT = 1000
 _READ_BATCH = 500
@@ -342,7 +349,8 @@ def ranked(
         count = len(top)
         top = top[:limit]
     members = [m for m, _ in top]
-    usage_keys = [f"{prefix}:{{{m}}}:u:{day}" for m in members for day in days]
+    by_tenant = config.storage.hash_tag == "tenant"
+    usage_keys = [f"{caller_base(prefix, m, by_tenant)}:u:{day}" for m in members for day in days]
     hashes = read_hashes(backend, usage_keys)
     rows: list[CallerTotals] = []
     for i, member in enumerate(members):

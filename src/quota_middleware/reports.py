@@ -114,6 +114,7 @@ class UsageReader:
         self.config = config
         self.backend = backend
         self._prefix = config.storage.prefix
+        self._by_tenant = config.storage.hash_tag == "tenant"
 
     # -- flows ----------------------------------------------------------------------------
     def usage_flow(
@@ -123,7 +124,7 @@ class UsageReader:
         zone = self.config.plan(plan).zone
         today = (now or datetime.now(UTC)).astimezone(zone).date()
         day_ids = [(today - timedelta(days=i)).isoformat() for i in range(max(1, days))]
-        keys = CallerKeys(self._prefix, tenant, caller)
+        keys = CallerKeys(self._prefix, tenant, caller, self._by_tenant)
         reply = yield ScriptCall("read", tuple(keys.usage(d) for d in day_ids), ())
         records: list[UsageRecord] = []
         for day, flat in zip(day_ids, reply, strict=False):
@@ -142,7 +143,7 @@ class UsageReader:
     ) -> Generator[ScriptCall, Any, list[Remaining]]:  # fmt: skip
         p: Plan = self.config.plan(plan)
         now_us = int((now or datetime.now(UTC)).timestamp() * 1_000_000)
-        keys = CallerKeys(self._prefix, tenant, caller)
+        keys = CallerKeys(self._prefix, tenant, caller, self._by_tenant)
         limits = [lim for lim in p.limits if isinstance(lim, TokenQuota | Budget)]
         periods = [period_of(lim.period, now_us, p.zone) for lim in limits]
         key_names = sorted({keys.period(pid) for pid, _ in periods})

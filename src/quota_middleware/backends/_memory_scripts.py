@@ -67,7 +67,7 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
     for i in range(n):
         base = 4 + i * 7
         k = _i(argv[base + 1])
-        if as_str(argv[base]) == "q" and k not in swept:
+        if as_str(argv[base]) in ("q", "Q") and k not in swept:
             swept.add(k)
             key, ledger = keys[k - 1], keys[k]
             for r, _score in store.zrangebyscore(ledger, float("-inf"), now)[:100]:
@@ -94,8 +94,16 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
         f = as_str(argv[base + 2])
         p1, p2 = _i(argv[base + 3]), _i(argv[base + 4])
         cost, min_cost = _i(argv[base + 5]), _i(argv[base + 6])
-        ov = ctl.get("o|" + f)
-        om = _OVERRIDE.fullmatch(ov.decode()) if ov is not None else None
+        tlimit = False
+        om = None
+        if kind == "Q":
+            kind = "q"
+            v = lua_number(store.hget(key, f + ":limit"))
+            if v is not None:
+                p1, tlimit = int(v), True
+                overridden += [i + 1, p1, p2]
+        elif (ov := ctl.get("o|" + f)) is not None:
+            om = _OVERRIDE.fullmatch(ov.decode())
         if om is not None and (int(om.group(1)) == 0 or int(om.group(1)) > now):
             p1 = int(om.group(2))
             if om.group(3) != "":
@@ -138,7 +146,9 @@ def admit(store: MemoryStore, keys: Sequence[str], argv: Sequence[Arg]) -> list[
             if min_cost < cost and store.hget(key, f + "!") is not None:
                 min_cost = cost
             before = (max(0, available), p2 - now)
-            if min_cost > p1:
+            if min_cost > p1 and tlimit:
+                wait = p2 - now
+            elif min_cost > p1:
                 wait = -1
             elif available < min_cost:
                 wait = p2 - now

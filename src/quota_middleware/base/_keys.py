@@ -1,5 +1,11 @@
 """Key names. Every key of one caller carries the hash tag ``{<tenant>:<caller>}``, so every
-script touches one Redis Cluster slot and runs unchanged on a cluster."""
+script touches one Redis Cluster slot and runs unchanged on a cluster.
+
+With ``[storage] hash_tag = "tenant"`` a caller's keys start with its tenant's tag instead,
+``qm:{acme}{acme:bob}:…``: Redis hashes only the first ``{…}``, so every caller of a tenant and
+the tenant's own counters (``qm:{acme}:tq:…``) share one slot, and the admit call can decide a
+tenant budget atomically with the caller's limits. The ``{tenant:caller}`` group stays in the
+name, so readers that find a caller by it (rankings, SCANs) work with either layout."""
 
 from __future__ import annotations
 
@@ -30,13 +36,31 @@ def app_tag(prefix: str) -> str:
     return f"{prefix}:{{@app}}"
 
 
+def caller_base(prefix: str, member: str, by_tenant: bool = False) -> str:
+    """A caller's key base from its ranking member (``tenant:caller``, see :func:`rank_member`),
+    in the layout ``by_tenant`` (``[storage] hash_tag``) picks."""
+    if by_tenant:
+        return f"{prefix}:{{{member.split(':', 1)[0]}}}{{{member}}}"
+    return f"{prefix}:{{{member}}}"
+
+
+def tenant_tagged_period(prefix: str, tenant: str, period_id: str) -> str:
+    """A tenant budget's counters of one period under ``hash_tag = "tenant"``: in the slot of
+    every caller of the tenant, so their admit calls reserve against it."""
+    return f"{prefix}:{{{_part(tenant, _SAFE_TENANT)}}}:tq:q:{period_id}"
+
+
 class CallerKeys:
-    """The keys of one caller under ``prefix``."""
+    """The keys of one caller under ``prefix``; ``by_tenant``: the tenant-tagged layout."""
 
     __slots__ = ("base",)
 
-    def __init__(self, prefix: str, tenant: str, caller: str) -> None:
-        self.base = f"{prefix}:{caller_tag(tenant, caller)}"
+    def __init__(self, prefix: str, tenant: str, caller: str, by_tenant: bool = False) -> None:
+        tag = caller_tag(tenant, caller)
+        if by_tenant:
+            self.base = f"{prefix}:{{{_part(tenant, _SAFE_TENANT)}}}{tag}"
+        else:
+            self.base = f"{prefix}:{tag}"
 
     @property
     def buckets(self) -> str:

@@ -27,6 +27,9 @@ class Op(StrEnum):
     BUCKET = "b"  #: a token or request bucket
     SLOT = "c"  #: a concurrency slot
     QUOTA = "q"  #: a calendar counter (token quota, budget, app budget)
+    #: in admit: a tenant's counter in the caller's slot (``hash_tag = "tenant"``), whose
+    #: operator limit is the counter hash's ``<name>:limit`` field, not a caller override
+    TENANT_QUOTA = "Q"
     EXPIRE = "e"  #: set a calendar key's expiry
     THRESHOLDS = "t"  #: crossing-threshold alerts of a counter
     HOURLY = "h"  #: the hourly spike counter

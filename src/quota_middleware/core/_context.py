@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from quota_middleware.base._keys import AppKeys
+from quota_middleware.base._keys import AppKeys, CallerKeys, tenant_tagged_period
 from quota_middleware.base._periods import period_of
 from quota_middleware.config import QuotaConfig
 from quota_middleware.core._decision import Decision, Stats
@@ -33,6 +33,11 @@ class SharedBudget:
     tenant: str | None
     key: str
     end_us: int
+    #: the period's id as period_of gives it (``d2026-12-03``)
+    period_id: str = ""
+    #: reserved in the caller's admit call (a hard-stopped tenant budget under
+    #: ``hash_tag = "tenant"``: its key is in the caller's slot), not in the second call
+    in_admit: bool = False
 
     @property
     def name(self) -> str:
@@ -115,6 +120,8 @@ class Context:
         self.stats = Stats()
         self.prefix = config.storage.prefix
         self.app_keys = AppKeys(self.prefix)
+        #: ``[storage] hash_tag = "tenant"``: callers' keys in their tenant's slot
+        self.by_tenant = config.storage.hash_tag == "tenant"
         self.retention_ms = config.usage_retention_days * 86_400_000
         #: settles not yet written because the store was down (see :class:`SettleBuffer`)
         self.settle_buffer = SettleBuffer(config.storage.settle_buffer)
@@ -136,9 +143,13 @@ class Context:
         pid, end_us = period_of(budget.period, now_us or self.now_us(), ZoneInfo(budget.timezone))
         return self.app_keys.period(pid), end_us
 
+    def caller_keys(self, tenant: str, caller: str) -> CallerKeys:
+        return CallerKeys(self.prefix, tenant, caller, self.by_tenant)
+
     def shared_budgets(self, tenant: str | None, now_us: int | None = None) -> list[SharedBudget]:
         """The app budgets, then the budgets of ``tenant`` (those whose globs match it), each
-        in the period of ``now_us``: the order of their operations in the settle's second call."""
+        in the period of ``now_us``: the order of their operations in the settle's second call
+        (but for those ``in_admit``)."""
         at = now_us or self.now_us()
         out = []
         for b in self.config.app_budgets:
@@ -148,7 +159,12 @@ class Context:
             for tb in self.config.tenant_budgets:
                 if tb.applies(tenant):
                     pid, end_us = period_of(tb.period, at, ZoneInfo(tb.timezone))
-                    out.append(
-                        SharedBudget(tb, tenant, self.app_keys.tenant_period(tenant, pid), end_us)
-                    )
+                    # only a hard stop needs the admit call; a soft budget (alerts only) is
+                    # charged after the request either way, and stays off the caller's slot
+                    tagged = self.by_tenant and tb.hard_stop
+                    key = (
+                        tenant_tagged_period(self.prefix, tenant, pid) if tagged
+                        else self.app_keys.tenant_period(tenant, pid)
+                    )  # fmt: skip
+                    out.append(SharedBudget(tb, tenant, key, end_us, pid, tagged))
         return out

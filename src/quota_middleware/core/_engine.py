@@ -39,10 +39,12 @@ from quota_middleware.core._settlement import SETTLE_MARKER_MS, Settlement
 from quota_middleware.errors import IdentificationError, StorageError
 from quota_middleware.identity._identifier import Caller, Identifier
 from quota_middleware.limits import (
+    AppBudget,
     Budget,
     Concurrency,
     Limit,
     RequestRate,
+    TenantBudget,
     TokenQuota,
     TokenRate,
 )
@@ -151,6 +153,8 @@ class Admission:
         # admit reads is a pure function of its keys, so memoised. The slot table is built now,
         # once per process, not on a first request.
         self._tenant_keys: dict[str, str] = {}
+        # tenant budgets reserved in the admit call, as limits (hash_tag = "tenant")
+        self._tenant_limits: dict[int, Limit] = {}
         slot_tags()
 
     def ai_route(self, info: RequestInfo) -> AIRoute | None:
@@ -222,6 +226,7 @@ class Admission:
         plan = self.ctx.config.plan(caller.plan)
         ai: AIRequest | None = None
         limits: Sequence[Limit]
+        tagged: list[SharedBudget] = []
         trace = path = None
         if route is not None:
             trace, path = _trace_id(info.headers.get("x-request-id")), info.path
@@ -232,6 +237,8 @@ class Admission:
             except UnpricedModel as e:
                 return self._refuse(rid, caller, plan, "unpriced", f"model {e.model!r}")
             limits = [lim for lim in plan.limits if lim.applies(info.path, ai.model)]
+            if self.ctx.by_tenant and caller is not None:
+                tagged = [b for b in self.ctx.shared_budgets(caller.tenant) if b.in_admit]
             margins = self.ctx.margins
             est = ai.estimate
             if not margins.known(est.format, est.model) and (load := margins.sync_call()):
@@ -262,7 +269,9 @@ class Admission:
                 allowed=True, request_id=rid, caller=caller, plan=plan.name, ai=ai, day=day,
                 trace_id=trace, path=path,
             )  # fmt: skip
-        call, holds = self.plan_admit(caller, plan, limits, weight, rid, ai, now_us)
+        call, holds = self.plan_admit(caller, plan, limits, weight, rid, ai, now_us, tagged)
+        if tagged:
+            limits = [*limits, *(self._tenant_limit(b.budget) for b in tagged)]
         try:
             reply = yield call
         except StorageError as e:
@@ -297,17 +306,19 @@ class Admission:
         rid: str,
         ai: AIRequest | None = None,
         now_us: int | None = None,
+        tagged: Sequence[SharedBudget] = (),
     ) -> tuple[ScriptCall, tuple[Hold, ...]]:
-        """The admit call, and for each limit what it would hold if admitted (charged amounts
-        come from the reply)."""
-        keys = CallerKeys(self.ctx.prefix, caller.tenant, caller.id)
+        """The admit call, and for each limit (then each of ``tagged``, the tenant budgets in
+        the caller's slot) what it would hold if admitted (charged amounts come from the
+        reply)."""
+        keys = self.ctx.caller_keys(caller.tenant, caller.id)
         tenant_key = self._tenant_key(keys, caller.tenant)
         if ai is None:
             return self._plan_plain(keys, tenant_key, limits, weight, rid)
         key_list: list[str] = [keys.buckets]
         index: dict[str, int] = {}
         lease_us = int(ai.route.lease * 1_000_000)
-        args: list[ScriptArg] = [self.ctx.now_arg(), rid, lease_us, len(limits)]
+        args: list[ScriptArg] = [self.ctx.now_arg(), rid, lease_us, len(limits) + len(tagged)]
         holds: list[Hold] = []
         now = now_us if now_us is not None else self.ctx.now_us()
         for lim in limits:
@@ -341,10 +352,39 @@ class Admission:
                 args += [Op.QUOTA, index[pkey], lim.name, lim.amount, end_us, cost, least]
                 holds.append(Hold(Op.QUOTA, pkey, lim.name, 0, unit, keys.ledger(pkey),
                                   lim.amount, tuple(lim.thresholds), pid[1:], end_us))  # fmt: skip
+        for b in tagged:
+            tb = b.budget
+            assert isinstance(tb, TenantBudget)
+            if b.key not in index:
+                key_list += [b.key, keys.ledger(b.key)]
+                index[b.key] = len(key_list) - 1
+            if tb.is_budget:
+                cost, least, unit = ai.reserve_cost, ai.min_cost, 1
+            else:
+                cost, least, unit = ai.reserve_tokens, ai.min_tokens, 0
+            args += [Op.TENANT_QUOTA, index[b.key], b.name, tb.amount, b.end_us, cost, least]
+            holds.append(Hold(Op.QUOTA, b.key, b.name, 0, unit, keys.ledger(b.key), tb.amount,
+                              tuple(tb.thresholds), b.period_id[1:], b.end_us))  # fmt: skip
         # the runtime controls (controls.py), read in this same call
         key_list += [keys.controls, tenant_key]
         args += ["a", len(key_list) - 1, len(key_list)]
         return ScriptCall("admit", tuple(key_list), tuple(args)), tuple(holds)
+
+    def _tenant_limit(self, budget: AppBudget | TenantBudget) -> Limit:
+        """A tenant budget reserved in the admit call as the calendar limit ``decide`` reads:
+        its reply slot, status, refusal reason and hold are a caller quota's."""
+        limit = self._tenant_limits.get(id(budget))
+        if limit is None:
+            assert isinstance(budget, TenantBudget)
+            common: dict[str, Any] = {
+                "period": budget.period, "name": budget.name, "thresholds": budget.thresholds,
+            }  # fmt: skip
+            limit = (
+                Budget(usd=budget.usd, **common) if budget.usd is not None
+                else TokenQuota(tokens=budget.amount, **common)
+            )  # fmt: skip
+            self._tenant_limits[id(budget)] = limit
+        return limit
 
     def _tenant_key(self, keys: CallerKeys, tenant: str) -> str:
         """The copy of the tenant's controls this caller's admit reads: the one in the
@@ -533,7 +573,9 @@ class Admission:
         """The hard-stopped shared budget (the app's, or ``tenant``'s) that is spent, if any,
         from a copy of its counters at most ``check_interval`` old (one read per interval per
         process and tenant, not per request)."""
-        stops = [b for b in self.ctx.shared_budgets(tenant) if b.budget.hard_stop]
+        stops = [
+            b for b in self.ctx.shared_budgets(tenant) if b.budget.hard_stop and not b.in_admit
+        ]
         if not stops:
             return None
         now = time.monotonic()

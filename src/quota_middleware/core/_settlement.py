@@ -10,7 +10,12 @@ from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from quota_middleware.base._events import AlertEvent, outbox_call, parse_settle_events
-from quota_middleware.base._keys import CallerKeys, period_name, rank_member, tenant_member
+from quota_middleware.base._keys import (
+    period_name,
+    rank_member,
+    tenant_member,
+    tenant_tagged_period,
+)
 from quota_middleware.base._scripts import Op, ScriptArg, ScriptCall
 from quota_middleware.core._context import Context, SharedBudget
 from quota_middleware.core._decision import Charge, Decision
@@ -48,7 +53,7 @@ class Settlement:
             return None
         caller = decision.caller
         assert caller is not None
-        keys = CallerKeys(self.ctx.prefix, caller.tenant, caller.id)
+        keys = self.ctx.caller_keys(caller.tenant, caller.id)
         key_list = [keys.settled(decision.request_id)]
         index: dict[str, int] = {}
 
@@ -167,6 +172,8 @@ class Settlement:
         tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
         out = []
         for b in self.ctx.shared_budgets(tenant, at_us):
+            if b.in_admit:
+                continue  # held by the admit call, settled with the caller's own limits
             value = cost if b.in_usd else tokens
             if value > 0:
                 out.append((b, value))
@@ -357,6 +364,13 @@ class Settlement:
         out = []
         at = self.ctx.now_us() / 1_000_000
         holds = {h.name: h for h in decision.holds if h.kind == Op.QUOTA}
+        # a tenant budget held by the admit call (hash_tag = "tenant"): its threshold is the
+        # tenant's, named as the second call names it, so it fires once whichever placement
+        tagged = (
+            {n for n, h in holds.items() if h.key.startswith(tenant_tagged_period(
+                self.ctx.prefix, caller.tenant, ""))}
+            if self.ctx.by_tenant and caller is not None and shared is None else set()
+        )  # fmt: skip
         for kind, name, level, used in raw:
             if kind == Op.HOURLY:
                 assert caller is not None
@@ -383,6 +397,15 @@ class Settlement:
                         tenant=None, plan=None, limit=name, period=pid, threshold=level,
                         used=used, limit_value=limit_value, unit=unit, at=at,
                     ))  # fmt: skip
+            elif name in tagged:
+                assert caller is not None
+                th = holds[name]
+                out.append(AlertEvent(
+                    id=f"tenant:{caller.tenant}:{name}:{th.period}:{level}",
+                    type="tenant_threshold", caller=None, tenant=caller.tenant, plan=None,
+                    limit=name, period=th.period, threshold=level, used=used,
+                    limit_value=th.amount, unit="usd_micros" if th.param == 1 else "tokens", at=at,
+                ))  # fmt: skip
             else:
                 assert caller is not None
                 h = holds.get(name)

@@ -18,6 +18,9 @@
 --        KEYS[k+1] is the period's reservation ledger (request id scored by lease end); the
 --        hash keeps each reservation as field "r|<id>" = "name=amount,...". Expired
 --        reservations are given back here, so a dead worker's reservation frees itself.
+--   "Q"  a "q" counter of the caller's tenant (hash_tag = "tenant": its key shares the caller's
+--        slot): the operator's limit is its hash's field "<f>:limit" (Controls.set_budget), not
+--        a caller override; 0 (the kill switch) refuses until the period ends.
 --   A limit charges min(cost, available) and admits when available >= min_cost, so a reservation
 --   never exceeds what is left; for request limits min_cost == cost. The field of a "c" limit is
 --   its name (only overrides read it).
@@ -65,7 +68,8 @@ local swept = {}
 for i = 1, n do
   local base = 4 + (i - 1) * 7
   local k = tonumber(ARGV[base + 2])
-  if ARGV[base + 1] == 'q' and not swept[k] then
+  local kind = ARGV[base + 1]
+  if (kind == 'q' or kind == 'Q') and not swept[k] then
     swept[k] = true
     local key, ledger = KEYS[k], KEYS[k + 1]
     for _, r in ipairs(redis.call('ZRANGEBYSCORE', ledger, '-inf', now, 'LIMIT', 0, 100)) do
@@ -99,7 +103,18 @@ for i = 1, n do
   local p2 = tonumber(ARGV[base + 5])
   local cost = tonumber(ARGV[base + 6])
   local min_cost = tonumber(ARGV[base + 7])
-  local o = ctl['o|' .. f]
+  local o = nil
+  local tlimit = false
+  if kind == 'Q' then
+    kind = 'q'
+    local v = tonumber(redis.call('HGET', key, f .. ':limit'))
+    if v then
+      p1, tlimit = v, true
+      overridden[#overridden + 1] = {i, p1, p2}
+    end
+  else
+    o = ctl['o|' .. f]
+  end
   if o then
     local u, o1, o2 = string.match(o, '^(%d+)|(%d+)|(%d*)$')
     u = tonumber(u)
@@ -151,7 +166,9 @@ for i = 1, n do
     -- are admitted: refunds must not let a stream of cut-short requests each overshoot.
     if min_cost < cost and redis.call('HEXISTS', key, f .. '!') == 1 then min_cost = cost end
     before_remaining, before_reset = math.max(0, available), p2 - now
-    if min_cost > p1 then
+    if min_cost > p1 and tlimit then
+      wait = p2 - now  -- lowered by an operator: refused until the period ends
+    elseif min_cost > p1 then
       wait = -1
     elseif available < min_cost then
       wait = p2 - now
