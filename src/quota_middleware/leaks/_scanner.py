@@ -193,11 +193,15 @@ _SYNTAX = [
     # a call whose argument may decode: the ( after atob, Buffer.from, .join, fromCharCode,
     # fromCodePoint, .apply, decodeURIComponent, unescape; the C loop checks the 4 characters
     # before it, Python the whole name (see _CALL_NAMES)
-    re.compile(rb"\((?<=(?:atob|from|join|Code|oint|pply|nent|cape)\()(?P<call>)"),
+    re.compile(
+        rb"\((?<=(?:atob|from|join|Code|oint|pply|nent|cape)\()"
+        rb"(?:(?<=join\()(?=\"\"|''|``|\\\"\\\")|(?<!join\())(?P<call>)"
+    ),
     # a + between two literals, possibly JSON-escaped (\"...\"+\"...\")
     re.compile(rb"\+(?:(?<=[\"'`]\+)|(?<=[\"'`] \+))(?P<concat>)(?=\s*\\?[\"'`])"),
 ]
-#: (name before the "(", handler kind)
+#: (name before the "(", handler kind); only .join("") puts pieces of one key together, so joins
+#: with a separator (most joins in a bundle) are dropped by the pass itself
 _CALL_NAMES = (
     (b"atob", "call"),
     (b"Buffer.from", "call"),
@@ -208,7 +212,9 @@ _CALL_NAMES = (
     (b"decodeURIComponent", "call"),
     (b"unescape", "call"),
 )
-_EMPTY_ARGS = (b'""', b"''", b"``", b'\\"\\"')  # the last: inside a JSON string
+_CALLS_BY_TAIL: dict[bytes, list[tuple[bytes, str]]] = {}
+for _fn, _kind in sorted(_CALL_NAMES, key=lambda c: -len(c[0])):
+    _CALLS_BY_TAIL.setdefault(_fn[-4:], []).append((_fn, f"{_kind}/{_fn.decode()}"))
 _SOURCES = b'"sourcesContent"'
 _SPLIT = b".split("
 _FINDS = ((_SOURCES, "sources"), (AZURE_ENDPOINT, "azure-endpoint"))
@@ -264,13 +270,9 @@ class _Engine:
                     break
                 group = m.lastgroup or ""
                 if group == "call":
-                    for fn, kind in _CALL_NAMES:
-                        if buf.endswith(fn, max(0, at - len(fn)), at):
-                            # only .join("") puts pieces of one key together; joins with a
-                            # separator (most joins in a bundle) are not looked at
-                            if kind == "join" and not buf.startswith(_EMPTY_ARGS, at + 1):
-                                break
-                            events.append((at - len(fn), f"{kind}/{fn.decode()}", at + 1))
+                    for fn, name in _CALLS_BY_TAIL[buf[at - 4 : at]]:
+                        if at >= len(fn) and buf.endswith(fn, 0, at):
+                            events.append((at - len(fn), name, at + 1))
                             break
                     continue
                 events.append((at - 1 if group == "ent" else at, group, m.end()))
