@@ -1,0 +1,394 @@
+"""The admin JSON API (``quota_middleware.admin``): every endpoint with an admin token and an
+admin JWT, no/wrong credentials (401, no data), CSRF for cookie sessions, the audit trail (the
+stream and the log), 400s naming the field, 404/405/413, idempotent replays, 503 when the store
+is down; through both drivers (ASGI over ``httpx.ASGITransport`` and a real uvicorn with the app
+mounted under a prefix, WSGI over werkzeug's test client and mounted in Flask) on the memory
+store and a real redis-server (and one cluster case); and end to end with the middleware on the
+same store: a block set through the API refuses the caller's next request, an override raises a
+budget exactly, unblocking restores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt as pyjwt
+import pytest
+from werkzeug.test import Client as WerkzeugClient
+
+from _seed import Seeded, resolve, seed_config, seed_month
+from quota_middleware import (
+    QuotaConfig,
+)
+from quota_middleware.admin import AdminApp, AdminConfig, WSGIAdminApp
+from quota_middleware.fleet import period_days
+from quota_middleware.identity import IdentityConfig
+from quota_middleware.identity._apikeys import ApiKeyConfig
+from quota_middleware.identity._jwt import JWTConfig
+
+TOKEN = "qm-admin-token-for-the-tests-0123456789"
+DIGEST = hashlib.sha256(TOKEN.encode()).hexdigest()
+#: a second admin's token: both digests are in the policy
+TOKEN2 = "another-admin-token-abcdefghijklmnop"
+JWT_SECRET = "jwt-secret-of-the-tests-0123456789abcdef"
+UNAUTHORIZED = {"error": "unauthorized", "message": "wrong or missing admin credentials"}
+KINDS = ("asgi", "wsgi")
+
+
+# -- the policy, the apps, and a client that speaks to either driver ------------------------------
+def make_config(base: QuotaConfig | None = None, **admin: Any) -> QuotaConfig:
+    """``base`` (default: the seed's policy) with an ``[admin]`` table (two admin tokens by
+    digest, JWTs whose ``roles`` hold ``admin``), JWT verification and API keys."""
+    base = base or seed_config()
+    identity = IdentityConfig(
+        resolver=resolve,
+        anonymous="reject",
+        jwt=JWTConfig(algorithms=["HS256"], secret=JWT_SECRET),
+        api_keys=ApiKeyConfig(cache_ttl=0.0, negative_cache_ttl=0.0),
+    )
+    settings = AdminConfig(
+        token_sha256=[DIGEST, hashlib.sha256(TOKEN2.encode()).hexdigest()],
+        jwt_claim="roles",
+        **admin,
+    )
+    return dataclasses.replace(base, identity=identity, admin=settings)
+
+
+def admin_jwt(secret: str = JWT_SECRET, exp_in: float = 600, **claims: Any) -> str:
+    payload: dict[str, Any] = {"sub": "ops@example.com", "roles": ["admin", "billing"],
+                               "exp": int(time.time() + exp_in), **claims}  # fmt: skip
+    return pyjwt.encode({k: v for k, v in payload.items() if v is not None}, secret, "HS256")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+H = bearer(TOKEN)
+
+
+@dataclasses.dataclass
+class Resp:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Client:
+    """Requests to an ASGI app (``httpx.ASGITransport`` on a loop of its own) or a WSGI app
+    (werkzeug's test client). Cookies are never kept: a test sends them itself."""
+
+    def __init__(self, kind: str, app: Any, *, root_path: str = "") -> None:
+        self.kind = kind
+        if kind == "asgi":
+            self.runner = asyncio.Runner()
+            self.host = "admin.test"
+            transport = httpx.ASGITransport(app=app, root_path=root_path)
+            self.http = httpx.AsyncClient(transport=transport, base_url=f"http://{self.host}")
+        else:
+            self.host = "localhost"
+            self.wsgi = WerkzeugClient(app, use_cookies=False)
+
+    def __call__(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None,
+        json_body: Any = None, content: bytes | None = None, form: dict[str, str] | None = None,
+    ) -> Resp:  # fmt: skip
+        headers = dict(headers or {})
+        if json_body is not None:
+            content = json.dumps(json_body).encode()
+            headers.setdefault("content-type", "application/json")
+        if form is not None:
+            from urllib.parse import urlencode
+
+            content = urlencode(form).encode()
+            headers["content-type"] = "application/x-www-form-urlencoded"
+        if self.kind == "asgi":
+            r = self.runner.run(self.http.request(method, path, headers=headers, content=content))
+            self.http.cookies.clear()
+            return Resp(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content)
+        w = self.wsgi.open(path, method=method, headers=headers, data=content or b"")
+        return Resp(w.status_code, {k.lower(): v for k, v in w.headers.items()}, w.get_data())
+
+    def get(self, path: str, **kw: Any) -> Resp:
+        return self("GET", path, **kw)
+
+    def close(self) -> None:
+        if self.kind == "asgi":
+            self.runner.run(self.http.aclose())
+            self.runner.close()
+
+
+def admin_app(kind: str, config: QuotaConfig, store: Any) -> Any:
+    return (AdminApp if kind == "asgi" else WSGIAdminApp)(config, store)
+
+
+@pytest.fixture(params=[pytest.param("memory", marks=pytest.mark.memory, id="memory"),
+                        pytest.param("redis", marks=pytest.mark.redis, id="redis")])  # fmt: skip
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """The conftest ``backend`` fixture, here on the memory store and a real redis-server
+    (fakeredis adds nothing the two do not cover; the cluster has a test of its own)."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def admin(kind: str, backend: Any) -> Iterator[Client]:
+    """A client of the admin app (the chosen driver) on an empty store of the chosen kind."""
+    c = Client(kind, admin_app(kind, make_config(), backend.sync()))
+    yield c
+    c.close()
+
+
+def session(c: Client, token: str = TOKEN) -> tuple[dict[str, str], str]:
+    """Sign in through ``POST /login``: (the Cookie header, the session's CSRF token)."""
+    r = c("POST", "/login", form={"token": token})
+    assert r.status == 200, r.body
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    return {"cookie": cookie.split(";", 1)[0]}, r.json()["csrf"]
+
+
+# every JSON route (and the one authenticated non-API one), with a body where it takes one: the
+# credential tests run each; test_the_route_table_is_what_the_tests_cover keeps it complete
+ENDPOINTS: list[tuple[str, str, Any]] = [
+    ("GET", "/api/whoami", None),
+    ("GET", "/api/usage?period=month", None),
+    ("GET", "/api/usage/daily?days=7", None),
+    ("GET", "/api/callers/acme/user-00000", None),
+    ("GET", "/api/tenants?period=month", None),
+    ("GET", "/api/tenants/acme", None),
+    ("PUT", "/api/tenants/acme/block", {"reason": "x"}),
+    ("DELETE", "/api/tenants/acme/block", None),
+    ("GET", "/api/controls/acme/user-00000", None),
+    ("PUT", "/api/controls/acme/user-00000/block", {"reason": "x"}),
+    ("DELETE", "/api/controls/acme/user-00000/block", None),
+    ("PUT", "/api/controls/acme/user-00000/limits/usd-month", {"value": 9}),
+    ("DELETE", "/api/controls/acme/user-00000/limits/usd-month", None),
+    ("GET", "/api/keys", None),
+    ("POST", "/api/keys", {"caller": "mallory"}),
+    ("GET", "/api/keys/AbCdEfGhIjKl", None),
+    ("DELETE", "/api/keys/AbCdEfGhIjKl", None),
+    ("POST", "/api/keys/AbCdEfGhIjKl/rotate", {}),
+    ("GET", "/api/budgets", None),
+    ("PUT", "/api/budgets/app-day", {"limit": 0}),
+    ("DELETE", "/api/budgets/app-day", None),
+    ("GET", "/api/alerts?limit=5", None),
+    ("GET", "/api/alerts/dead", None),
+    ("GET", "/api/spikes", None),
+    ("GET", "/api/audit", None),
+    ("POST", "/logout", None),
+]
+
+
+def test_the_route_table_is_what_the_tests_cover() -> None:
+    """A route added to the API without a line in ENDPOINTS fails here."""
+    app = AdminApp(make_config(), _memory())
+    api = {(r.method, r.pattern) for r in app.router.routes
+           if r.pattern.startswith("/api/") or r.pattern == "/logout"}  # fmt: skip
+    covered = set()
+    for method, path, _ in ENDPOINTS:
+        route, _params = app.router.match(method, path.split("?")[0].split("/")[1:])
+        covered.add((route.method, route.pattern))
+    assert covered == api
+
+
+def _memory() -> Any:
+    from quota_middleware.backends.memory import MemoryBackend
+
+    return MemoryBackend()
+
+
+# -- every endpoint, with an admin token and with an admin JWT ------------------------------------
+@pytest.fixture
+def seeded(backend: Any) -> tuple[QuotaConfig, Seeded]:
+    """A week of traffic from 8 callers through the real admit and settle path."""
+    cfg = make_config()
+    return cfg, seed_month(backend.sync(), cfg, callers=8, days=7)
+
+
+def test_every_endpoint_answers_an_admin_token_and_an_admin_jwt(
+    kind: str, backend: Any, seeded: tuple[QuotaConfig, Seeded]
+) -> None:
+    cfg, s = seeded
+    c = Client(kind, admin_app(kind, cfg, backend.sync()))
+    try:
+        walk(c, bearer(TOKEN), cfg, backend, s, who=f"token:{DIGEST[:8]}", via="token")
+        walk(c, bearer(admin_jwt()), cfg, backend, s, who="ops@example.com", via="jwt")
+    finally:
+        c.close()
+
+
+def walk(c: Client, h: dict[str, str], cfg: QuotaConfig, backend: Any, s: Seeded, *, who: str,
+         via: str) -> None:  # fmt: skip
+    """Every endpoint once, each answer checked against what the store holds."""
+    from quota_middleware.fleet import top_callers
+
+    r = c.get("/api/whoami", headers=h)
+    assert r.status == 200 and r.json() == {"who": who, "via": via, "csrf": None, "expires": None}
+
+    # top callers of the month: the rollups agree with a SCAN of every caller's usage hashes,
+    # and with what the seed settled
+    month_days = period_days(cfg, "month")[1]
+    month_cost = sum(s.per_day.get(d, 0) for d in month_days)
+    scanned = top_callers(backend.sync(), cfg, period="month", by="cost", limit=None)
+    r = c.get("/api/usage?period=month&by=cost&limit=1000", headers=h)
+    assert r.status == 200, r.body
+    u = r.json()
+    assert u["days"] == month_days and u["count"] == len(scanned)
+    assert [(x["tenant"], x["caller"], x["cost_micros"]) for x in u["callers"]] == [
+        (x.tenant, x.caller, x.cost_micros) for x in scanned]  # fmt: skip
+    assert u["shown_total"]["cost_micros"] == month_cost
+    costs = [x["cost_micros"] for x in u["callers"]]
+    assert costs == sorted(costs, reverse=True)
+    for by, field in (("tokens", "total_tokens"), ("requests", "requests")):
+        rows = c.get(f"/api/usage?period=month&by={by}&limit=3", headers=h).json()["callers"]
+        values = [x[field] for x in rows]
+        assert len(rows) == 3 and values == sorted(values, reverse=True), by
+    top = u["callers"][0]
+    only = c.get(f"/api/usage?period=month&tenant={top['tenant']}", headers=h).json()
+    assert only["callers"] and {x["tenant"] for x in only["callers"]} == {top["tenant"]}
+    today = c.get("/api/usage", headers=h).json()  # the default: today, by cost
+    assert today["period"] == "day" and today["days"] == [s.days[-1]]
+    assert today["shown_total"]["cost_micros"] == s.per_day.get(s.days[-1], 0)
+
+    # the whole app per day and model: the seed's own totals, day by day
+    r = c.get(f"/api/usage/daily?days={len(s.days)}", headers=h)
+    assert r.status == 200
+    daily = r.json()
+    assert [d["day"] for d in daily["days"]] == s.days
+    assert {d["day"]: d["total"]["cost_micros"] for d in daily["days"]} == {
+        d: s.per_day.get(d, 0) for d in s.days}  # fmt: skip
+    assert daily["total"]["cost_micros"] == s.cost_micros
+    assert daily["total"]["requests"] == s.requests
+    for d in daily["days"]:
+        assert sum(m["cost_micros"] for m in d["models"].values()) == d["total"]["cost_micros"]
+
+    # one caller: per-day per-model usage summing to its ranking row, what is left, controls
+    r = c.get(f"/api/callers/{top['tenant']}/{top['caller']}", headers=h)
+    assert r.status == 200
+    one = r.json()
+    assert one["caller"] == top["caller"] and one["tenant"] == top["tenant"]
+    in_month = [x for x in one["usage"] if x["day"] in month_days]
+    assert sum(x["cost_micros"] for x in in_month) == top["cost_micros"]
+    assert sum(x["requests"] for x in in_month) == top["requests"]
+    left = {x["name"]: x for x in one["remaining"]}
+    assert set(left) == {"tokens-day", "usd-month"}  # quotas and budgets (a rate refills)
+    assert left["usd-month"]["limit"] == 4_000_000
+    assert left["usd-month"]["remaining"] == 4_000_000 - left["usd-month"]["used"]
+    assert one["controls"] == {"caller": top["caller"], "tenant": top["tenant"], "block": None,
+                               "tenant_block": None, "overrides": []}  # fmt: skip
+
+    # tenants of the month: their spend adds up to the month's
+    r = c.get("/api/tenants?period=month", headers=h)
+    assert r.status == 200
+    assert sum(t["cost_micros"] for t in r.json()["tenants"]) == month_cost
+    r = c.get("/api/tenants/acme", headers=h)
+    assert r.status == 200 and r.json() == {"tenant": "acme", "block": None, "budgets": []}
+
+    # a tenant block, seen by any caller of the tenant, then lifted: once, on memory (on Redis
+    # a tenant block writes its copy into each of the 16384 slots, 2-3 s: the end-to-end test
+    # makes one there)
+    if via == "token" and backend.name == "memory":
+        r = c("PUT", "/api/tenants/acme/block", headers=h,
+              json_body={"reason": "unpaid", "duration": "1h"})  # fmt: skip
+        assert r.status == 200, r.body
+        assert r.json()["whole_tenant"] is True and r.json()["reason"] == "unpaid"
+        assert c.get("/api/tenants/acme", headers=h).json()["block"]["reason"] == "unpaid"
+        shown = c.get("/api/controls/acme/anyone", headers=h).json()
+        assert shown["tenant_block"]["reason"] == "unpaid" and shown["block"] is None
+        r = c("DELETE", "/api/tenants/acme/block", headers=h)
+        assert r.status == 200 and r.json()["removed"] is True
+        assert c.get("/api/tenants/acme", headers=h).json()["block"] is None
+
+    # a caller block and an override, read back, then undone
+    t, who_c = top["tenant"], top["caller"]
+    r = c("PUT", f"/api/controls/{t}/{who_c}/block", headers=h,
+          json_body={"reason": "abuse", "scope": "ai", "duration": 600})  # fmt: skip
+    assert r.status == 200, r.body
+    assert r.json()["scope"] == "ai" and r.json()["whole_tenant"] is False
+    r = c("PUT", f"/api/controls/{t}/{who_c}/limits/usd-month", headers=h,
+          json_body={"value": 10, "expires": "2h"})  # fmt: skip
+    assert r.status == 200, r.body
+    assert r.json()["value"] == 10 and r.json()["kind"] == "budget" and r.json()["until"]
+    state = c.get(f"/api/controls/{t}/{who_c}", headers=h).json()
+    assert state["block"]["reason"] == "abuse" and state["overrides"][0]["name"] == "usd-month"
+    left = {x["name"]: x for x in c.get(f"/api/callers/{t}/{who_c}", headers=h).json()["remaining"]}
+    assert left["usd-month"]["limit"] == 10_000_000  # the override, not the plan's 4 USD
+    r = c("DELETE", f"/api/controls/{t}/{who_c}/limits/usd-month", headers=h)
+    assert r.status == 200 and r.json()["removed"] is True
+    r = c("DELETE", f"/api/controls/{t}/{who_c}/block", headers=h)
+    assert r.status == 200 and r.json()["removed"] is True
+    assert c.get(f"/api/controls/{t}/{who_c}", headers=h).json()["block"] is None
+
+    # API keys: create (the plain key once), list, show, rotate, revoke
+    r = c("POST", "/api/keys", headers=h, json_body={"caller": "bob", "tenant": "acme"})
+    assert r.status == 201, r.body
+    made = r.json()
+    plain, key_id = made["key"], made["key_id"]
+    assert plain.startswith("qm_") and made["caller"] == "bob" and made["status"] == "active"
+    listed = c.get("/api/keys?caller=bob", headers=h).json()["keys"]
+    assert key_id in {k["key_id"] for k in listed} and all("key" not in k for k in listed)
+    assert key_id in {k["key_id"] for k in c.get("/api/keys", headers=h).json()["keys"]}
+    assert c.get(f"/api/keys/{key_id}", headers=h).json()["caller"] == "bob"
+    r = c("POST", f"/api/keys/{key_id}/rotate", headers=h, json_body={"grace": 0})
+    assert r.status == 201, r.body
+    rotated = r.json()
+    assert rotated["old"]["key_id"] == key_id and rotated["new"]["caller"] == "bob"
+    assert rotated["key"] != plain and rotated["key"].startswith("qm_")
+    new_id = rotated["new"]["key_id"]
+    r = c("DELETE", f"/api/keys/{new_id}", headers=h)
+    assert r.status == 200 and r.json()["revoked"] is True and r.json()["key"]["revoked"] is True
+    r = c("DELETE", f"/api/keys/{new_id}", headers=h)  # again: nothing to do
+    assert r.status == 200 and r.json()["revoked"] is False
+
+    # the app budgets, and the kill switch
+    r = c.get("/api/budgets", headers=h)
+    assert r.status == 200
+    budgets = {b["name"]: b for b in r.json()["budgets"]}
+    assert set(budgets) == {"app-day", "app-month"}
+    assert budgets["app-day"]["spent"] == s.per_day.get(s.days[-1], 0)
+    assert budgets["app-month"]["spent"] == month_cost
+    assert budgets["app-day"]["limit"] == budgets["app-day"]["configured"] == 5_000_000
+    r = c("PUT", "/api/budgets/app-day", headers=h, json_body={"limit": 0})
+    assert r.status == 200, r.body
+    assert r.json()["limit"] == 0 and r.json()["override"] == 0 and r.json()["spent_out"] is True
+    r = c("DELETE", "/api/budgets/app-day", headers=h)
+    assert r.status == 200 and r.json()["limit"] == 5_000_000 and r.json()["override"] is None
+
+    # the outbox (the seed's threshold alerts and its spike), dead letters, the audit trail
+    r = c.get("/api/alerts?limit=3", headers=h)
+    assert r.status == 200
+    events = r.json()["events"]
+    assert 1 <= len(events) <= 3 and all(e["type"] and e["at_iso"] for e in events)
+    ats = [e["at"] for e in c.get("/api/alerts?limit=1000", headers=h).json()["events"]]
+    assert ats == sorted(ats, reverse=True)
+    assert c.get("/api/alerts/dead", headers=h).json() == {"dead": []}
+    spikes = c.get("/api/spikes", headers=h).json()["spikes"]
+    assert s.spiker is not None
+    assert [(e["tenant"], e["caller"]) for e in spikes][:1] == [s.spiker]
+    entries = c.get("/api/audit?limit=14", headers=h).json()["entries"]
+    mine = ["budget.restore", "budget.set", "key.revoke", "key.rotate", "key.create", "unblock",
+            "override.unset", "override.set", "block"]  # fmt: skip
+    if via == "token" and backend.name == "memory":
+        mine += ["unblock", "block"]  # the tenant's
+    assert [e["action"] for e in entries[: len(mine)]] == mine
+    assert {e["who"] for e in entries[: len(mine)]} == {who}
+    blocked = entries[8]
+    assert blocked["target"] == f"caller:{t}/{who_c}" and blocked["before"] is None
+    assert blocked["after"]["reason"] == "abuse" and blocked["after"]["scope"] == "ai"
