@@ -329,11 +329,12 @@ class TenantBudget:
 
     Thresholds fire ``tenant_threshold`` alerts once per tenant and period; with ``hard_stop``
     the tenant's AI requests answer 429 ``insufficient_quota`` once it is spent, until the
-    period ends or an operator raises it (``Controls.set_tenant_budget``). Like an app budget
-    it lives on its own key beside the app's, so it is charged in the settle's second call and
-    checked from a copy at most ``check_interval`` seconds old: the tenant may overshoot by what
-    its requests in flight spend and by ``check_interval`` of its spending (see the README,
-    "Tenant budgets").
+    period ends or an operator raises it (``Controls.set_budget(name, limit, tenant=...)``).
+    Where it lives follows ``[storage] hash_tag``: by default on its own key beside the app's,
+    charged in the settle's second call and checked from a copy at most ``check_interval``
+    seconds old (the tenant may overshoot by what its requests in flight spend and by
+    ``check_interval`` of its spending); with ``hash_tag = "tenant"`` in its tenant's slot,
+    reserved in each caller's admit call, exactly (see the README, "Tenant budgets").
     """
 
     usd: float | None = None
