@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -121,6 +122,11 @@ class Client:
 
     def get(self, path: str, **kw: Any) -> Resp:
         return self("GET", path, **kw)
+
+    def stream(self, method: str, path: str, *, headers: dict[str, str], chunks: Any) -> Resp:
+        """An ASGI request whose body is sent in chunks, without a Content-Length."""
+        r = self.runner.run(self.http.request(method, path, headers=headers, content=chunks))
+        return Resp(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content)
 
     def close(self) -> None:
         if self.kind == "asgi":
@@ -392,3 +398,360 @@ def walk(c: Client, h: dict[str, str], cfg: QuotaConfig, backend: Any, s: Seeded
     blocked = entries[8]
     assert blocked["target"] == f"caller:{t}/{who_c}" and blocked["before"] is None
     assert blocked["after"]["reason"] == "abuse" and blocked["after"]["scope"] == "ai"
+
+
+# -- wrong or missing credentials: 401 and nothing else -------------------------------------------
+def _bad_credentials() -> list[tuple[str, dict[str, str]]]:
+    import jwt as pyjwt_
+
+    exp = int(time.time() + 600)
+    return [
+        ("none", {}),
+        ("wrong token", bearer("not-the-admin-token")),
+        ("token + 1 char", bearer(TOKEN + "x")),
+        ("the digest itself", bearer(DIGEST)),
+        ("right token, Basic scheme", {"authorization": f"Basic {TOKEN}"}),
+        ("empty bearer", {"authorization": "Bearer "}),
+        ("JWT of another secret", bearer(admin_jwt(secret="another-secret-0123456789abcdefgh"))),
+        ("JWT without the role", bearer(admin_jwt(roles=["billing", "administrator"]))),
+        ("JWT role as a word inside", bearer(admin_jwt(roles="nonadmin billing"))),
+        ("JWT role 'true' as text", bearer(admin_jwt(roles="true"))),
+        ("JWT role 1", bearer(admin_jwt(roles=1))),
+        ("JWT without roles", bearer(admin_jwt(roles=None))),
+        ("expired JWT", bearer(admin_jwt(exp_in=-60))),
+        (
+            "JWT alg none",
+            bearer(
+                pyjwt_.encode({"sub": "x", "roles": ["admin"], "exp": exp}, None, algorithm="none")
+            ),
+        ),  # fmt: skip
+        ("forged cookie", {"cookie": "qm_admin=eyJ3IjoidG9rZW46eCJ9.c2lnbmF0dXJl"}),
+        ("garbage cookie", {"cookie": "qm_admin=...; other=1"}),
+    ]
+
+
+def test_no_or_wrong_credentials_are_401_without_data(admin: Client) -> None:
+    for label, headers in _bad_credentials():
+        for method, path, body in ENDPOINTS:
+            r = admin(method, path, headers=headers, json_body=body)
+            assert r.status == 401, (label, method, path, r.body)
+            assert r.json() == UNAUTHORIZED, (label, method, path)  # the whole body: no data
+            assert r.headers["www-authenticate"].startswith("Bearer"), (label, path)
+            assert r.headers["cache-control"] == "no-store"
+    # nothing was changed by any of them
+    assert admin.get("/api/audit", headers=H).json() == {"entries": []}
+    assert admin.get("/api/keys", headers=H).json() == {"keys": []}
+    state = admin.get("/api/controls/acme/user-00000", headers=H).json()
+    assert state["block"] is None and state["overrides"] == []
+    day = {b["name"]: b for b in admin.get("/api/budgets", headers=H).json()["budgets"]}
+    assert day["app-day"]["override"] is None
+
+
+def test_a_jwt_role_rule_that_says_admin(admin: Client) -> None:
+    """The claim rule: JSON true, a space-separated word, or a list item equal to ``admin``."""
+    for roles in (True, "billing admin", ["admin"]):
+        r = admin.get("/api/whoami", headers=bearer(admin_jwt(roles=roles)))
+        assert r.status == 200 and r.json()["who"] == "ops@example.com", roles
+    r = admin.get("/api/whoami", headers=bearer(TOKEN2))
+    assert r.json()["who"] == "token:" + hashlib.sha256(TOKEN2.encode()).hexdigest()[:8]
+
+
+# -- browser sessions and CSRF ------------------------------------------------------------------
+def test_a_cookie_session_needs_the_csrf_token_and_its_own_origin(
+    kind: str, backend: Any, admin: Client
+) -> None:
+    cookie, csrf = session(admin)
+    me = admin.get("/api/whoami", headers=cookie).json()
+    assert me["who"] == f"token:{DIGEST[:8]}" and me["via"] == "session" and me["csrf"] == csrf
+    path = "/api/controls/acme/carol/block"
+    body = {"reason": "csrf test"}
+    own = f"http://{admin.host}"
+    refused = [
+        {},  # no token
+        {"x-csrf-token": "not-the-token"},
+        {"x-csrf-token": csrf, "origin": "http://evil.example"},
+        {"x-csrf-token": csrf, "origin": f"http://{admin.host}.evil.example"},
+        {"x-csrf-token": csrf, "referer": "https://evil.example/admin/api"},
+        {"x-csrf-token": csrf, "origin": "null"},
+    ]
+    for extra in refused:
+        r = admin("PUT", path, headers={**cookie, **extra}, json_body=body)
+        assert r.status == 403 and r.json()["error"] == "csrf", extra
+    for method in ("DELETE", "POST"):  # every state-changing method, not only PUT
+        target = path if method == "DELETE" else "/api/keys"
+        r = admin(method, target, headers=cookie, json_body={"caller": "x"})
+        assert r.status == 403 and r.json()["error"] == "csrf", method
+    assert admin.get("/api/controls/acme/carol", headers=H).json()["block"] is None
+    assert admin.get("/api/keys", headers=H).json() == {"keys": []}
+    # the token and the site's own origin (or none: browsers send one on every POST)
+    r = admin("PUT", path, headers={**cookie, "x-csrf-token": csrf, "origin": own}, json_body=body)
+    assert r.status == 200, r.body
+    r = admin("PUT", path, headers={**cookie, "x-csrf-token": csrf,
+                                    "referer": own + "/ui/"}, json_body=body)  # fmt: skip
+    assert r.status == 200, r.body
+    r = admin("PUT", path, headers=cookie, form={"csrf": csrf, "reason": "from a form"})
+    assert r.status == 200 and r.json()["reason"] == "from a form"
+    entries = admin.get("/api/audit", headers=H).json()["entries"]
+    assert [e["who"] for e in entries] == [f"token:{DIGEST[:8]}"] * 3
+    # an Authorization header cannot be forged by another site: no CSRF token needed
+    r = admin("PUT", path, headers={**H, "origin": "http://evil.example"}, json_body=body)
+    assert r.status == 200
+    # a wrong header is refused even with a good cookie
+    r = admin.get("/api/whoami", headers={**cookie, **bearer("wrong")})
+    assert r.status == 401 and r.json() == UNAUTHORIZED
+    # a tampered cookie is refused
+    name, _, value = cookie["cookie"].partition("=")
+    r = admin.get("/api/whoami", headers={"cookie": f"{name}={value[:-2]}xx"})
+    assert r.status == 401 and r.json() == UNAUTHORIZED
+    # another worker on the same store accepts the session (the signing key is in the store)
+    other = Client(kind, admin_app(kind, make_config(), backend.sync()))
+    try:
+        assert other.get("/api/whoami", headers=cookie).json()["via"] == "session"
+    finally:
+        other.close()
+    # logout is a state change too; then the cookie is dead everywhere
+    assert admin("POST", "/logout", headers=cookie).status == 403
+    r = admin("POST", "/logout", headers={**cookie, "x-csrf-token": csrf})
+    assert r.status == 200 and "Max-Age=0" in r.headers["set-cookie"]
+    r = admin.get("/api/whoami", headers=cookie)
+    assert r.status == 401 and r.json() == UNAUTHORIZED
+
+
+def test_login_refuses_wrong_tokens_and_other_sites(admin: Client) -> None:
+    for token in ("wrong", "", DIGEST, admin_jwt(roles=["billing"])):
+        r = admin("POST", "/login", form={"token": token})
+        assert r.status == 401 and r.json()["error"] == "unauthorized", token
+        assert "set-cookie" not in r.headers
+    r = admin("POST", "/login", headers={"origin": "http://evil.example"}, form={"token": TOKEN})
+    assert r.status == 403 and "set-cookie" not in r.headers
+    # a JWT login lasts no longer than the JWT
+    token = admin_jwt(exp_in=120)
+    r = admin("POST", "/login", json_body={"token": token})
+    assert r.status == 200 and r.json()["who"] == "ops@example.com"
+    assert r.json()["expires"] <= time.time() + 121
+    max_age = int(r.headers["set-cookie"].split("Max-Age=")[1].split(";")[0])
+    assert 100 <= max_age <= 120
+
+
+# -- the audit trail, idempotent replays, no secret anywhere -------------------------------------
+def test_changes_are_audited_in_the_stream_and_the_log_without_secrets(
+    admin: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    path = "/api/controls/acme/dave/block"
+    rid = {"x-request-id": "req-42"}
+    first = admin("PUT", path, headers={**H, **rid}, json_body={"reason": "spam", "duration": 60})
+    assert first.status == 200
+    # PUT again with the same block: the same state (one block), audited again
+    again = admin("PUT", path, headers=H, json_body={"reason": "spam", "duration": 60})
+    assert again.status == 200 and again.json()["reason"] == "spam"
+    changed = admin("PUT", path, headers=bearer(admin_jwt()), json_body={"reason": "fraud"})
+    assert changed.status == 200
+    state = admin.get("/api/controls/acme/dave", headers=H).json()
+    assert state["block"] == changed.json()
+    override = "/api/controls/acme/dave/limits/tokens-day"
+    for _ in range(2):  # PUT twice: one override
+        r = admin("PUT", override, headers=H, json_body={"value": 5000})
+        assert r.status == 200 and r.json()["value"] == 5000
+    assert len(admin.get("/api/controls/acme/dave", headers=H).json()["overrides"]) == 1
+    assert admin("DELETE", path, headers=H).json()["removed"] is True
+    assert admin("DELETE", path, headers=H).json() == {"removed": False, "before": None}
+    entries = admin.get("/api/audit", headers=H).json()["entries"]
+    assert [e["action"] for e in entries] == [
+        "unblock", "override.set", "override.set", "block", "block", "block"]  # fmt: skip
+    unblock, _, _, fraud, spam2, spam1 = entries
+    assert spam1["before"] is None and spam1["after"]["reason"] == "spam"
+    assert spam1["request_id"] == "req-42" and spam1["who"] == f"token:{DIGEST[:8]}"
+    assert spam2["before"]["reason"] == "spam"
+    assert fraud["who"] == "ops@example.com" and fraud["before"]["reason"] == "spam"
+    assert fraud["after"] == changed.json() and fraud["target"] == "caller:acme/dave"
+    assert unblock["before"]["reason"] == "fraud" and unblock["after"] is None
+    assert entries[1]["before"]["value"] == 5000 and entries[2]["before"] is None
+    assert all(abs(e["at"] - time.time()) < 60 for e in entries)
+    # one INFO line per entry on the audit logger, with the same fields
+    logged = [r for r in caplog.records if r.name == "quota_middleware.audit"
+              and hasattr(r, "audit")]  # fmt: skip
+    assert all(r.levelno == logging.INFO for r in logged)
+    assert [r.audit["action"] for r in logged] == [e["action"] for e in reversed(entries)]
+    for rec, entry in zip(logged, reversed(entries), strict=True):
+        assert {**rec.audit, "id": entry["id"]} == entry
+
+    # a key created twice with one Idempotency-Key: one key; its secret written nowhere
+    idem = {**H, "idempotency-key": "create-erin-1"}
+    r1 = admin("POST", "/api/keys", headers=idem, json_body={"caller": "erin", "tenant": "acme"})
+    r2 = admin("POST", "/api/keys", headers=idem, json_body={"caller": "erin", "tenant": "acme"})
+    assert r1.status == 201 and r2.status == 200
+    plain = r1.json()["key"]
+    assert r2.json()["key_id"] == r1.json()["key_id"] and r2.json()["replayed"] is True
+    assert "key" not in r2.json()
+    assert [k["key_id"] for k in admin.get("/api/keys?caller=erin", headers=H).json()["keys"]] == [
+        r1.json()["key_id"]]  # fmt: skip
+    # the same key with another request: refused, not a second key
+    r3 = admin("POST", "/api/keys", headers=idem, json_body={"caller": "frank"})
+    assert r3.status == 422 and r3.json()["error"] == "idempotency_key_reused"
+    # another admin's same Idempotency-Key is theirs
+    r4 = admin("POST", "/api/keys", headers={**bearer(TOKEN2), "idempotency-key": "create-erin-1"},
+               json_body={"caller": "erin", "tenant": "acme"})  # fmt: skip
+    assert r4.status == 201 and r4.json()["key_id"] != r1.json()["key_id"]
+    # rotation with an Idempotency-Key: the replay names the same new key
+    rot = {**H, "idempotency-key": "rotate-erin-1"}
+    k1 = admin("POST", f"/api/keys/{r1.json()['key_id']}/rotate", headers=rot, json_body={})
+    k2 = admin("POST", f"/api/keys/{r1.json()['key_id']}/rotate", headers=rot, json_body={})
+    assert k1.status == 201 and k2.status == 200 and "key" not in k2.json()
+    assert k2.json()["new"]["key_id"] == k1.json()["new"]["key_id"]
+    secrets_ = [plain, r4.json()["key"], k1.json()["key"], TOKEN, TOKEN2]
+    audit_text = admin.get("/api/audit?limit=1000", headers=H).body.decode()
+    creates = [e for e in json.loads(audit_text)["entries"] if e["action"] == "key.create"]
+    assert len(creates) == 2 and creates[-1]["idempotency_key"] == "create-erin-1"
+    logs = caplog.text + "".join(repr(r.__dict__) for r in caplog.records)
+    for secret in secrets_:
+        assert secret not in audit_text and secret not in logs
+        assert secret.split("_")[-1] not in audit_text and secret.split("_")[-1] not in logs
+
+
+def test_the_admin_tokens_and_jwts_are_never_logged(
+    admin: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = admin_jwt()
+    admin("POST", "/login", form={"token": TOKEN})
+    admin("POST", "/login", form={"token": "a-wrong-token-typed-by-hand"})
+    admin("POST", "/login", form={"token": token})
+    admin.get("/api/whoami", headers=bearer(token))
+    admin.get("/api/whoami", headers=bearer("a-wrong-token-typed-by-hand"))
+    logs = caplog.text + "".join(repr(r.__dict__) for r in caplog.records)
+    assert "login token:" in logs  # the log says who signed in...
+    for secret in (TOKEN, token, token.split(".")[2], "a-wrong-token-typed-by-hand"):
+        assert secret not in logs  # ...never with what
+
+
+# -- bad input: 400 naming the field, 404, 405, 413 -----------------------------------------------
+BLOCK = "/api/controls/acme/user-00000/block"
+LIMIT = "/api/controls/acme/user-00000/limits"
+BAD: list[tuple[str, str, Any, str]] = [
+    ("GET", "/api/usage?limit=abc", None, "limit"),
+    ("GET", "/api/usage?limit=0", None, "limit"),
+    ("GET", "/api/usage?limit=1001", None, "limit"),
+    ("GET", "/api/usage?limit=-3", None, "limit"),
+    ("GET", "/api/usage?period=year", None, "period"),
+    ("GET", "/api/usage?by=dollars", None, "by"),
+    ("GET", "/api/usage?tenant=" + "t" * 300, None, "tenant"),
+    ("GET", "/api/usage/daily?days=0", None, "days"),
+    ("GET", "/api/usage/daily?days=x", None, "days"),
+    ("GET", "/api/tenants?period=decade", None, "period"),
+    ("GET", "/api/callers/acme/bob?days=0", None, "days"),
+    ("GET", "/api/callers/acme/bob?plan=gold", None, "plan"),
+    ("GET", "/api/callers/acme/" + "c" * 300, None, "caller"),
+    ("GET", "/api/alerts?limit=1e3", None, "limit"),
+    ("GET", "/api/alerts/dead?limit=0", None, "limit"),
+    ("GET", "/api/spikes?limit=zero", None, "limit"),
+    ("GET", "/api/audit?limit=99999", None, "limit"),
+    ("GET", "/api/budgets?tenant=%00", None, "tenant"),
+    ("PUT", BLOCK, b"{not json", "body"),
+    ("PUT", BLOCK, b"\xff\xfe", "body"),
+    ("PUT", BLOCK, [1, 2], "body"),
+    ("PUT", BLOCK, {"duration": "forever"}, "duration"),
+    ("PUT", BLOCK, {"duration": -5}, "duration"),
+    ("PUT", BLOCK, {"duration": 0}, "duration"),
+    ("PUT", BLOCK, {"duration": True}, "duration"),
+    ("PUT", BLOCK, {"duration": "20y"}, "duration"),
+    ("PUT", BLOCK, {"scope": "everything"}, "scope"),
+    ("PUT", BLOCK, {"reason": 123}, "reason"),
+    ("PUT", BLOCK, {"reason": "x" * 501}, "reason"),
+    ("PUT", BLOCK, {"colour": "red"}, "colour"),
+    ("PUT", "/api/tenants/acme/block", {"duration": "1 fortnight"}, "duration"),
+    ("PUT", f"{LIMIT}/usd-month", {"value": "lots"}, "value"),
+    ("PUT", f"{LIMIT}/usd-month", {"value": True}, "value"),
+    ("PUT", f"{LIMIT}/usd-month", {"value": None}, "value"),
+    ("PUT", f"{LIMIT}/usd-month", {"value": -1}, "value"),
+    ("PUT", f"{LIMIT}/usd-month", {}, "value"),
+    ("PUT", f"{LIMIT}/usd-month", {"value": 5, "expires": "soon"}, "expires"),
+    ("PUT", f"{LIMIT}/usd-month", {"value": 5, "plan": "gold"}, "plan"),
+    ("PUT", f"{LIMIT}/tokens-day", {"value": 1.5}, "value"),
+    ("PUT", f"{LIMIT}/rpm", {"value": "many/second"}, "value"),
+    ("PUT", f"{LIMIT}/rpm", {"value": 5, "burst": 0}, "burst"),
+    ("PUT", f"{LIMIT}/no-such-limit", {"value": 5}, "name"),
+    ("POST", "/api/keys", {}, "caller"),
+    ("POST", "/api/keys", {"caller": ""}, "caller"),
+    ("POST", "/api/keys", {"caller": 7}, "caller"),
+    ("POST", "/api/keys", {"caller": "bob", "tenant": ""}, "tenant"),
+    ("POST", "/api/keys", {"caller": "bob", "plan": "gold"}, "plan"),
+    ("POST", "/api/keys", {"caller": "bob", "expires_in": "x"}, "expires_in"),
+    ("POST", "/api/keys", {"caller": "bob", "secret": "mine"}, "secret"),
+    ("POST", "/api/keys", b"[]", "body"),
+    ("PUT", "/api/budgets/app-day", {"limit": -1}, "limit"),
+    ("PUT", "/api/budgets/app-day", {"limit": "abc"}, "limit"),
+    ("PUT", "/api/budgets/app-day", {"limit": float("nan")}, "limit"),
+    ("PUT", "/api/budgets/app-day", {}, "limit"),
+    ("PUT", "/api/budgets/app-day", {"limit": 1, "until": "x"}, "until"),
+]
+
+
+def test_bad_input_is_a_400_naming_the_field(admin: Client) -> None:
+    for method, path, body, field in BAD:
+        if isinstance(body, bytes):
+            r = admin(method, path, headers={**H, "content-type": "application/json"},
+                      content=body)  # fmt: skip
+        else:
+            r = admin(method, path, headers=H, json_body=body)
+        assert r.status == 400, (method, path, body, r.status, r.body)
+        data = r.json()
+        assert data["error"] == "invalid" and data["field"] == field, (path, body, data)
+        assert data["message"] and "Traceback" not in data["message"]
+    r = admin("POST", "/api/keys", headers={**H, "idempotency-key": "k" * 300},
+              json_body={"caller": "bob"})  # fmt: skip
+    assert r.status == 400 and r.json()["field"] == "Idempotency-Key"
+    # nothing bad was written
+    assert admin.get("/api/audit", headers=H).json() == {"entries": []}
+    assert admin.get("/api/keys", headers=H).json() == {"keys": []}
+
+
+def test_unknown_things_are_404_and_wrong_methods_405(admin: Client) -> None:
+    for method, path, body in [
+        ("PUT", "/api/budgets/no-such-budget", {"limit": 1}),
+        ("DELETE", "/api/budgets/no-such-budget", None),
+        ("GET", "/api/keys/AbCdEfGhIjKl", None),
+        ("DELETE", "/api/keys/AbCdEfGhIjKl", None),
+        ("POST", "/api/keys/AbCdEfGhIjKl/rotate", {}),
+        ("DELETE", "/api/keys/not-a-key-id!", None),
+    ]:
+        r = admin(method, path, headers=H, json_body=body)
+        assert r.status == 404 and r.json()["error"] == "not_found", (method, path, r.body)
+    for path in ("/api/nope", "/api", "/api/keys/a/b/c", "/nope", "/api/callers/acme"):
+        r = admin.get(path, headers=H)
+        assert r.status == 404 and r.json() == {"error": "not_found"}, path
+    for method, path, allow in [
+        ("DELETE", "/api/keys", "GET, POST"),
+        ("PATCH", "/api/budgets/app-day", "DELETE, PUT"),
+        ("POST", "/api/usage", "GET"),
+        ("GET", "/logout", "POST"),
+        ("PUT", "/api/controls/acme/bob", "GET"),
+    ]:
+        r = admin(method, path, headers=H, json_body={})
+        assert r.status == 405 and r.json() == {"error": "method_not_allowed"}, (method, path)
+        assert r.headers["allow"] == allow
+    # HEAD is a GET without the body
+    r = admin("HEAD", "/api/whoami", headers=H)
+    assert r.status == 200 and r.body == b""
+
+
+def test_a_body_over_64_kib_is_413(admin: Client) -> None:
+    big = json.dumps({"reason": "x" * (64 * 1024)}).encode()
+    r = admin("PUT", BLOCK, headers={**H, "content-type": "application/json"}, content=big)
+    assert r.status == 413 and r.json()["error"] == "too_large"
+    r = admin("PUT", BLOCK, headers={"content-type": "application/json"}, content=big)
+    assert r.status == 413  # before any credential is looked at: nothing was read
+    # exactly 64 KiB is read (and the reason is then too long: a 400, not a 413)
+    exact = b'{"reason":"' + b"x" * (64 * 1024 - 13) + b'"}'
+    assert len(exact) == 64 * 1024
+    r = admin("PUT", BLOCK, headers={**H, "content-type": "application/json"}, content=exact)
+    assert r.status == 400 and r.json()["field"] == "reason"
+    if admin.kind == "asgi":  # no Content-Length (chunked): counted while it is read
+
+        async def chunks() -> Any:
+            for _ in range(70):
+                yield b"x" * 1024
+
+        r = admin.stream("PUT", BLOCK, headers=H, chunks=chunks())
+        assert r.status == 413 and r.json()["error"] == "too_large"
+    assert admin.get("/api/audit", headers=H).json() == {"entries": []}
