@@ -755,3 +755,44 @@ def test_a_body_over_64_kib_is_413(admin: Client) -> None:
         r = admin.stream("PUT", BLOCK, headers=H, chunks=chunks())
         assert r.status == 413 and r.json()["error"] == "too_large"
     assert admin.get("/api/audit", headers=H).json() == {"entries": []}
+
+
+# -- the store down: 503, then back ---------------------------------------------------------------
+@pytest.mark.redis
+@pytest.mark.parametrize("kind", KINDS)
+def test_503_while_the_store_is_down_then_back(kind: str, fresh_redis_server: Any) -> None:
+    cfg = make_config(seed_config(url=fresh_redis_server.url))
+    app = (AdminApp if kind == "asgi" else WSGIAdminApp)(cfg)  # the backend of [storage]
+    c = Client(kind, app)
+    try:
+        cookie, csrf = session(c)
+        assert c.get("/api/usage", headers=H).status == 200
+        fresh_redis_server.stop(keep_dir=True)
+        down = {"error": "store_unavailable", "message": "the store cannot be reached"}
+        for method, path, body in ENDPOINTS:
+            if path in ("/api/whoami", "/logout"):  # they need no store
+                continue
+            t0 = time.perf_counter()
+            r = c(method, path, headers=H, json_body=body)
+            assert r.status == 503 and r.json() == down, (method, path, r.status, r.body)
+            assert r.headers["retry-after"] == "1"
+            assert time.perf_counter() - t0 < 5, path
+        # a session is checked against the store (its key, logged-out sessions): 503 too
+        r = c.get("/api/usage", headers=cookie)
+        assert r.status == 503 and r.json() == down
+        r = c("POST", "/login", form={"token": TOKEN})
+        assert r.status in (200, 503)  # the signing key may still be in this process's cache
+        # wrong credentials stay a 401 (never a 503 that tells the store is down)
+        r = c.get("/api/usage", headers=bearer("wrong"))
+        assert r.status == 401 and r.json() == UNAUTHORIZED
+        fresh_redis_server.restart()
+        deadline = time.monotonic() + 10
+        while (r := c.get("/api/usage", headers=H)).status != 200:
+            assert time.monotonic() < deadline, r.body
+            time.sleep(0.1)
+        assert c.get("/api/whoami", headers=cookie).json()["via"] == "session"
+        r = c("PUT", BLOCK, headers={**cookie, "x-csrf-token": csrf}, json_body={"reason": "ok"})
+        assert r.status == 200
+    finally:
+        c.close()
+        app.close()

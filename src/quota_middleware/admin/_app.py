@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from typing import Any
 
 from quota_middleware.admin._audit import AuditLog
@@ -95,6 +96,20 @@ def build_router() -> Router:
     return router
 
 
+def _store_error(e: Exception) -> bool:
+    """The store failed: our ``StorageError``, or redis-py's own error from a reader that
+    talks to the client directly (the outbox and audit streams' XREVRANGE), or the socket's."""
+    if isinstance(e, StorageError | ConnectionError | TimeoutError):
+        return True
+    redis_exceptions = sys.modules.get("redis.exceptions")  # loaded if a redis client exists
+    return redis_exceptions is not None and isinstance(e, redis_exceptions.RedisError)
+
+
+def _describe(e: Exception) -> str:
+    # the exception's class, not its text: a redis error can quote the command's arguments
+    return str(e) if isinstance(e, StorageError) else type(e).__name__
+
+
 def handle(ctx: AdminContext, router: Router, req: Request) -> Response:
     """The response to ``req``: 404/405 for no route, 401 for no or wrong credentials (or the
     route's own answer, e.g. a redirect to the login page), 403 ``csrf``, 503 when the store
@@ -113,16 +128,17 @@ def handle(ctx: AdminContext, router: Router, req: Request) -> Response:
         response = route.handler(req, ctx)
     except HTTPError as e:
         response = e.response()
-    except StorageError as e:
-        log.warning("quota_middleware: admin %s %s: store unavailable: %s",
-                    req.method, req.path, e)  # fmt: skip
-        response = json_response(
-            {"error": "store_unavailable", "message": "the store cannot be reached"}, 503,
-            headers=[("retry-after", "1")],
-        )  # fmt: skip
-    except Exception:
-        log.exception("quota_middleware: admin %s %s failed", req.method, req.path)
-        response = json_response({"error": "internal"}, 500)
+    except Exception as e:
+        if not _store_error(e):
+            log.exception("quota_middleware: admin %s %s failed", req.method, req.path)
+            response = json_response({"error": "internal"}, 500)
+        else:
+            log.warning("quota_middleware: admin %s %s: store unavailable: %s",
+                        req.method, req.path, _describe(e))  # fmt: skip
+            response = json_response(
+                {"error": "store_unavailable", "message": "the store cannot be reached"}, 503,
+                headers=[("retry-after", "1")],
+            )  # fmt: skip
     if req.method == "HEAD":
         response.body = b""
     return response
