@@ -24,9 +24,17 @@ import jwt as pyjwt
 import pytest
 from werkzeug.test import Client as WerkzeugClient
 
+import ai_app
 from _seed import Seeded, resolve, seed_config, seed_month
+from ai_harness import PATH, chat, prompt_estimate
 from quota_middleware import (
+    AIRoute,
+    Plan,
     QuotaConfig,
+    QuotaMiddleware,
+    RequestRate,
+    TokenQuota,
+    WSGIQuotaMiddleware,
 )
 from quota_middleware.admin import AdminApp, AdminConfig, WSGIAdminApp
 from quota_middleware.fleet import period_days
@@ -796,3 +804,96 @@ def test_503_while_the_store_is_down_then_back(kind: str, fresh_redis_server: An
     finally:
         c.close()
         app.close()
+
+
+# -- end to end: the API's changes and the middleware on the same store --------------------------
+def _ai_policy(quota: int) -> QuotaConfig:
+    return make_config(QuotaConfig(
+        plans=[Plan(name="standard", limits=[
+            RequestRate(rate="1000/minute", name="rpm"),
+            TokenQuota(tokens=quota, period="day", name="tokens-day")])],
+        ai_routes=[AIRoute(path=PATH, format="openai-chat", default_output_tokens=100)],
+    ))  # fmt: skip
+
+
+def _ai_body() -> tuple[dict[str, Any], int]:
+    """A chat request whose reported usage equals its admission's reservation: (body, tokens)."""
+    body = chat(max_tokens=50, x_completion=50, x_prompt=0)
+    body["x_prompt"] = prompt_estimate(body)
+    return body, body["x_prompt"] + 50
+
+
+def _middleware(kind: str, cfg: QuotaConfig, backend: Any) -> Any:
+    if kind == "asgi":
+        return QuotaMiddleware(ai_app.asgi_app, config=cfg, backend=backend.async_())
+    return WSGIQuotaMiddleware(ai_app.wsgi_app, config=cfg, backend=backend.sync())
+
+
+def test_the_api_blocks_overrides_and_keys_act_on_the_next_request(kind: str, backend: Any) -> None:
+    body, used = _ai_body()
+    cfg = _ai_policy(3 * used)
+    api = Client(kind, admin_app(kind, cfg, backend.sync()))
+    app = Client(kind, _middleware(kind, cfg, backend))
+    carol = {"x-caller": "carol", "x-tenant": "acme"}
+
+    def call(headers: dict[str, str] = carol) -> Resp:
+        return app("POST", PATH, headers=headers, json_body=body)
+
+    try:
+        assert call().status == 200
+        # a block through the API refuses the very next request; another caller goes on
+        t0 = time.perf_counter()
+        r = api("PUT", "/api/controls/acme/carol/block", headers=H,
+                json_body={"reason": "abuse of the API"})  # fmt: skip
+        assert r.status == 200
+        refused = call()
+        latency = time.perf_counter() - t0
+        assert refused.status == 403, refused.body
+        error = refused.json()["error"]
+        assert error["code"] == "caller_blocked" and error["reason"] == "abuse of the API"
+        assert call({"x-caller": "dan", "x-tenant": "acme"}).status == 200
+        assert call({"x-caller": "carol", "x-tenant": "other"}).status == 200  # another tenant
+        print(f"block through the API -> next request refused: {latency * 1000:.1f} ms")
+        assert api("DELETE", "/api/controls/acme/carol/block", headers=H).json()["removed"]
+        assert call().status == 200
+        # an AI-only block lets other routes through
+        api("PUT", "/api/controls/acme/carol/block", headers=H, json_body={"scope": "ai"})
+        assert call().status == 403
+        other = app("POST", "/v1/other", headers=carol, json_body=body)
+        assert other.status == 200
+        api("DELETE", "/api/controls/acme/carol/block", headers=H)
+
+        # the plan's quota: 3 requests' tokens; 2 were used, so one more, then refused
+        assert call().status == 200
+        assert call().status == 429
+        left = api.get("/api/callers/acme/carol", headers=H).json()["remaining"]
+        assert [(q["limit"], q["used"], q["remaining"]) for q in left] == [
+            (3 * used, 3 * used, 0)]  # fmt: skip
+        # an override raises it by exactly two requests' tokens
+        r = api("PUT", "/api/controls/acme/carol/limits/tokens-day", headers=H,
+                json_body={"value": 5 * used})  # fmt: skip
+        assert r.status == 200 and r.json()["value"] == 5 * used
+        left = api.get("/api/callers/acme/carol", headers=H).json()["remaining"]
+        assert [(q["limit"], q["remaining"]) for q in left] == [(5 * used, 2 * used)]
+        ok = call()
+        assert ok.status == 200 and f'"tokens-day";r={used};' in ok.headers["ratelimit"]
+        assert call().status == 200
+        assert call().status == 429  # exactly two
+        # unset: back to the plan's number
+        api("DELETE", "/api/controls/acme/carol/limits/tokens-day", headers=H)
+        left = api.get("/api/callers/acme/carol", headers=H).json()["remaining"]
+        assert [(q["limit"], q["remaining"]) for q in left] == [(3 * used, 0)]
+
+        # an API key made through the API identifies its caller; revoked, it does not
+        made = api("POST", "/api/keys", headers=H,
+                   json_body={"caller": "erin", "tenant": "acme"}).json()  # fmt: skip
+        r = call({"x-api-key": made["key"]})
+        assert r.status == 200, r.body
+        usage = api.get("/api/callers/acme/erin", headers=H).json()["totals"]
+        assert usage["requests"] == 1 and usage["total_tokens"] == used
+        api("DELETE", f"/api/keys/{made['key_id']}", headers=H)
+        r = call({"x-api-key": made["key"]})
+        assert r.status == 401, r.body
+    finally:
+        app.close()
+        api.close()
