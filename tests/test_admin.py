@@ -37,6 +37,7 @@ from quota_middleware import (
     WSGIQuotaMiddleware,
 )
 from quota_middleware.admin import AdminApp, AdminConfig, WSGIAdminApp
+from quota_middleware.config import StorageConfig
 from quota_middleware.fleet import period_days
 from quota_middleware.identity import IdentityConfig
 from quota_middleware.identity._apikeys import ApiKeyConfig
@@ -897,3 +898,150 @@ def test_the_api_blocks_overrides_and_keys_act_on_the_next_request(kind: str, ba
     finally:
         app.close()
         api.close()
+
+
+# -- mounted under a prefix in real apps ---------------------------------------------------------
+ODD_CALLER = "a/b c+d%41"  # an encoded "/" stays inside one id, "%41" is decoded once only
+ODD_PATH = "a%2Fb%20c%2Bd%2541"
+
+
+@pytest.mark.redis
+def test_through_uvicorn_mounted_under_a_prefix_in_fastapi(redis_server: Any) -> None:
+    """The deployment shape: FastAPI mounts the admin app at /admin beside the app behind the
+    middleware, uvicorn serves both on a real redis-server; root_path is honoured (links, the
+    cookie's Path), ids are decoded per segment, a block stops the caller on the next request."""
+    from fastapi import FastAPI
+
+    from fake_provider import ServerThread
+
+    body, used = _ai_body()
+    cfg = _ai_policy(100 * used)
+    cfg = dataclasses.replace(cfg, storage=StorageConfig(url=redis_server.url, prefix="mnt"))
+    admin = AdminApp(cfg)
+    outer = FastAPI()
+    outer.mount("/admin", admin)
+    outer.mount("/", QuotaMiddleware(ai_app.asgi_app, config=cfg))
+    with ServerThread(outer) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        r = http.get("/admin/api/whoami", headers=H)
+        assert r.status_code == 200 and r.json()["via"] == "token"
+        assert http.get("/api/whoami", headers=H).status_code != 200  # not mounted there
+        r = http.get("/admin/api/nope", headers=H)
+        assert r.status_code == 404 and r.json() == {"error": "not_found"}
+        r = http.get("/admin/api/whoami")
+        assert r.status_code == 401 and r.json() == UNAUTHORIZED
+        r = http.post("/admin/login", data={"token": TOKEN})
+        assert r.status_code == 200 and "Path=/admin;" in r.headers["set-cookie"]
+        cookie = {"cookie": r.headers["set-cookie"].split(";", 1)[0]}
+        csrf = r.json()["csrf"]
+        http.cookies.clear()
+        # a caller id with "/", a space, "+" and a non-ASCII letter, through the real server
+        carol = {"x-caller": ODD_CALLER, "x-tenant": "acme"}
+        assert http.post(PATH, json=body, headers=carol).status_code == 200
+        r = http.get(f"/admin/api/callers/acme/{ODD_PATH}", headers=H)
+        assert r.status_code == 200, r.text
+        assert r.json()["caller"] == ODD_CALLER and r.json()["totals"]["requests"] == 1
+        r = http.get("/admin/api/controls/%C3%A9quipe/%E2%82%AC", headers=H)
+        assert (r.json()["tenant"], r.json()["caller"]) == ("équipe", "€")
+        # a browser session blocks the caller (CSRF token and its own Origin)
+        r = http.put(f"/admin/api/controls/acme/{ODD_PATH}/block",
+                     headers={**cookie, "x-csrf-token": csrf, "origin": server.url},
+                     json={"reason": "mounted"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        refused = http.post(PATH, json=body, headers=carol)
+        assert refused.status_code == 403 and refused.json()["error"]["reason"] == "mounted"
+        r = http.put(f"/admin/api/controls/acme/{ODD_PATH}/block",
+                     headers={**cookie, "x-csrf-token": csrf, "origin": "http://evil.example"},
+                     json={"reason": "forged"})  # fmt: skip
+        assert r.status_code == 403 and r.json()["error"] == "csrf"
+        entry = http.get("/admin/api/audit?limit=1", headers=H).json()["entries"][0]
+        assert entry["target"] == f"caller:acme/{ODD_CALLER}" and entry["after"]["reason"] == (
+            "mounted")  # fmt: skip
+        assert http.delete(f"/admin/api/controls/acme/{ODD_PATH}/block", headers=H).json()[
+            "removed"]  # fmt: skip
+        assert http.post(PATH, json=body, headers=carol).status_code == 200
+
+        # how long from the admin's PUT until the caller is refused, over real HTTP
+        dave = {"x-caller": "dave", "x-tenant": "acme"}
+        times = []
+        for _ in range(15):
+            assert http.post(PATH, json=body, headers=dave).status_code == 200
+            t0 = time.perf_counter()
+            http.put("/admin/api/controls/acme/dave/block", headers=H, json={"reason": "t"})
+            assert http.post(PATH, json=body, headers=dave).status_code == 403
+            times.append(time.perf_counter() - t0)
+            http.delete("/admin/api/controls/acme/dave/block", headers=H)
+        times.sort()
+        print(f"uvicorn+redis: PUT block -> next request 403: median {times[7] * 1000:.1f} ms,"
+              f" max {times[-1] * 1000:.1f} ms")  # fmt: skip
+
+        # a whole tenant, blocked and unblocked through the API (each writes 16384 slot copies)
+        t0 = time.perf_counter()
+        r = http.put("/admin/api/tenants/acme/block", headers=H, json={"reason": "tenant"})
+        took = time.perf_counter() - t0
+        assert r.status_code == 200
+        for who in ("dave", "erin", ODD_CALLER):
+            r = http.post(PATH, json=body, headers={"x-caller": who, "x-tenant": "acme"})
+            assert r.status_code == 403 and r.json()["error"]["blocked"] == "tenant", who
+        assert http.post(PATH, json=body, headers={"x-caller": "dave"}).status_code == 200
+        assert http.delete("/admin/api/tenants/acme/block", headers=H).json()["removed"]
+        assert http.post(PATH, json=body, headers=dave).status_code == 200
+        print(f"uvicorn+redis: a tenant block through the API took {took * 1000:.0f} ms")
+    admin.close()
+
+
+def test_mounted_in_flask_with_dispatcher_middleware(backend: Any) -> None:
+    from flask import Flask
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    body, _ = _ai_body()
+    cfg = _ai_policy(1_000_000)
+    flask_app = Flask(__name__)
+
+    @flask_app.post(PATH)
+    def completions() -> Any:
+        status, headers, chunks = ai_app.respond(flask_request_body())
+        return b"".join(chunks), status, headers
+
+    def flask_request_body() -> bytes:
+        from flask import request
+
+        return request.get_data()
+
+    admin = WSGIAdminApp(cfg, backend.sync())
+    guarded = WSGIQuotaMiddleware(flask_app.wsgi_app, config=cfg, backend=backend.sync())
+    flask_app.wsgi_app = DispatcherMiddleware(guarded, {"/admin": admin})  # type: ignore[method-assign]
+    c = Client("wsgi", flask_app)
+    carol = {"x-caller": ODD_CALLER, "x-tenant": "acme"}
+    assert c("POST", PATH, headers=carol, json_body=body).status == 200
+    r = c.get("/admin/api/whoami", headers=H)
+    assert r.status == 200 and r.json()["who"] == f"token:{DIGEST[:8]}"
+    assert c.get("/admin/api/whoami").json() == UNAUTHORIZED
+    r = c.get(f"/admin/api/callers/acme/{ODD_PATH}", headers=H)
+    assert r.status == 200 and r.json()["caller"] == ODD_CALLER
+    r = c.get("/admin/api/controls/%C3%A9quipe/%E2%82%AC", headers=H)
+    assert (r.json()["tenant"], r.json()["caller"]) == ("équipe", "€")
+    r = c("POST", "/admin/login", form={"token": TOKEN})
+    assert "Path=/admin;" in r.headers["set-cookie"]
+    cookie, csrf = {"cookie": r.headers["set-cookie"].split(";", 1)[0]}, r.json()["csrf"]
+    r = c("PUT", f"/admin/api/controls/acme/{ODD_PATH}/block",
+          headers={**cookie, "x-csrf-token": csrf, "origin": "http://localhost"},
+          json_body={"reason": "flask"})  # fmt: skip
+    assert r.status == 200, r.body
+    refused = c("POST", PATH, headers=carol, json_body=body)
+    assert refused.status == 403 and refused.json()["error"]["code"] == "caller_blocked"
+    assert c("DELETE", f"/admin/api/controls/acme/{ODD_PATH}/block", headers=H).status == 200
+    assert c("POST", PATH, headers=carol, json_body=body).status == 200
+    assert c.get("/admin/api/nope", headers=H).status == 404
+
+
+def test_asgi_root_path_from_the_server(backend: Any) -> None:
+    """``uvicorn --root-path /admin`` style: the scope's root_path names the mount, and the
+    path holds it (ASGI 3) or not (older servers); both resolve below the mount."""
+    app = AdminApp(make_config(), backend.sync())
+    c = Client("asgi", app, root_path="/admin")
+    try:
+        assert c.get("/admin/api/whoami", headers=H).json()["via"] == "token"
+        r = c("POST", "/admin/login", form={"token": TOKEN})
+        assert "Path=/admin;" in r.headers["set-cookie"]
+    finally:
+        c.close()
