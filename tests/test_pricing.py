@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -26,10 +29,14 @@ TABLE = PriceTable()
 def test_table_is_dated_and_integer() -> None:
     assert re.fullmatch(r"20\d\d-\d\d-\d\d", PRICES_AS_OF)
     assert DEFAULT_PRICES["gpt-4o"] == ModelPrice(2_500_000, 10_000_000, 1_250_000)
-    assert DEFAULT_PRICES["claude-sonnet-4-5"] == ModelPrice(
+    sonnet = DEFAULT_PRICES["claude-sonnet-4-5"]
+    assert (sonnet.input, sonnet.output, sonnet.cached_input, sonnet.cache_write) == (
         3_000_000, 15_000_000, 300_000, 3_750_000
-    )
-    assert DEFAULT_PRICES["gemini-2.5-pro"] == ModelPrice(1_250_000, 10_000_000, 125_000)
+    )  # fmt: skip
+    assert sonnet.cache_write_1h == 6_000_000 and sonnet.tier_above == 200_000
+    pro = DEFAULT_PRICES["gemini-2.5-pro"]
+    assert (pro.input, pro.output, pro.cached_input) == (1_250_000, 10_000_000, 125_000)
+    assert pro.tier == ModelPrice(2_500_000, 15_000_000, 250_000)
     assert DEFAULT_PRICES["text-embedding-3-small"] == ModelPrice(20_000, 0)
     for price in DEFAULT_PRICES.values():
         assert all(isinstance(v, int) and v >= 0 for v in (price.input, price.output))
@@ -168,3 +175,150 @@ def test_price_for_policies() -> None:
     assert price_for("llama3.2", TABLE, "tokens-only") is None
     with pytest.raises(ConfigurationError):
         price_for("llama3.2", TABLE, "default", None)
+
+
+# -- long-context tiers, 1-hour cache writes, LiteLLM price files ---------------------------------
+def test_a_prompt_over_the_tier_prices_the_whole_request_at_it() -> None:
+    pro = DEFAULT_PRICES["gemini-2.5-pro"]
+    at = Usage(input_tokens=200_000, output_tokens=1_000)
+    over = Usage(input_tokens=200_001, output_tokens=1_000)
+    # 200k x $1.25/M + 1k x $10/M; one more prompt token: all of it x $2.50/M + 1k x $15/M
+    assert cost_micros(at, pro) == 250_000 + 10_000
+    assert cost_micros(over, pro) == -(-(200_001 * 2_500_000 + 1_000 * 15_000_000) // 10**6)
+    cached = Usage(input_tokens=300_000, cached_tokens=100_000, output_tokens=0)
+    assert cost_micros(cached, pro) == (200_000 * 2_500_000 + 100_000 * 250_000) // 10**6
+
+
+def test_an_hours_cache_writes_cost_their_own_price() -> None:
+    from quota_middleware.metering._usage import UsageParser
+
+    # Anthropic's Messages response: writes split by TTL under usage.cache_creation
+    body = {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+        "usage": {
+            "input_tokens": 10, "output_tokens": 20, "cache_read_input_tokens": 1_000,
+            "cache_creation_input_tokens": 3_000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 1_000,
+                               "ephemeral_1h_input_tokens": 2_000},
+        },
+    }  # fmt: skip
+    parser = UsageParser("anthropic-messages", content_type="application/json")
+    parser.feed(json.dumps(body).encode())
+    usage = parser.finish()
+    assert (usage.input_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens) == (
+        4_010, 3_000, 2_000
+    )  # fmt: skip
+    sonnet = DEFAULT_PRICES["claude-sonnet-4-5"]
+    # 10 x $3 + 1,000 x $0.30 + 1,000 x $3.75 + 2,000 x $6 + 20 x $15, per 1M
+    expected = (10 * 3 + 1_000 * 0.30 + 1_000 * 3.75 + 2_000 * 6 + 20 * 15) * 1e6 / 1e6
+    assert cost_micros(usage, sonnet) == round(expected)
+    # a model without a 1-hour price charges them at its cache-write price
+    assert cost_micros(usage, ModelPrice(3_000_000, 15_000_000, 300_000, 3_750_000)) == round(
+        10 * 3 + 1_000 * 0.30 + 3_000 * 3.75 + 20 * 15
+    )
+
+
+LITELLM = {
+    "sample_spec": {"input_cost_per_token": 0, "output_cost_per_token": 0, "mode": "chat"},
+    "gpt-4o": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 2.5e-06,
+               "output_cost_per_token": 1e-05, "cache_read_input_token_cost": 1.25e-06,
+               "input_cost_per_token_batches": 1.25e-06, "max_input_tokens": 128000},
+    "claude-sonnet-4-5": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+                          "cache_read_input_token_cost": 3e-07,
+                          "cache_creation_input_token_cost": 3.75e-06,
+                          "cache_creation_input_token_cost_above_1hr": 6e-06,
+                          "litellm_provider": "anthropic"},
+    "vertex_ai/gemini-2.5-pro": {"input_cost_per_token": 1.25e-06,
+                                 "input_cost_per_token_above_200k_tokens": 2.5e-06,
+                                 "output_cost_per_token": 1e-05,
+                                 "output_cost_per_token_above_200k_tokens": 1.5e-05,
+                                 "cache_read_input_token_cost": 1.25e-07},
+    "my-house-model": {"input_cost_per_token": "4e-06", "output_cost_per_token": 8e-06},
+    "dall-e-3": {"output_cost_per_image": 0.04, "mode": "image_generation"},
+    "broken": {"input_cost_per_token": -1, "output_cost_per_token": 1e-06},
+    "nan-model": {"input_cost_per_token": "NaN", "output_cost_per_token": 1e-06},
+}  # fmt: skip
+
+
+def test_litellm_price_files_are_read_in_their_own_units() -> None:
+    from quota_middleware.metering.pricing import litellm_prices
+
+    prices = litellm_prices(LITELLM)
+    assert prices["gpt-4o"] == ModelPrice(2_500_000, 10_000_000, 1_250_000)
+    sonnet = prices["claude-sonnet-4-5"]
+    assert (sonnet.cache_write, sonnet.cache_write_1h) == (3_750_000, 6_000_000)
+    # the prefixed entry prices its bare name too, with its 200k tier
+    pro = prices["gemini-2.5-pro"]
+    assert pro is prices["vertex_ai/gemini-2.5-pro"]
+    assert pro.tier_above == 200_000 and pro.tier == ModelPrice(2_500_000, 15_000_000)
+    assert prices["my-house-model"] == ModelPrice(4_000_000, 8_000_000)
+    # what is not priced per token, or not a number >= 0, is skipped, never charged at 0
+    assert not {"sample_spec", "dall-e-3", "broken", "nan-model"} & set(prices)
+
+
+def test_a_prices_file_sits_between_the_bundled_table_and_the_policys_prices(
+    tmp_path: Path,
+) -> None:
+    from ai_harness import AIHarness, chat, config
+    from quota_middleware import QuotaConfig
+
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps(LITELLM))
+    (tmp_path / "policy.toml").write_text(
+        'prices_file = "prices.json"\n'
+        "[prices.gpt-4o]\ninput = 5\noutput = 20\n"
+        "[plans.p]\n"
+        '[[ai_routes]]\npath = "/v1/chat/completions"\nformat = "openai-chat"\n'
+    )
+    cfg = QuotaConfig.from_toml(tmp_path / "policy.toml")
+    assert cfg.prices_file == str(tmp_path / "prices.json")
+    from quota_middleware.core._meter import price_table
+
+    table, _ = price_table(cfg)
+    assert table.lookup("my-house-model") == ModelPrice(4_000_000, 8_000_000)  # from the file
+    assert table.lookup("gpt-4o") == ModelPrice(5_000_000, 20_000_000)  # the policy's wins
+    assert table.lookup("claude-3-opus") == DEFAULT_PRICES["claude-3-opus"]  # bundled
+    # a request to a model only the file prices is charged at the file's price
+    backend = _Backend()
+    h = AIHarness("wsgi", backend, config(prices_file=str(path)))
+    try:
+        r = h.post(chat(model="my-house-model", x_prompt=1_000, x_completion=500))
+        assert r.status == 200, r.raw
+        assert h.usage()["cost"] == 1_000 * 4 + 500 * 8  # micro-USD
+    finally:
+        h.close()
+
+
+class _Backend:
+    def __init__(self) -> None:
+        from quota_middleware.backends.memory import MemoryBackend
+
+        self._b = MemoryBackend()
+
+    def sync(self) -> Any:
+        return self._b
+
+    def async_(self) -> Any:
+        return self._b
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, "cannot read"),
+        ("{not json", "not JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"dall-e-3": {"output_cost_per_image": 0.04}}', "no model with a per-token price"),
+    ],
+)
+def test_a_bad_prices_file_is_a_startup_error_naming_it(
+    tmp_path: Path, content: str | None, match: str
+) -> None:
+    from ai_harness import config
+
+    path = tmp_path / "prices.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigurationError, match=f"prices_file.*{match}"):
+        config(prices_file=str(path))

@@ -284,6 +284,9 @@ class QuotaConfig:
     #: price overrides and additions, USD per 1M tokens:
     #: ``{"my-model": {"input": 1.0, "output": 4.0, "cached_input": 0.1, "cache_write": 1.25}}``
     prices: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    #: a price file in LiteLLM's published JSON format (``model_prices_and_context_window
+    #: .json``, USD per token), over the bundled table and under ``prices``; read at startup
+    prices_file: str | os.PathLike[str] | None = None
     #: what a budgeted request for a model without a price does: ``"refuse"`` it (403),
     #: charge ``default_price``, or count ``"tokens-only"`` (cost 0)
     unpriced: Unpriced = "refuse"
@@ -380,6 +383,10 @@ class QuotaConfig:
         # priced now, so a bad price is a startup error like every other one
         from quota_middleware.metering.pricing import ModelPrice, PriceTable
 
+        if self.prices_file is not None:
+            from quota_middleware.metering.pricing import load_litellm_prices
+
+            load_litellm_prices(self.prices_file)
         PriceTable().with_overrides(self.prices)
         if self.default_price is not None:
             if not isinstance(self.default_price, Mapping):
@@ -469,6 +476,11 @@ class QuotaConfig:
             )  # fmt: skip
             if k in data
         }
+        if "prices_file" in data:
+            pf = data["prices_file"]
+            if not isinstance(pf, str) or not pf:
+                raise ConfigurationError("prices_file", "a path to a JSON price file")
+            extra["prices_file"] = str(base_dir / pf) if base_dir is not None else pf
         app_budgets = _tables(data, "app_budgets", "", AppBudget)
         if app_budgets:
             extra["app_budgets"] = app_budgets

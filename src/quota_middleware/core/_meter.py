@@ -29,6 +29,7 @@ from quota_middleware.metering.pricing import (
     PriceTable,
     UnpricedModel,
     cost_micros,
+    load_litellm_prices,
     price_for,
 )
 
@@ -71,7 +72,11 @@ _CAP_SLACK = 65_536
 
 
 def price_table(config: QuotaConfig) -> tuple[PriceTable, ModelPrice | None]:
-    table = PriceTable().with_overrides(config.prices) if config.prices else PriceTable()
+    table = PriceTable()
+    if config.prices_file is not None:
+        table = table.with_prices(load_litellm_prices(config.prices_file))
+    if config.prices:
+        table = table.with_overrides(config.prices)
     default = None
     if config.default_price:
         default = _price_from(config.default_price)

@@ -317,6 +317,15 @@ def _responses(acc: Accumulator, obj: dict[str, Any]) -> None:
         acc.error = "response.failed"
 
 
+def _anthropic_usage(acc: Accumulator, usage: object) -> bool:
+    """Anthropic's usage, with the part of the cache writes made for an hour (their own price):
+    ``cache_creation.ephemeral_1h_input_tokens``, a subset of ``cache_creation_input_tokens``."""
+    present = acc.merge(usage, _ANTHROPIC_FIELDS)
+    if isinstance(usage, dict):
+        acc.merge_detail(usage, "cache_creation", "ephemeral_1h_input_tokens", "write_1h")
+    return present
+
+
 def _anthropic(acc: Accumulator, obj: dict[str, Any]) -> None:
     t = obj.get("type")
     if t == "content_block_delta":
@@ -330,11 +339,11 @@ def _anthropic(acc: Accumulator, obj: dict[str, Any]) -> None:
         msg = obj.get("message")
         if isinstance(msg, dict):
             acc.set_model(msg.get("model"))
-            acc.merge(msg.get("usage"), _ANTHROPIC_FIELDS)
+            _anthropic_usage(acc, msg.get("usage"))
         return
     if t == "message_delta":
         # message_start's usage is partial (output_tokens: 1); this one is final
-        if acc.merge(obj.get("usage"), _ANTHROPIC_FIELDS):
+        if _anthropic_usage(acc, obj.get("usage")):
             acc.complete = True
         return
     if t == "error" or "error" in obj:
@@ -342,7 +351,7 @@ def _anthropic(acc: Accumulator, obj: dict[str, Any]) -> None:
         return
     if t == "message" or t is None:  # non-streaming body (or its tail)
         acc.set_model(obj.get("model"))
-        if acc.merge(obj.get("usage"), _ANTHROPIC_FIELDS) and acc.whole:
+        if _anthropic_usage(acc, obj.get("usage")) and acc.whole:
             acc.complete = True
         content = obj.get("content")
         if isinstance(content, list):

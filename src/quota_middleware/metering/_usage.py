@@ -69,6 +69,8 @@ class Usage:
     audio_input_tokens: int = 0
     cached_audio_tokens: int = 0
     audio_output_tokens: int = 0
+    #: the part of ``cache_write_tokens`` cached for an hour (Anthropic), at its own price
+    cache_write_1h_tokens: int = 0
     model: str | None = None
     estimated: bool = False
     error: str | None = None
@@ -295,6 +297,7 @@ def normalise(acc: Accumulator, kind: _Kind | None) -> Usage:
         audio_input_tokens=min(f.get("audio_in", 0), inp),
         cached_audio_tokens=min(f.get("cached_audio", 0), cached, f.get("audio_in", 0)),
         audio_output_tokens=min(f.get("audio_out", 0), out),
+        cache_write_1h_tokens=min(f.get("write_1h", 0), write),
         model=acc.model,
         error=acc.error,
         input_missing=missing and kind == "ollama",
