@@ -642,6 +642,7 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("GET", "/api/usage?limit=0", None, "limit"),
     ("GET", "/api/usage?limit=1001", None, "limit"),
     ("GET", "/api/usage?limit=-3", None, "limit"),
+    ("GET", "/api/usage?limit=%C2%B2", None, "limit"),  # "²".isdigit(), but not for int()
     ("GET", "/api/usage?period=year", None, "period"),
     ("GET", "/api/usage?by=dollars", None, "by"),
     ("GET", "/api/usage?tenant=" + "t" * 300, None, "tenant"),
@@ -674,6 +675,10 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("PUT", f"{LIMIT}/usd-month", {"value": None}, "value"),
     ("PUT", f"{LIMIT}/usd-month", {"value": -1}, "value"),
     ("PUT", f"{LIMIT}/usd-month", {}, "value"),
+    ("PUT", f"{LIMIT}/usd-month", b'{"value": 1e400}', "value"),  # inf
+    ("PUT", f"{LIMIT}/usd-month", {"value": 1e30}, "value"),
+    ("PUT", f"{LIMIT}/usd-month", {"value": 5, "burst": 2}, "burst"),  # not a rate
+    ("PUT", f"{LIMIT}/rpm", {"value": 5, "burst": 10**30}, "burst"),
     ("PUT", f"{LIMIT}/usd-month", {"value": 5, "expires": "soon"}, "expires"),
     ("PUT", f"{LIMIT}/usd-month", {"value": 5, "plan": "gold"}, "plan"),
     ("PUT", f"{LIMIT}/tokens-day", {"value": 1.5}, "value"),
@@ -692,6 +697,8 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("PUT", "/api/budgets/app-day", {"limit": "abc"}, "limit"),
     ("PUT", "/api/budgets/app-day", {"limit": float("nan")}, "limit"),
     ("PUT", "/api/budgets/app-day", {}, "limit"),
+    ("PUT", "/api/budgets/app-day", {"limit": 1e30}, "limit"),
+    ("PUT", "/api/budgets/app-day", b'{"limit": 1e400}', "limit"),
     ("PUT", "/api/budgets/app-day", {"limit": 1, "until": "x"}, "until"),
 ]
 

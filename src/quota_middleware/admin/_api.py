@@ -43,7 +43,8 @@ def _int_arg(req: Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = req.query.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses (a 500)
+    if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
         raise invalid(name, f"{name} must be a whole number from {lo} to {hi}")
     return int(raw)
 

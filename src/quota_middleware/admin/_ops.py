@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 from collections.abc import Mapping
@@ -68,6 +69,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _TEN_YEARS = 10 * 365 * 86400
+#: the largest amount a limit may hold in the store (as the policy's own limits)
+_MAX_AMOUNT = 1 << 52
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +172,10 @@ def block_record(b: Block | None) -> dict[str, Any] | None:
 def override_record(o: Override | None) -> dict[str, Any] | None:
     if o is None:
         return None
-    return {"name": o.name, "kind": o.kind, "value": o.value, "burst": o.burst,
+    value: float | int = o.value
+    if o.kind in ("token_quota", "concurrency") and float(value).is_integer():
+        value = int(value)  # a count of tokens or requests, not 290.0
+    return {"name": o.name, "kind": o.kind, "value": value, "burst": o.burst,
             "until": iso(o.until)}  # fmt: skip
 
 
@@ -293,6 +299,13 @@ def _override_of(ctx: AdminContext, tenant: str, caller: str, name: str) -> Over
     return next((o for o in state.overrides if o.name == name), None)
 
 
+def _is_rate(ctx: AdminContext, name: str) -> bool:
+    from quota_middleware.limits import RequestRate, TokenRate
+
+    return any(isinstance(lim, RequestRate | TokenRate) and str(lim.name) == name
+               for p in ctx.config.plans for lim in p.limits)  # fmt: skip
+
+
 def set_override(
     ctx: AdminContext,
     req: Request,
@@ -315,7 +328,12 @@ def set_override(
         raise invalid("name", f"no limit named {name!r} in the policy (limits: {names})")
     if isinstance(value, bool) or not isinstance(value, int | float | str) or value == "":
         raise invalid("value", "value must be a number or a rate like 5/second")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's 1e400 is inf
+        raise invalid("value", "value must be a finite number")
     burst_n = _optional_int(burst, "burst")
+    if burst_n is not None and not _is_rate(ctx, name):
+        # Controls would drop it without a word: say so instead of answering 200
+        raise invalid("burst", f"burst applies to rate limits only; {name!r} is not one")
     seconds = parse_duration(expires, "expires")
     plan_name = plan_arg(ctx, plan)
     before = _override_of(ctx, tenant, caller, name)
@@ -323,7 +341,8 @@ def set_override(
         made = ctx.controls.set_limit(caller, name, value, tenant=tenant, burst=burst_n,
                                       expires=seconds, plan=plan_name)  # fmt: skip
     except InvalidArgument as e:
-        field = "plan" if "different kinds" in str(e) else "value"
+        text = str(e)
+        field = "plan" if "different kinds" in text else "burst" if ".burst" in text else "value"
         raise invalid(field, str(e)) from None
     after = override_record(made)
     ctx.audit.write(who.who, "override.set", f"caller:{tenant}/{caller}/{name}",
@@ -504,6 +523,12 @@ def set_budget(
     if tenant is not None:
         tenant = ident(tenant, "tenant")
     number = None if limit is None else _number(limit, "limit")
+    if number is not None:
+        current = _budget_status(ctx, name, tenant)
+        # the store's counters are exact integers below 2**52 (micro-USD for a budget)
+        top = _MAX_AMOUNT / (1_000_000 if current and current.unit == "usd_micros" else 1)
+        if number >= top:
+            raise invalid("limit", f"limit must be below {top:.4g}")
     try:
         before, spent = ctx.controls.set_budget(name, number, tenant=tenant)
     except InvalidArgument as e:
