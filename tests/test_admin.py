@@ -1052,3 +1052,63 @@ def test_asgi_root_path_from_the_server(backend: Any) -> None:
         assert "Path=/admin;" in r.headers["set-cookie"]
     finally:
         c.close()
+
+
+# -- tenant budgets, and a policy without the rollups --------------------------------------------
+def test_tenant_budgets_and_their_kill_switch(kind: str, backend: Any) -> None:
+    from quota_middleware.limits import TenantBudget
+
+    base = seed_config(tenant_budgets=[
+        TenantBudget(usd=2.0, period="month", name="team-usd", tenants=["acme", "globex"]),
+        TenantBudget(tokens=100_000, period="day", name="team-tokens")])  # fmt: skip
+    cfg = make_config(base)
+    seed_month(backend.sync(), cfg, callers=8, days=2)
+    c = Client(kind, admin_app(kind, cfg, backend.sync()))
+    try:
+        one = c.get("/api/tenants/acme", headers=H).json()
+        budgets = {b["name"]: b for b in one["budgets"]}
+        assert set(budgets) == {"team-usd", "team-tokens"}
+        assert budgets["team-usd"]["unit"] == "usd_micros" and budgets["team-usd"]["tenant"] == (
+            "acme")  # fmt: skip
+        listed = c.get("/api/tenants?period=month", headers=H).json()["tenants"]
+        acme = next(t for t in listed if t["tenant"] == "acme")
+        assert {b["name"] for b in acme["budgets"]} == {"team-usd", "team-tokens"}
+        names = {(b["name"], b["tenant"]) for b in
+                 c.get("/api/budgets?tenant=acme", headers=H).json()["budgets"]}  # fmt: skip
+        assert {("team-usd", "acme"), ("app-day", None)} <= names
+        r = c("PUT", "/api/budgets/team-usd", headers=H, json_body={"limit": 0, "tenant": "acme"})
+        assert r.status == 200 and r.json()["limit"] == 0 and r.json()["tenant"] == "acme"
+        # tokens are counted, not micro-USD: 5 billion is a fine token quota
+        r = c("PUT", "/api/budgets/team-tokens", headers=H,
+              json_body={"limit": 5_000_000_000, "tenant": "acme"})  # fmt: skip
+        assert r.status == 200 and r.json()["limit"] == 5_000_000_000
+        r = c("DELETE", "/api/budgets/team-usd?tenant=acme", headers=H)
+        assert r.status == 200 and r.json()["limit"] == 2_000_000 and r.json()["override"] is None
+        again = c("DELETE", "/api/budgets/team-usd?tenant=acme", headers=H)
+        assert again.status == 200  # nothing to restore: no audit entry
+        r = c(
+            "PUT", "/api/budgets/team-usd", headers=H, json_body={"limit": 1, "tenant": "initech"}
+        )
+        assert r.status == 404 and r.json()["error"] == "not_found"
+        entries = c.get("/api/audit", headers=H).json()["entries"]
+        assert [(e["action"], e["target"]) for e in entries] == [
+            ("budget.restore", "budget:acme/team-usd"), ("budget.set", "budget:acme/team-tokens"),
+            ("budget.set", "budget:acme/team-usd")]  # fmt: skip
+        assert entries[2]["before"]["override"] is None and entries[2]["after"]["limit"] == 0
+    finally:
+        c.close()
+
+
+def test_without_the_rollups_the_reports_say_so(admin: Client, backend: Any) -> None:
+    cfg = make_config(seed_config(rollups=False))
+    seed_month(backend.sync(), cfg, callers=5, days=2)
+    c = Client(admin.kind, admin_app(admin.kind, cfg, backend.sync()))
+    try:
+        r = c.get("/api/usage?period=month", headers=H)  # a SCAN of the callers' usage
+        assert r.status == 200 and r.json()["count"] == 5
+        assert c.get("/api/usage?period=week", headers=H).json()["field"] == "period"
+        for path in ("/api/usage/daily", "/api/tenants"):
+            r = c.get(path, headers=H)  # not zeros that read as "no traffic"
+            assert r.status == 409 and r.json()["error"] == "rollups_off", path
+    finally:
+        c.close()

@@ -112,9 +112,19 @@ def _last_days(ctx: AdminContext, n: int) -> list[str]:
     return [(today - timedelta(days=i)).isoformat() for i in range(n - 1, -1, -1)]
 
 
+def _need_rollups(ctx: AdminContext, what: str) -> None:
+    """409 ``rollups_off`` where only the rollups hold the answer: with ``rollups = false``
+    they are empty, and an answer of zeros would read as "no traffic"."""
+    if not ctx.config.rollups:
+        raise HTTPError(409, "rollups_off",
+                        f"{what}: read from the app-wide rollups, which this policy turns "
+                        "off (rollups = false)")  # fmt: skip
+
+
 def usage_daily(req: Request, ctx: AdminContext) -> Response:
     """The whole app's usage per day (oldest first) and model, from the rollups."""
     n = _int_arg(req, "days", 30, 1, 400)
+    _need_rollups(ctx, "the app's daily totals")
     days = _last_days(ctx, n)
     totals = daily_totals(ctx.backend, ctx.config, days)
     out = []
@@ -157,6 +167,7 @@ def tenants(req: Request, ctx: AdminContext) -> Response:
     """Tenants by spend over a period, with their shared budgets."""
     period = _choice(req, "period", PERIODS, "day")
     limit = _int_arg(req, "limit", 20, 1, 1000)
+    _need_rollups(ctx, "the tenants' ranking")
     pid, days = period_days(ctx.config, period)
     top = ranked_tenants(ctx.backend, ctx.config, days, limit=limit)
     names = [t for t, _ in top]
