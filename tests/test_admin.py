@@ -1112,3 +1112,105 @@ def test_without_the_rollups_the_reports_say_so(admin: Client, backend: Any) -> 
             assert r.status == 409 and r.json()["error"] == "rollups_off", path
     finally:
         c.close()
+
+
+# -- the [admin] table, and sessions across policies ---------------------------------------------
+POLICY = """
+[plans.p]
+limits = [{ type = "requests", rate = "10/second" }]
+[admin]
+"""
+
+
+def test_the_admin_table_of_a_toml_policy(tmp_path: Any) -> None:
+    from quota_middleware.config import load_config
+    from quota_middleware.errors import ConfigurationError
+
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY + f'token_sha256 = ["{DIGEST}"]\naudit_max = 500\n')
+    app = AdminApp(path)  # [storage] defaults to the memory store
+    assert app.config.admin.digests == (DIGEST,) and app.config.admin.audit_max == 500
+    c = Client("asgi", app)
+    try:
+        assert c.get("/api/whoami", headers=H).status == 200
+    finally:
+        c.close()
+    for extra, where in [
+        (f'token_sha256 = "{DIGEST}"\ncolour = "red"\n', "admin.colour"),
+        (f'token_sha256 = "{TOKEN}"\n', "admin.token_sha256"),  # the token, not its digest
+        (f'token_sha256 = ["{DIGEST}", "{TOKEN2}"]\n', "admin.token_sha256[1]"),
+        (f'token_sha256 = "{DIGEST}"\naudit_max = 5\n', "admin.audit_max"),
+        (f'token_sha256 = "{DIGEST}"\nsession_ttl = 1\n', "admin.session_ttl"),
+        ("audit_max = 500\n", "admin"),  # nobody could sign in
+    ]:
+        path.write_text(POLICY + extra)
+        with pytest.raises(ConfigurationError) as e:
+            load_config(path)
+        assert str(e.value).startswith(where + ":"), str(e.value)
+        assert TOKEN not in str(e.value) and TOKEN2 not in str(e.value)  # never echoed
+    path.write_text(POLICY + 'jwt_claim = "roles"\n')
+    with pytest.raises(ConfigurationError, match=r"admin.jwt_claim: .*\[identity.jwt\]"):
+        AdminApp(path)
+    path.write_text(POLICY.replace("[admin]\n", ""))
+    with pytest.raises(ConfigurationError, match="no \\[admin\\] table"):
+        AdminApp(path)
+
+
+def test_sessions_end_with_their_token_and_follow_the_secret(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = backend.sync()
+    c = Client("wsgi", WSGIAdminApp(make_config(), store))
+    cookie, _ = session(c, TOKEN2)
+    assert c.get("/api/whoami", headers=cookie).status == 200
+    # the policy drops TOKEN2's digest: its sessions end on the next request
+    only_first = dataclasses.replace(make_config(), admin=AdminConfig(token_sha256=DIGEST))
+    c2 = Client("wsgi", WSGIAdminApp(only_first, store))
+    r = c2.get("/api/whoami", headers=cookie)
+    assert r.status == 401 and r.json() == UNAUTHORIZED
+    mine, _ = session(c2, TOKEN)
+    assert c2.get("/api/whoami", headers=mine).status == 200
+    # with a signing secret from the environment, the store's key signs nothing
+    monkeypatch.setenv("QM_ADMIN_SESSION_SECRET", "a-secret-of-the-deployment-0123456789")
+    env_cfg = make_config(session_secret_env="QM_ADMIN_SESSION_SECRET")
+    c3 = Client("wsgi", WSGIAdminApp(env_cfg, store))
+    assert c3.get("/api/whoami", headers=mine).status == 401
+    theirs, _ = session(c3)
+    c4 = Client("wsgi", WSGIAdminApp(env_cfg, store))  # another process, the same secret
+    assert c4.get("/api/whoami", headers=theirs).json()["via"] == "session"
+    monkeypatch.delenv("QM_ADMIN_SESSION_SECRET")
+    from quota_middleware.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="QM_ADMIN_SESSION_SECRET"):
+        WSGIAdminApp(env_cfg, store)
+
+
+# -- one case on the real cluster -----------------------------------------------------------------
+@pytest.mark.cluster
+def test_on_the_real_cluster(request: pytest.FixtureRequest) -> None:
+    """The walk over every endpoint, a session, an idempotent key and a block stopping the
+    middleware's next request, on a real 3-master cluster (the admin keys, the audit stream
+    and the callers' keys live in different slots)."""
+    from conftest import BackendFactory
+
+    cluster = BackendFactory("cluster", request)
+    cluster.flush()
+    try:
+        cfg = make_config()
+        seeded = seed_month(cluster.sync(), cfg, callers=6, days=3)
+        c = Client("wsgi", WSGIAdminApp(cfg, cluster.sync()))
+        walk(c, H, cfg, cluster, seeded, who=f"token:{DIGEST[:8]}", via="token")
+        cookie, csrf = session(c)
+        idem = {**cookie, "x-csrf-token": csrf, "idempotency-key": "cluster-1"}
+        first = c("POST", "/api/keys", headers=idem, json_body={"caller": "zed"})
+        again = c("POST", "/api/keys", headers=idem, json_body={"caller": "zed"})
+        assert first.status == 201 and again.json()["key_id"] == first.json()["key_id"]
+        app = Client("wsgi", _middleware("wsgi", cfg, cluster))
+        zed = {"x-caller": "zed", "x-tenant": "default"}
+        body, _ = _ai_body()
+        assert app("POST", PATH, headers=zed, json_body=body).status == 200
+        c("PUT", "/api/controls/default/zed/block", headers=H, json_body={"reason": "cluster"})
+        r = app("POST", PATH, headers=zed, json_body=body)
+        assert r.status == 403 and r.json()["error"]["code"] == "caller_blocked"
+    finally:
+        cluster.close()
