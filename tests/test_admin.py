@@ -1214,3 +1214,29 @@ def test_on_the_real_cluster(request: pytest.FixtureRequest) -> None:
         assert r.status == 403 and r.json()["error"]["code"] == "caller_blocked"
     finally:
         cluster.close()
+
+
+# -- the alert outbox's dead letters ------------------------------------------------------------
+def test_dead_letters_are_listed_newest_first(admin: Client, backend: Any) -> None:
+    from quota_middleware.alerts import AlertsConfig, Dispatcher
+
+    cfg = make_config()
+    seed_month(backend.sync(), cfg, callers=4, days=2)  # threshold alerts and a spike
+
+    def refuse(event: Any) -> None:
+        raise RuntimeError("the receiver is down")
+
+    source = backend.sync() if backend.name == "memory" else backend.sync().client
+    sinks = AlertsConfig(callables=[refuse], log=False, max_attempts=1, backoff=0.01)
+    d = Dispatcher(source, sinks, prefix=cfg.storage.prefix)
+    events = admin.get("/api/alerts?limit=1000", headers=H).json()["events"]
+    assert events
+    for _ in range(20):
+        d.run_once()
+        dead = admin.get("/api/alerts/dead?limit=1000", headers=H).json()["dead"]
+        if len(dead) == len(events):
+            break
+    assert len(dead) == len(events)
+    assert [x["event"]["id"] for x in dead] == [e["id"] for e in events]  # newest first
+    assert all("the receiver is down" in x["error"] for x in dead)
+    assert admin.get("/api/alerts/dead?limit=1", headers=H).json()["dead"] == dead[:1]
