@@ -47,6 +47,7 @@ LAYERS: list[tuple[str, int]] = [
     ("proxy._plan", 5),  # the proxy's sans-IO request plan and usage stripper
     ("admin._config", 5),  # the admin app's credentials, part of the policy
     ("config", 6),
+    ("schema", 6),  # the policy file's JSON Schema, generated from the config types
     # the sans-IO core: decisions, admission, settlement, the per-request exchange
     ("core", 7),
     ("core._margins", 7),
@@ -227,7 +228,7 @@ def test_every_module_outside_the_public_surface_is_private() -> None:
     module name starts with an underscore (or sits in a folder whose ``__init__`` says so)."""
     public = {
         "errors", "limits", "config", "asgi", "wsgi", "reports", "metrics", "selfservice",
-        "controls", "fleet", "metering.pricing", "backends.memory", "backends.redis",
+        "controls", "fleet", "schema", "metering.pricing", "backends.memory", "backends.redis",
         "cli.__main__",
     }  # fmt: skip
     folders = {m for m, p in _modules().items() if p.name == "__init__.py"}

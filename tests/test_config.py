@@ -162,3 +162,17 @@ def test_the_middlewares_apply_the_environment_to_a_config_built_in_code(
     wsgi = WSGIQuotaMiddleware(lambda e, s: [], config=built)  # type: ignore[arg-type]
     assert wsgi.config.storage.url == "redis://127.0.0.1:1/0"
     assert built.storage.url == "memory://"
+
+
+def test_time_zones_work_without_the_systems_zoneinfo() -> None:
+    """``tzdata`` is a dependency: a slim image without /usr/share/zoneinfo still has zones."""
+    import zoneinfo
+
+    zoneinfo.reset_tzpath(to=[])
+    try:
+        zoneinfo.ZoneInfo.clear_cache()
+        plan = Plan(name="p", timezone="Europe/Berlin")
+        assert plan.zone.key == "Europe/Berlin"
+    finally:
+        zoneinfo.reset_tzpath()
+        zoneinfo.ZoneInfo.clear_cache()

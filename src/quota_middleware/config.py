@@ -553,7 +553,10 @@ def _tables(data: Mapping[str, Any], key: str, where: str, cls: type[T]) -> list
         if not isinstance(item, Mapping):
             raise ConfigurationError(at, "must be a table")
         check_keys(item, _init_fields(cls), at)
-        items.append(cls(**item))
+        try:
+            items.append(cls(**item))
+        except TypeError as e:  # a required key left out: the class's own errors name theirs
+            raise ConfigurationError(at, str(e).split(".__init__() ", 1)[-1]) from None
     return items
 
 

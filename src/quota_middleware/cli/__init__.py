@@ -68,6 +68,7 @@ from quota_middleware.cli.limits import (
     run_limits_unset,
 )
 from quota_middleware.cli.scan import _scan_arguments, run_scan
+from quota_middleware.cli.schema import _schema_arguments, run_schema
 from quota_middleware.cli.serve import _serve_arguments, run_serve
 from quota_middleware.cli.usage import (
     APP_COLUMNS,
@@ -144,6 +145,7 @@ COMMANDS: dict[str, tuple[str, AddArguments, Runner]] = {
         run_serve,
     ),
     "scan": ("find leaked AI provider keys in builds and repos", _scan_arguments, run_scan),
+    "schema": ("print the JSON Schema of the policy file", _schema_arguments, run_schema),
     "demo": (
         "run the FastAPI example in-process and show limits at work",
         _demo_arguments,
