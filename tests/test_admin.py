@@ -38,6 +38,7 @@ from quota_middleware import (
 )
 from quota_middleware.admin import AdminApp, AdminConfig, WSGIAdminApp
 from quota_middleware.config import StorageConfig
+from quota_middleware.controls import Controls
 from quota_middleware.fleet import period_days
 from quota_middleware.identity import IdentityConfig
 from quota_middleware.identity._apikeys import ApiKeyConfig
@@ -1240,3 +1241,55 @@ def test_dead_letters_are_listed_newest_first(admin: Client, backend: Any) -> No
     assert [x["event"]["id"] for x in dead] == [e["id"] for e in events]  # newest first
     assert all("the receiver is down" in x["error"] for x in dead)
     assert admin.get("/api/alerts/dead?limit=1", headers=H).json()["dead"] == dead[:1]
+
+
+# -- a body cut short changes nothing ---------------------------------------------------------
+FORM = b"reason=abuse+of+the+API&duration=3600"  # cut after 15 bytes: "reason=abuse+of"
+
+
+def test_a_client_that_leaves_mid_body_changes_nothing(backend: Any) -> None:
+    import io
+
+    cfg = make_config()
+    headers = [(b"authorization", f"Bearer {TOKEN}".encode()), (b"host", b"admin.test"),
+               (b"content-type", b"application/x-www-form-urlencoded"),
+               (b"content-length", str(len(FORM)).encode())]  # fmt: skip
+    path = "/api/controls/acme/cut/block"
+    scope = {"type": "http", "method": "PUT", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "headers": headers}  # fmt: skip
+    messages = [{"type": "http.request", "body": FORM[:15], "more_body": True},
+                {"type": "http.disconnect"}]  # fmt: skip
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return messages.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    asyncio.run(AdminApp(cfg, backend.sync())(scope, receive, send))
+    assert sent == []  # nobody to answer
+    # WSGI: the server hands over fewer bytes than the Content-Length announced
+    environ = {"REQUEST_METHOD": "PUT", "PATH_INFO": path, "HTTP_HOST": "admin.test",
+               "HTTP_AUTHORIZATION": f"Bearer {TOKEN}", "CONTENT_LENGTH": str(len(FORM)),
+               "CONTENT_TYPE": "application/x-www-form-urlencoded",
+               "wsgi.input": io.BytesIO(FORM[:15])}  # fmt: skip
+    status: list[str] = []
+    out = WSGIAdminApp(cfg, backend.sync())(environ, lambda s, h: status.append(s))
+    assert status == ["400 Bad Request"] and json.loads(b"".join(out))["field"] == "body"
+    # not a block "for ever" with half its reason
+    assert Controls(cfg, backend.sync()).show("cut", tenant="acme").block is None
+    # whole, the same form blocks for an hour
+    c = Client("wsgi", WSGIAdminApp(cfg, backend.sync()))
+    r = c("PUT", path, headers={**H, "content-type": "application/x-www-form-urlencoded"},
+          content=FORM)  # fmt: skip
+    assert r.status == 200 and r.json()["reason"] == "abuse of the API" and r.json()["until"]
+
+
+def test_the_audit_stream_is_trimmed_to_audit_max(backend: Any) -> None:
+    c = Client("wsgi", WSGIAdminApp(make_config(audit_max=100), backend.sync()))
+    for i in range(260):
+        c("PUT", f"/api/controls/acme/u{i}/block", headers=H, json_body={"reason": "r"})
+    entries = c.get("/api/audit?limit=1000", headers=H).json()["entries"]
+    # about audit_max (Redis trims whole macro nodes: XADD MAXLEN ~)
+    assert 100 <= len(entries) < 260 and entries[0]["target"] == "caller:acme/u259"

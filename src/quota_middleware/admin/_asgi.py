@@ -65,6 +65,8 @@ class AdminApp:
             return
         try:
             body = await _read_body(scope, receive)
+        except _Disconnected:
+            return  # nobody to answer, and a cut body must change nothing
         except HTTPError as e:
             await _send(send, e.response())
             return
@@ -95,6 +97,10 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+class _Disconnected(Exception):
+    """The client went away before the whole body arrived."""
+
+
 async def _read_body(scope: Scope, receive: Receive) -> bytes:
     length = _header(scope, b"content-length")
     if length is not None and length.strip().isdigit() and int(length) > MAX_BODY:
@@ -104,7 +110,9 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            # a cut body must not be handled as if it were whole: a form cut after
+            # "reason=abuse" and before "&duration=3600" would block for ever
+            raise _Disconnected
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY:
@@ -112,6 +120,9 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body"):
             break
+    if length is not None and length.strip().isdigit() and size != int(length):
+        raise HTTPError(400, "invalid", "the request body does not match its Content-Length",
+                        field="body")  # fmt: skip
     return b"".join(chunks)
 
 

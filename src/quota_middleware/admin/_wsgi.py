@@ -72,7 +72,11 @@ def _read_body(environ: dict[str, Any]) -> bytes:
         length = int(raw)
         if length > MAX_BODY:
             raise HTTPError(413, "too_large", f"the request body is over {MAX_BODY} bytes")
-        return bytes(stream.read(length)) if length else b""
+        data = bytes(stream.read(length)) if length else b""
+        if len(data) != length:  # the client went away mid-body: change nothing
+            raise HTTPError(400, "invalid", "the request body ended before its Content-Length",
+                            field="body")  # fmt: skip
+        return data
     # no length (chunked): read one byte past the cap to tell "too large" from "exactly"
     data = bytes(stream.read(MAX_BODY + 1)) if environ.get("wsgi.input_terminated") else b""
     if len(data) > MAX_BODY:
