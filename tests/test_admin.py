@@ -429,6 +429,8 @@ def _bad_credentials() -> list[tuple[str, dict[str, str]]]:
         ("JWT role 1", bearer(admin_jwt(roles=1))),
         ("JWT without roles", bearer(admin_jwt(roles=None))),
         ("expired JWT", bearer(admin_jwt(exp_in=-60))),
+        ("JWT subject of two lines", bearer(admin_jwt(sub="ops\nFAKE audit line"))),
+        ("JWT without a subject", bearer(admin_jwt(sub=None))),
         (
             "JWT alg none",
             bearer(
@@ -1293,3 +1295,61 @@ def test_the_audit_stream_is_trimmed_to_audit_max(backend: Any) -> None:
     entries = c.get("/api/audit?limit=1000", headers=H).json()["entries"]
     # about audit_max (Redis trims whole macro nodes: XADD MAXLEN ~)
     assert 100 <= len(entries) < 260 and entries[0]["target"] == "caller:acme/u259"
+
+
+# -- what the app can be built on; concurrent idempotent requests ---------------------------------
+@pytest.mark.redis
+def test_built_on_a_client_a_url_or_a_backend(redis_server: Any) -> None:
+    import redis as redis_py
+    import redis.asyncio
+
+    from quota_middleware.backends.redis import AsyncRedisBackend
+    from quota_middleware.errors import BackendMismatch, ConfigurationError
+
+    cfg = make_config()
+    client = redis_py.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+        Controls(cfg, AdminApp(cfg, client).context.backend).block("ivy", reason="via client")
+        by_url = AdminApp(cfg, url=redis_server.url)
+        c = Client("asgi", by_url)
+        try:
+            state = c.get("/api/controls/default/ivy", headers=H).json()
+            assert state["block"]["reason"] == "via client"  # the same store both ways
+        finally:
+            c.close()
+            by_url.close()
+        with pytest.raises(BackendMismatch):
+            AdminApp(cfg, AsyncRedisBackend(redis_py.asyncio.Redis.from_url(redis_server.url)))
+        with pytest.raises(ConfigurationError):
+            AdminApp(cfg, client, url=redis_server.url)
+    finally:
+        client.close()
+
+
+@pytest.mark.redis
+def test_concurrent_creates_with_one_idempotency_key_make_one_key(redis_server: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import redis as redis_py
+
+    cfg = make_config()
+    client = redis_py.Redis.from_url(redis_server.url)
+    client.flushall()
+    apps = [WSGIAdminApp(cfg, client) for _ in range(4)]  # four workers on one store
+    headers = {**H, "idempotency-key": "burst-1"}
+
+    def create(i: int) -> Resp:
+        return Client("wsgi", apps[i % 4])("POST", "/api/keys", headers=headers,
+                                            json_body={"caller": "kim"})  # fmt: skip
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(create, range(16)))
+    statuses = sorted(r.status for r in replies)
+    assert statuses.count(201) == 1, statuses  # one key made; the others replay or wait
+    assert set(statuses) <= {200, 201, 409}
+    made = next(r for r in replies if r.status == 201).json()["key_id"]
+    assert {r.json()["key_id"] for r in replies if r.status == 200} <= {made}
+    keys = Client("wsgi", apps[0]).get("/api/keys?caller=kim", headers=H).json()["keys"]
+    assert [k["key_id"] for k in keys] == [made]
+    client.close()

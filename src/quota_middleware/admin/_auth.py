@@ -129,7 +129,8 @@ def _jwt_admin(config: QuotaConfig, settings: AdminConfig, token: str) -> tuple[
     if not _claim_says_admin(claims.get(settings.jwt_claim), settings.jwt_value):
         return None
     sub = claims.get(jc.subject_claim)
-    if not isinstance(sub, str) or not sub or len(sub) > 256:
+    # the subject is the audit trail's "who" and goes into log lines: one printable line
+    if not isinstance(sub, str) or not sub or len(sub) > 256 or not sub.isprintable():
         return None
     exp = claims.get("exp")
     return sub, float(exp) if isinstance(exp, int | float) else time.time() + 86400
