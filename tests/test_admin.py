@@ -1353,3 +1353,16 @@ def test_concurrent_creates_with_one_idempotency_key_make_one_key(redis_server: 
     keys = Client("wsgi", apps[0]).get("/api/keys?caller=kim", headers=H).json()["keys"]
     assert [k["key_id"] for k in keys] == [made]
     client.close()
+
+
+def test_login_redirects_only_below_the_mount(admin: Client) -> None:
+    r = admin("POST", "/login", form={"token": TOKEN, "next": "/ui/callers"})
+    assert r.status == 303 and r.headers["location"] == "/ui/callers"
+    r = admin("POST", "/login", form={"token": "wrong", "next": "/ui/"})
+    assert r.status == 303 and r.headers["location"].startswith("/login?failed=1")
+    assert "set-cookie" not in r.headers
+    # another site, however spelled: browsers drop tabs and newlines, so "/\t/x" is "//x"
+    for target in ("//evil.example", "/\t/evil.example", "/\n/evil.example", "/\\evil.example",
+                   "https://evil.example/", "/ui/\r\nSet-Cookie: x=1", "/ui/ x"):  # fmt: skip
+        r = admin("POST", "/login", form={"token": TOKEN, "next": target})
+        assert r.status == 200 and "location" not in r.headers, repr(target)

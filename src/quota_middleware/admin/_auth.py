@@ -330,6 +330,10 @@ def _safe_next(req: Request, target: str) -> str | None:
     """A redirect target below the mount, never another site (``//evil``, ``https://``)."""
     if not target.startswith("/") or target.startswith("//") or "\\" in target:
         return None
+    # visible ASCII only: browsers drop tabs and newlines from a URL ("/\t/evil" is then
+    # "//evil", another site), and a CR or LF would end the Location header
+    if not all(33 <= ord(ch) < 127 for ch in target):
+        return None
     root = req.root or ""
     return target if target == root or target.startswith(root + "/") else None
 
