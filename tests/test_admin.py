@@ -36,7 +36,8 @@ from quota_middleware import (
     TokenQuota,
     WSGIQuotaMiddleware,
 )
-from quota_middleware.admin import AdminApp, AdminConfig, WSGIAdminApp
+from quota_middleware.admin import AdminApp, AdminConfig, Request, WSGIAdminApp
+from quota_middleware.admin._auth import authenticate
 from quota_middleware.config import StorageConfig
 from quota_middleware.controls import Controls
 from quota_middleware.fleet import period_days
@@ -511,6 +512,12 @@ def test_a_cookie_session_needs_the_csrf_token_and_its_own_origin(
     # a wrong header is refused even with a good cookie
     r = admin.get("/api/whoami", headers={**cookie, **bearer("wrong")})
     assert r.status == 401 and r.json() == UNAUTHORIZED
+    # HTTP/2 sends each cookie in a header of its own (ASGI scopes keep them apart)
+    req = Request.build("GET", "/api/whoami", headers=[("cookie", "theme=dark"),
+                        ("cookie", cookie["cookie"]), ("host", admin.host)])  # fmt: skip
+    ctx = AdminApp(make_config(), backend.sync()).context
+    found = authenticate(req, ctx)
+    assert found is not None and found.via == "session"
     # a tampered cookie is refused
     name, _, value = cookie["cookie"].partition("=")
     r = admin.get("/api/whoami", headers={"cookie": f"{name}={value[:-2]}xx"})

@@ -114,7 +114,9 @@ class Request:
         joined: dict[str, str] = {}
         for name, value in headers:
             key = name.lower()
-            joined[key] = f"{joined[key]}, {value}" if key in joined else value
+            # HTTP/2 sends each cookie in a header of its own: they are joined with "; "
+            sep = "; " if key == "cookie" else ", "
+            joined[key] = f"{joined[key]}{sep}{value}" if key in joined else value
         raw = raw_path if raw_path.startswith("/") else "/" + raw_path
         segments = tuple(unquote(s, errors="replace") for s in raw.split("/")[1:])
         query: dict[str, str] = {}
