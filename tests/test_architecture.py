@@ -69,6 +69,7 @@ LAYERS: list[tuple[str, int]] = [
     ("fleet", 15),  # reports over every caller: SCANs and the app-wide rollups
     ("alerts", 15),
     ("metrics", 15),
+    ("otel", 15),  # OpenTelemetry: the decision and GenAI usage on the request's span
     # the adapters, then the command line and the package's public face
     ("asgi", 16),
     ("wsgi", 16),
@@ -228,7 +229,7 @@ def test_every_module_outside_the_public_surface_is_private() -> None:
     module name starts with an underscore (or sits in a folder whose ``__init__`` says so)."""
     public = {
         "errors", "limits", "config", "asgi", "wsgi", "reports", "metrics", "selfservice",
-        "controls", "fleet", "schema", "metering.pricing", "backends.memory", "backends.redis",
+        "controls", "fleet", "schema", "otel", "metering.pricing", "backends.memory", "backends.redis",
         "cli.__main__",
     }  # fmt: skip
     folders = {m for m, p in _modules().items() if p.name == "__init__.py"}

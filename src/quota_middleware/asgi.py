@@ -314,7 +314,9 @@ class _Relay:
         elif kind == "http.response.body":
             chunk = message.get("body", b"")
             ex.response_chunk(chunk)
-            if ex.hard_stop and chunk and message.get("more_body"):
+            if not message.get("more_body"):
+                ex.complete()
+            elif ex.hard_stop and chunk:
                 await self._send(message)
                 last = await self.mw._run(ex.stop(), self.backend)
                 if last is not None:

@@ -115,3 +115,41 @@ class PrometheusMetrics:
     def alert(self, event: AlertEvent, state: str) -> None:
         """``state``: ``fired`` (decided by settle), ``delivered`` or ``failed`` (by a sink)."""
         self.alerts.labels(event.type, state).inc()
+
+
+class _Combined:
+    """Several observers behind the one ``metrics=`` argument: each hook calls each of them."""
+
+    def __init__(self, observers: tuple[Any, ...]) -> None:
+        self.observers = observers
+        charged = [o.charged for o in observers if hasattr(o, "charged")]
+        if charged:
+            self.charged = lambda decision, charge: [f(decision, charge) for f in charged]
+
+    def decision(self, decision: Decision) -> None:
+        for o in self.observers:
+            o.decision(decision)
+
+    def usage(self, usage: Usage, cost_micros: int) -> None:
+        for o in self.observers:
+            o.usage(usage, cost_micros)
+
+    def settle_buffer(self, depth: int, dropped: int) -> None:
+        for o in self.observers:
+            o.settle_buffer(depth, dropped)
+
+    def store(self, call: str, seconds: float, ok: bool) -> None:
+        for o in self.observers:
+            o.store(call, seconds, ok)
+
+    def alert(self, event: AlertEvent, state: str) -> None:
+        for o in self.observers:
+            o.alert(event, state)
+
+
+def combine(*observers: Any) -> Any:
+    """One ``metrics=`` value for several observers, e.g. ``combine(PrometheusMetrics(),
+    OpenTelemetry())``."""
+    if len(observers) == 1:
+        return observers[0]
+    return _Combined(tuple(observers))

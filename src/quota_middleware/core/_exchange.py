@@ -42,6 +42,7 @@ from quota_middleware.core._responses import (
     unauthorized,
 )
 from quota_middleware.errors import IdentificationError
+from quota_middleware.metering._usage import Usage
 
 __all__ = ["METER_KEY", "Exchange"]
 
@@ -57,7 +58,7 @@ class Exchange:
 
     __slots__ = (
         "engine", "info", "route", "decision", "meter", "extra", "_hard_stop", "_denied",
-        "_settled",
+        "_settled", "_finished",
     )  # fmt: skip
 
     def __init__(self, engine: Engine, info: RequestInfo) -> None:
@@ -72,6 +73,7 @@ class Exchange:
         self._hard_stop = False
         self._denied = False  # the hard stop said no: end at the next event boundary
         self._settled = False
+        self._finished: tuple[Usage | None, int, Charge | None] | None = None
 
     @property
     def max_body(self) -> int | None:
@@ -173,6 +175,13 @@ class Exchange:
         meter.stopped = True
         return stop_event(decision.ai.estimate.format, meter)
 
+    def complete(self) -> None:
+        """The response's last bytes are in: its usage and charge are known now, before they
+        reach the client, so observers (OpenTelemetry) record them inside the request's span,
+        which ASGI servers' instrumentation ends with the last send. :meth:`settle` uses them."""
+        if self._finished is None and not self._settled and self.decision is not None:
+            self._finished = self.engine.finish(self.decision, self.meter)
+
     # -- settle -------------------------------------------------------------------------------
     def settle(self) -> Generator[ScriptCall, Any, Charge | None]:
         """Once, whatever happened: the usage metered, its cost, the settle calls. Returns the
@@ -181,7 +190,7 @@ class Exchange:
             return None
         self._settled = True
         decision = self.decision
-        usage, cost, charge = self.engine.finish(decision, self.meter)
+        usage, cost, charge = self._finished or self.engine.finish(decision, self.meter)
         if decision.needs_settle:
             events: list[AlertEvent] = yield from self.engine.settle(decision, usage, cost)
             del events

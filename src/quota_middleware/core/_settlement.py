@@ -218,6 +218,9 @@ class Settlement:
             estimated=usage.estimated, reason=usage.reason, error=usage.error,
             degraded=decision.degraded, stopped=meter.stopped,
         )  # fmt: skip
+        hook = getattr(self.ctx.metrics, "charged", None)
+        if hook is not None:  # OpenTelemetry: the charge on the request's span
+            hook(decision, charge)
         if charge_log.isEnabledFor(logging.INFO):
             extra = {"quota_charge": charge.as_dict()}
             charge_log.info("charge %s", charge.log_text(), extra=extra)
