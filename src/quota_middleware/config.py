@@ -139,9 +139,9 @@ class Routes:
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class StorageConfig:
     """Where state lives. ``url``: ``memory://`` (default), ``redis://``, ``rediss://``,
-    ``redis+cluster://``; the ``QUOTA_REDIS_URL`` environment variable overrides it in a
-    policy loaded with :meth:`QuotaConfig.from_toml` and in the middlewares and the command line
-    (:meth:`QuotaConfig.with_env`)."""
+    ``redis+cluster://``, ``redis+sentinel://`` (``backends._sentinel``); the ``QUOTA_REDIS_URL``
+    environment variable overrides it in a policy loaded with :meth:`QuotaConfig.from_toml` and
+    in the middlewares and the command line (:meth:`QuotaConfig.with_env`)."""
 
     url: str = "memory://"
     prefix: str = "qm"
@@ -164,8 +164,15 @@ class StorageConfig:
     def __post_init__(self) -> None:
         url = self.url
         scheme = url.split("://", 1)[0] if "://" in url else ""
-        if scheme not in ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster", "unix"):
+        if scheme not in (
+            "memory", "redis", "rediss", "redis+cluster", "rediss+cluster", "unix",
+            "redis+sentinel", "rediss+sentinel",
+        ):  # fmt: skip
             raise ConfigurationError("storage.url", f"unsupported scheme in {_mask_url(url)!r}")
+        if scheme.endswith("+sentinel"):
+            from quota_middleware.backends._sentinel import parse_sentinel_url
+
+            parse_sentinel_url(url)  # a bad sentinel URL fails here, not at the first request
         if not re.match(r"^[A-Za-z0-9_.:-]{1,32}$", self.prefix):
             raise ConfigurationError("storage.prefix", "1-32 of [A-Za-z0-9_.:-]")
         if not (0 < self.timeout <= 30):
@@ -262,7 +269,9 @@ def mask_url(url: str) -> str:
         user, colon, _ = userinfo.partition(":")
         netloc = (f"{user}:***" if colon else "***") + "@" + host
     query = "&".join(
-        f"{k}=***" if k.lower() in ("password", "pass", "pwd") else f"{k}={v}"
+        f"{k}=***"
+        if k.lower() in ("password", "pass", "pwd") or k.lower().endswith("password")
+        else f"{k}={v}"
         for k, v in parse_qsl(parts.query, keep_blank_values=True)
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
