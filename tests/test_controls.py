@@ -316,3 +316,23 @@ def test_the_cli_sets_and_unsets_an_override(redis_server: Any, tmp_path: Any) -
     cli("limits", "block", *base, code=2)  # neither a caller nor --whole-tenant
     cli("limits", "unset", "alice", "tpd", *base)
     cli("limits", "unset", "alice", "tpd", *base, code=1)
+
+
+@pytest.mark.parametrize("backend_name", ["redis", "cluster"], indirect=True)
+def test_a_tenant_block_writes_every_slots_copy_in_pipelined_passes(backend: Any) -> None:
+    """The 16,384 copies go out per connection (one server) or per primary (a cluster), not
+    one round trip each: every copy is there, with one end, and unblock removes them all."""
+    from quota_middleware.base._keys import SLOTS
+
+    sync = backend.sync()
+    controls = Controls(ai_config(), sync)
+    controls.block(None, tenant="bulk", reason="abuse", duration=600)
+    keys = [tenant_controls("qm", "bulk", slot) for slot in range(SLOTS)]
+    client = sync.client
+    values = {client.hget(keys[i], "block") for i in range(0, SLOTS, 997)}
+    assert len(values) == 1 and values.pop().endswith(b"|all|abuse")
+    ends = sync.run_many([ScriptCall("control", (k,), ("", "get", "", "", 0, 0)) for k in keys])
+    assert len(ends) == SLOTS and not any(isinstance(e, Exception) for e in ends)
+    assert controls.unblock(None, tenant="bulk") is True
+    assert all(client.exists(keys[i]) == 0 for i in range(0, SLOTS, 997))
+    assert controls.unblock(None, tenant="bulk") is False

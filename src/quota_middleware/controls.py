@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +31,12 @@ from quota_middleware.base._protocols import SyncBackend
 from quota_middleware.base._scripts import ScriptCall, as_str
 from quota_middleware.config import QuotaConfig
 from quota_middleware.core._context import Context, SharedBudget
-from quota_middleware.errors import BackendMismatch, ConfigurationError, InvalidArgument
+from quota_middleware.errors import (
+    BackendMismatch,
+    ConfigurationError,
+    InvalidArgument,
+    StorageError,
+)
 from quota_middleware.limits import Budget, Concurrency, Limit, RequestRate, TokenQuota, TokenRate
 
 Scope = Literal["all", "ai"]
@@ -108,19 +113,16 @@ class Controls:
         reason = " ".join(str(reason).split())[:_MAX_REASON]  # one line: it goes into logs
         life = self._life(duration, "duration")
         value = f"{scope}|{reason}"
-        until_us = 0
-        for i, key in enumerate(self._block_keys(caller, tenant)):
-            # every copy of a tenant's block ends at the instant the first one was given
-            at = until_us if i else 0
-            until_us = int(self._run(key, "set", "block", value, life, at)[1])
+        first, *rest = self._block_keys(caller, tenant)
+        until_us = int(self._run(first, "set", "block", value, life, 0)[1])
+        # every copy of a tenant's block ends at the instant the first one was given
+        self._run_all(rest, "set", "block", value, life, until_us)
         return Block(scope, reason, _seconds(until_us), whole_tenant=caller is None)
 
     def unblock(self, caller: str | None = None, *, tenant: str = "default") -> bool:
         """Lift the block of ``caller`` (or of ``tenant``); whether there was one."""
-        removed = False
-        for key in self._block_keys(caller, tenant):
-            removed = bool(int(self._run(key, "del", "block")[1])) or removed
-        return removed
+        replies = self._run_all(list(self._block_keys(caller, tenant)), "del", "block")
+        return any(bool(int(r[1])) for r in replies)
 
     # -- overrides ------------------------------------------------------------------------
     def set_limit(
@@ -241,6 +243,20 @@ class Controls:
             ScriptCall("control", (key,), ("", op, field, value, life, at))
         )
         return reply
+
+    def _run_all(self, keys: Sequence[str], op: str, field: str, value: str = "",
+                 life: int = 0, at: int = 0) -> list[list[Any]]:  # fmt: skip
+        """The same control on many keys (a tenant's copy in every slot): pipelined where the
+        backend can (:meth:`SyncRedisBackend.run_many`), else one call each."""
+        calls = [ScriptCall("control", (k,), ("", op, field, value, life, at)) for k in keys]
+        many = getattr(self.backend, "run_many", None)
+        if many is None:
+            return [self.backend.run(c) for c in calls]
+        replies: list[Any] = many(calls)
+        for r in replies:
+            if isinstance(r, StorageError):
+                raise r
+        return replies
 
     @staticmethod
     def _life(seconds: float | None, what: str) -> int:

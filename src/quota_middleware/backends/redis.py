@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -41,6 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from quota_middleware.base._keys import key_slot
 from quota_middleware.base._protocols import CircuitBreaker, Observer
 from quota_middleware.base._scripts import ScriptCall, source
 from quota_middleware.errors import StorageError
@@ -227,6 +228,48 @@ class SyncRedisBackend(_Base):
             replies = self._pipeline([call])
         return _one(self._results([call], replies)[0])
 
+    def run_many(self, calls: Sequence[ScriptCall], *, chunk: int = 2048) -> list[Any]:
+        """Independent calls in as few round trips as the topology allows (an operator's write
+        to every slot, e.g. a tenant's block copies): pipelined per connection on one server,
+        per node on a cluster (each primary gets its own slots' calls in one write).
+        Each reply, or that call's :class:`StorageError`, in order."""
+        out: list[Any] = []
+        for i in range(0, len(calls), chunk):
+            batch = list(calls[i : i + chunk])
+            self.breaker.before()
+            with self._guard(batch[0].name if batch else "run_many"):
+                if self._cluster:
+                    replies = self._per_node(batch)
+                else:
+                    replies = self._pipeline(batch)
+            out += self._results(batch, replies)
+        return out
+
+    def _per_node(self, calls: list[ScriptCall]) -> list[Any]:
+        """``calls`` on a cluster: grouped by the primary that owns each call's slot, written
+        to it in one go as on a single server (redis-py's cluster pipeline costs ~0.2 ms of
+        Python per command). A slot that moved meanwhile answers MOVED: that call's error."""
+        nodes = self.client.nodes_manager
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i, c in enumerate(calls):
+            node = nodes.get_node_from_slot(key_slot(c.keys[0]))
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        replies: list[Any] = [None] * len(calls)
+        for node, idx in groups.values():
+            client = node.redis_connection or self.client.get_redis_connection(node)
+            part = [calls[i] for i in idx]
+            got = self._send_to(client.connection_pool, self._packed_calls(part))
+            missing, loads = self._reload(part, got)
+            if missing:
+                rerun = self._send_to(
+                    client.connection_pool, loads + self._packed_calls([part[i] for i in missing])
+                )
+                for j, reply in zip(missing, rerun[len(loads) :], strict=True):
+                    got[j] = reply
+            for i, reply in zip(idx, got, strict=True):
+                replies[i] = reply
+        return replies
+
     def _pipeline(self, calls: list[ScriptCall]) -> list[Any]:
         replies = self._send(self._packed_calls(calls))
         missing, loads = self._reload(calls, replies)
@@ -237,9 +280,11 @@ class SyncRedisBackend(_Base):
         return replies
 
     def _send(self, commands: list[bytes]) -> list[Any]:
-        """Write ``commands`` on one connection, then read one reply each (a ResponseError
-        reply is that command's, returned in its place)."""
-        pool = self.client.connection_pool
+        return self._send_to(self.client.connection_pool, commands)
+
+    def _send_to(self, pool: Any, commands: list[bytes]) -> list[Any]:
+        """Write ``commands`` on one connection of ``pool``, then read one reply each (a
+        ResponseError reply is that command's, returned in its place)."""
         conn = self._connection(pool)
         try:
             conn.send_packed_command(commands, check_health=False)
