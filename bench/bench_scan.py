@@ -218,18 +218,22 @@ def run_secretlint(c: Corpus, exe: Path) -> Outcome:
     rc = c.root / ".secretlintrc.json"
     rc.write_text(json.dumps(SL_RC))
     t = time.perf_counter()
+    # a report file, not stdout: node cuts a multi-MB report short when it exits into a pipe
+    report_file = c.root.parent / f"{c.root.name}-secretlint.json"
     proc = subprocess.run(
         [str(exe), "--secretlintrc", str(rc), "--format", "json", "--no-maskSecrets",
-         "**/*", "**/.env"],
+         "--output", str(report_file), "**/*", "**/.env"],
         cwd=c.root, capture_output=True, text=True,
     )  # fmt: skip
     out.seconds = time.perf_counter() - t
     rc.unlink()
     try:
-        reports = json.loads(proc.stdout)
-    except ValueError:
+        reports = json.loads(report_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         out.note = f"failed: {(proc.stderr or proc.stdout)[-300:]}"
         return out
+    finally:
+        report_file.unlink(missing_ok=True)
     keys = {p.key for p in c.plants}
     for report in reports:
         text = Path(report["filePath"]).read_bytes().decode("utf-8", "replace")
