@@ -54,7 +54,7 @@ def resolve(info: RequestInfo) -> Caller | None:
     return Caller(caller, tenant=tenant, source="custom")
 
 
-def seed_config(*, prefix: str = "qm", **kw: Any) -> QuotaConfig:
+def seed_config(*, prefix: str = "qm", url: str = "memory://", **kw: Any) -> QuotaConfig:
     """The policy the seeded traffic runs under: one plan with a request rate, a daily token
     quota and a monthly USD budget; a daily and a monthly app budget (soft: nothing is
     refused, the dashboard shows how close they are); usage spikes on."""
@@ -72,7 +72,7 @@ def seed_config(*, prefix: str = "qm", **kw: Any) -> QuotaConfig:
         plans=[plan],
         ai_routes=[AIRoute(path=PATH, format="openai-chat", default_output_tokens=400)],
         identity=IdentityConfig(resolver=resolve, anonymous="reject"),
-        storage=StorageConfig(prefix=prefix),
+        storage=StorageConfig(url=url, prefix=prefix),
         app_budgets=[
             AppBudget(
                 usd=kw.pop("app_day_usd", 5.0), period="day", name="app-day", hard_stop=False

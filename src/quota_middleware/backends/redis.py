@@ -41,6 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from quota_middleware.backends._sentinel import is_sentinel_url, sentinel_client
 from quota_middleware.base._keys import key_slot
 from quota_middleware.base._protocols import CircuitBreaker, Observer
 from quota_middleware.base._scripts import ScriptCall, source
@@ -81,12 +82,17 @@ class _AsyncClusterClient(AsyncRedisCluster):
 
 
 def client_from_url(url: str, *, timeout: float, asyncio: bool) -> Any:
-    """A redis-py client for ``url`` with short timeouts (``+cluster``: a cluster client)."""
+    """A redis-py client for ``url`` with short timeouts (``+cluster``: a cluster client;
+    ``+sentinel``: a client of the service's current master, see ``backends._sentinel``)."""
     opts: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "health_check_interval": 30,
     }
+    if is_sentinel_url(url):
+        # the master of a sentinel-watched service; the same no-retry rule (see below)
+        no_retry = AsyncRetry(NoBackoff(), 0) if asyncio else Retry(NoBackoff(), 0)
+        return sentinel_client(url, timeout=timeout, asyncio=asyncio, retry=no_retry)
     if is_cluster_url(url):
         cls: Any = _AsyncClusterClient if asyncio else _ClusterClient
         # redis-py's cluster client does not take health_check_interval per node
