@@ -229,8 +229,8 @@ def test_every_module_outside_the_public_surface_is_private() -> None:
     module name starts with an underscore (or sits in a folder whose ``__init__`` says so)."""
     public = {
         "errors", "limits", "config", "asgi", "wsgi", "reports", "metrics", "selfservice",
-        "controls", "fleet", "schema", "otel", "metering.pricing", "backends.memory", "backends.redis",
-        "cli.__main__",
+        "controls", "fleet", "schema", "otel", "metering.pricing", "backends.memory",
+        "backends.redis", "cli.__main__",
     }  # fmt: skip
     folders = {m for m, p in _modules().items() if p.name == "__init__.py"}
     for module in _modules():
